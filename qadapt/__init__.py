@@ -1,0 +1,6 @@
+"""qadapt: quantized, low-resource fine-tuning with the LLM-Adapters family (arXiv 2304.01933).
+
+Importing qadapt is cheap: torch, transformers and bitsandbytes load only when a command needs them.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from qadapt.cli import app
+
+app()

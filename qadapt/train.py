@@ -1,0 +1,245 @@
+"""One training loop for every adapter kind: setup → loop (accumulate, backward, clip, step, log,
+eval, save) → finish.
+
+The loss of an optimizer step is the mean over all its target tokens: each micro-batch contributes
+its summed token losses divided by the step's total target-token count (summed over processes
+under `accelerate launch`), so gradient accumulation gives the gradient of one large batch.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qadapt import data as data_lib
+from qadapt.adapters import attach_adapters, count_parameters
+from qadapt.models import load_base, load_tokenizer
+from qadapt.quant import optimizer_class, prepare_for_kbit_training
+from qadapt.recipe import Recipe
+from qadapt.run_dir import ADAPTER_DIR, CHECKPOINTS_DIR, SUMMARY_FILE, MetricsLog, create_run_dir, save_adapter
+
+
+def lr_at(step: int, max_steps: int, warmup_steps: int, peak_lr: float, schedule: str) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine/linear decay to 0."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "linear":
+        return peak_lr * (1.0 - progress)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def summed_token_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy summed over target tokens (next-token prediction), computed in fp32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=data_lib.IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def target_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
+
+
+def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float:
+    """Backward over one optimizer step's micro-batches; returns the step's mean token loss."""
+    local_tokens = torch.tensor(sum(target_tokens(b) for b in micro_batches), device=accelerator.device)
+    step_tokens = accelerator.reduce(local_tokens, "sum").item()
+    # DDP averages gradients over processes; scaling by their number turns that into a sum.
+    scale = accelerator.num_processes / step_tokens
+    loss_sum = 0.0
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(model):
+            loss = summed_token_loss(model, batch)
+            accelerator.backward(loss * scale)
+        loss_sum += loss.item()
+    total = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
+    return total / step_tokens
+
+
+@torch.no_grad()
+def eval_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, device) -> float:
+    """Mean token loss on held-out rows."""
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(rows), micro_batch_size):
+        batch = _to(data_lib.collate(rows[start:start + micro_batch_size], pad_id), device)
+        loss_sum += summed_token_loss(model, batch).item()
+        tokens += target_tokens(batch)
+    model.train()
+    return loss_sum / max(tokens, 1)
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: object
+    tokenizer: object
+    train_rows: list[dict]
+    val_rows: list[dict]
+    wrapped: list[str]
+    run_dir: Path
+    metrics: MetricsLog
+    max_steps: int
+
+
+def setup(recipe: Recipe) -> Setup:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run_dir = create_run_dir(recipe)
+    metrics = MetricsLog(run_dir, recipe.train.tensorboard)
+    # Without CUDA, cpu=True lets `accelerate launch` / torchrun give each process a gloo rank.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    train_rows, val_rows = prepare_data(recipe, tokenizer)
+    model = load_base(recipe.model, accelerator.device)
+    prepare_for_kbit_training(model, recipe.train.gradient_checkpointing)
+    wrapped = attach_adapters(model, recipe.adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer_class(recipe.train.optimizer)(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    t = recipe.train
+    examples_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
+    max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_rows) / examples_per_step))
+    return Setup(model, optimizer, accelerator, tokenizer, train_rows, val_rows, wrapped, run_dir, metrics, max_steps)
+
+
+def prepare_data(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict]]:
+    d = recipe.data
+    records = data_lib.load_examples(d.path, d.split)
+    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
+    train_rows, val_rows = data_lib.split_held_out(tokenized.rows, d.val_size, seed=recipe.train.seed)
+    if d.max_examples:
+        train_rows = train_rows[:d.max_examples]
+    if not train_rows:
+        from qadapt.errors import QadaptError
+
+        raise QadaptError(f"no training examples left in {d.path} after holding out {len(val_rows)}")
+    print(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; "
+          f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} dropped (no response left)")
+    return train_rows, val_rows
+
+
+@dataclass
+class TrainResult:
+    summary: dict  # also written to summary.json
+    model: torch.nn.Module  # the trained model, adapters attached
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Train `recipe` end to end."""
+    s = setup(recipe)
+    t, acc = recipe.train, s.accelerator
+    order = data_lib.example_order(len(s.train_rows), seed=t.seed + acc.process_index * 1_000_003)
+    pad_id = s.tokenizer.pad_token_id
+    start, tokens_seen, losses = time.perf_counter(), 0, []
+    bar = tqdm(total=s.max_steps, desc="train", unit="step", disable=not acc.is_main_process)
+    for step in range(s.max_steps):
+        lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [
+            _to(data_lib.collate([s.train_rows[next(order)] for _ in range(t.micro_batch_size)], pad_id), acc.device)
+            for _ in range(t.grad_accum)
+        ]
+        loss = accumulate_gradients(s.model, micro_batches, acc)
+        grad_norm = acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches) * acc.num_processes
+        losses.append(loss)
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        done = step + 1
+        if acc.is_main_process and (done % t.log_every == 0 or done == s.max_steps):
+            s.metrics.log({"step": done, "loss": loss, "lr": lr, "grad_norm": _float(grad_norm),
+                           "tokens": tokens_seen, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed})
+        if s.val_rows and ((t.eval_every and done % t.eval_every == 0) or done == s.max_steps):
+            val = eval_loss(s.model, s.val_rows, t.micro_batch_size, pad_id, acc.device)
+            bar.write(f"step {done}: eval loss {val:.4f}")
+            if acc.is_main_process:
+                s.metrics.log({"step": done, "eval_loss": val})
+        if t.save_every and done % t.save_every == 0 and done < s.max_steps and acc.is_main_process:
+            _save(s, recipe, s.run_dir / CHECKPOINTS_DIR / f"step-{done:06d}")
+    bar.close()
+    summary = finish(s, recipe, losses, tokens_seen, time.perf_counter() - start)
+    return TrainResult(summary, s.accelerator.unwrap_model(s.model))
+
+
+def finish(s: Setup, recipe: Recipe, losses: list[float], tokens_seen: int, wall_s: float) -> dict:
+    import json
+
+    trainable, total = count_parameters(s.model)
+    adapter = s.run_dir / ADAPTER_DIR
+    if s.accelerator.is_main_process:
+        _save(s, recipe, adapter)
+    summary = {
+        "adapter_kind": recipe.adapter.kind,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+        "wrapped_modules": len(s.wrapped),
+        "steps": s.max_steps,
+        "tokens_seen": tokens_seen,
+        "wall_s": wall_s,
+        "s_per_step": wall_s / s.max_steps,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "peak_memory_mb": peak_memory_mb(s.accelerator.device),
+        "adapter": str(adapter),
+    }
+    if s.accelerator.is_main_process:
+        (s.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        s.metrics.close()
+        print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    return "\n".join([
+        f"trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,} "
+        f"({100 * summary['trainable_share']:.2f}%) in {summary['wrapped_modules']} wrapped layers",
+        f"steps: {summary['steps']}, tokens seen: {summary['tokens_seen']:,}, wall time: {summary['wall_s']:.1f} s "
+        f"({summary['s_per_step']:.2f} s/step)",
+        f"loss: {summary['first_loss']:.4f} at the first step, {summary['last_loss']:.4f} at the last",
+        f"peak memory: {summary['peak_memory_mb']:,.0f} MB",
+        f"adapter: {summary['adapter']}",
+    ])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on a GPU; peak resident set size of this process on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _save(s: Setup, recipe: Recipe, folder: Path) -> None:
+    save_adapter(s.accelerator.unwrap_model(s.model), folder, recipe, s.wrapped)
+
+
+def _to(batch: dict, device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,86 @@
+"""The `qadapt` command: user errors are one clear line; the real embedded model trains end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from qadapt.recipe import load_recipe
+from qadapt.run_dir import load_trained_model
+from qadapt.train import eval_loss, prepare_data
+
+
+def qadapt(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "qadapt", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_help_lists_the_commands():
+    result = qadapt("--help")
+    assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_unknown_recipe_key_is_one_clear_line():
+    result = qadapt("train", "recipes/quickstart.yaml", "train.lrr=1e-4")
+    assert_one_line_error(result, "unknown key 'train.lrr'", "did you mean 'train.lr'")
+
+
+def test_missing_recipe_names_the_path():
+    assert_one_line_error(qadapt("train", "recipes/nope.yaml"), "recipe not found: recipes/nope.yaml")
+
+
+def test_unwritable_output_dir_is_reported_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # The model does not exist either: the output_dir error must come first, before any loading.
+    result = qadapt("train", "recipes/quickstart.yaml", f"output_dir={blocker}/run", "model.name=/no/such/model")
+    assert_one_line_error(result, f"output_dir {blocker}/run is not writable")
+
+
+def test_missing_model_and_data_name_the_path(tmp_path, tiny_llama_dir):
+    result = qadapt("train", "recipes/quickstart.yaml", f"output_dir={tmp_path}/a", "model.name=/no/such/model")
+    assert_one_line_error(result, "model folder not found: /no/such/model")
+    result = qadapt("train", "recipes/quickstart.yaml", f"output_dir={tmp_path}/b", f"model.name={tiny_llama_dir}",
+                    "data.path=/no/such/train.jsonl")
+    assert_one_line_error(result, "data file not found: /no/such/train.jsonl")
+
+
+def test_check_prints_the_resolved_recipe():
+    result = qadapt("check", "recipes/gsm8k-lora.yaml", "model.quant=int8")
+    assert result.returncode == 0 and "quant: int8" in result.stdout
+
+
+@pytest.mark.slow
+def test_real_smollm2_nf4_trains_through_the_cli_and_reloads(tmp_path):
+    run = tmp_path / "run"
+    result = qadapt("train", "recipes/quickstart.yaml", "train.max_steps=8", "train.eval_every=0",
+                    "data.val_size=8", f"output_dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable parameters: 4,884,480" in result.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses  # clearly falling
+    logged_eval = [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+    # A fresh base with the saved adapter reproduces the trained model's held-out loss.
+    model, tokenizer, recipe = load_trained_model(run)
+    assert recipe == load_recipe(run / "recipe.yaml") and recipe.model.quant == "nf4"
+    _, val_rows = prepare_data(recipe, tokenizer)
+    reloaded = eval_loss(model, val_rows, recipe.train.micro_batch_size, tokenizer.pad_token_id, model.device)
+    assert reloaded == pytest.approx(logged_eval[-1], rel=1e-6)

@@ -1,0 +1,141 @@
+"""Data: formats, templates, loss masks, truncation, batching and the built-in arithmetic problems."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from qadapt import arithmetic
+from qadapt import data as D
+from qadapt.errors import QadaptError
+
+RECORD = {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5. The answer is 5.", "answer": "5"}
+
+
+def test_gsm8k_record_drops_calculator_annotations_and_states_the_answer():
+    record = D.gsm8k_record("Q?", "She sold 48/2 = <<48/2=24>>24 clips.\nTotal 1,000 + 24.\n#### 1,024")
+    assert record["output"] == "She sold 48/2 = 24 clips.\nTotal 1,000 + 24.\nThe answer is 1024."
+    assert record["answer"] == "1024"
+
+
+def test_both_file_formats_load(tmp_path):
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text(json.dumps({"question": "Q1", "answer": "1 + 1 = 2\n#### 2"}) + "\n\n")
+    assert D.load_examples(str(gsm)) == [{"instruction": "Q1", "input": "", "output": "1 + 1 = 2\nThe answer is 2.", "answer": "2"}]
+    adapters = tmp_path / "a.json"
+    adapters.write_text(json.dumps([{"instruction": "I", "input": "ctx", "output": "O", "answer": 4.0}]))
+    assert D.load_examples(str(adapters)) == [{"instruction": "I", "input": "ctx", "output": "O", "answer": "4.0"}]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="../shared/data not present")
+def test_shared_gsm8k_and_math_sets_load():
+    gsm = D.load_examples(str(SHARED_DATA / "gsm8k" / "train.jsonl"))
+    assert len(gsm) == 7473 and all(r["output"].endswith(f"The answer is {r['answer']}.") for r in gsm)
+    assert len(D.load_examples(str(SHARED_DATA / "math-eval" / "math_data.json"))) == 3260
+
+
+def test_bad_data_is_reported_with_file_and_line(tmp_path):
+    with pytest.raises(QadaptError, match=r"data file not found: .*missing\.jsonl"):
+        D.load_examples(str(tmp_path / "missing.jsonl"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "a", "answer": "#### 1"}\n{"question": \n')
+    with pytest.raises(QadaptError, match=r"broken\.jsonl:2: not valid JSON"):
+        D.load_examples(str(broken))
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"text": "hello"}\n')
+    with pytest.raises(QadaptError, match=r"example 1 has fields \['text'\]; expected GSM8K"):
+        D.load_examples(str(odd))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(QadaptError, match="no examples in"):
+        D.load_examples(str(empty))
+
+
+def test_alpaca_template_is_the_papers():
+    assert D.prompt_text(RECORD, "alpaca", None) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nWhat is 2 + 3?\n\n### Response:\n"
+    )
+    with_input = D.prompt_text({**RECORD, "input": "x = 1"}, "alpaca", None)
+    assert "paired with an input" in with_input and "### Input:\nx = 1\n\n### Response:\n" in with_input
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_loss_only_on_the_response_and_eos(smol_tokenizer, template):
+    tokenized = D.tokenize([RECORD], smol_tokenizer, template, cutoff_len=512, train_on_inputs=False)
+    row = tokenized.rows[0]
+    prompt = D.prompt_text(RECORD, template, smol_tokenizer)
+    n_prompt = len(smol_tokenizer(prompt, add_special_tokens=template == "alpaca")["input_ids"])
+    assert row["labels"][:n_prompt] == [D.IGNORE_INDEX] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert row["input_ids"][-1] == smol_tokenizer.eos_token_id
+    response = smol_tokenizer.decode(row["input_ids"][n_prompt:-1])
+    assert response == RECORD["output"]
+    if template == "chat":
+        assert RECORD["instruction"] in smol_tokenizer.decode(row["input_ids"][:n_prompt])
+
+
+def test_train_on_inputs_supervises_everything(smol_tokenizer):
+    row = D.tokenize([RECORD], smol_tokenizer, "alpaca", 512, train_on_inputs=True).rows[0]
+    assert row["labels"] == row["input_ids"]
+
+
+def test_cutoff_truncates_and_counts(smol_tokenizer):
+    long = {**RECORD, "output": "word " * 200}
+    n_prompt = len(smol_tokenizer(D.prompt_text(RECORD, "alpaca", None))["input_ids"])
+    tokenized = D.tokenize([RECORD, long], smol_tokenizer, "alpaca", cutoff_len=n_prompt + 10, train_on_inputs=False)
+    assert (tokenized.truncated, tokenized.dropped) == (1, 0)
+    assert [len(r["input_ids"]) for r in tokenized.rows][1] == n_prompt + 10
+    too_short = D.tokenize([RECORD], smol_tokenizer, "alpaca", cutoff_len=n_prompt - 1, train_on_inputs=False)
+    assert (too_short.truncated, too_short.dropped, too_short.rows) == (1, 1, [])
+
+
+def test_collate_pads_right_and_masks_padding():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = D.collate(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_example_order_is_seeded_epoch_permutations_and_resumable():
+    stream = D.example_order(5, seed=3)
+    first = [next(stream) for _ in range(15)]
+    assert all(sorted(first[i:i + 5]) == list(range(5)) for i in (0, 5, 10))
+    assert first[:5] != first[5:10]
+    resumed = D.example_order(5, seed=3, start=7)
+    assert [next(resumed) for _ in range(8)] == first[7:]
+
+
+def test_held_out_slice_is_disjoint_and_sized():
+    train, held = D.split_held_out(list(range(100)), 10, seed=1)
+    assert len(held) == 10 and len(train) == 90 and not set(train) & set(held)
+
+
+def test_builtin_arithmetic_is_deterministic_split_and_correct():
+    train = arithmetic.problems("train", 500)
+    assert train == arithmetic.problems("train", 500)
+    test = arithmetic.problems("test", 200)
+    assert not {p["instruction"] for p in train} & {p["instruction"] for p in test}
+    steps = set()
+    for problem in train + test:
+        equations = re.findall(r"(\d+) ([-+x/]) (\d+) = (\d+)", problem["output"])
+        steps.add(len(equations))
+        for a, op, b, result in equations:
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b), "/": int(a) / int(b)}[op]
+            assert value == int(result), problem
+        assert problem["output"].endswith(f"The answer is {problem['answer']}.")
+        assert int(problem["answer"]) >= 0
+    assert {1, 2, 3} <= steps
+    with pytest.raises(QadaptError, match="splits train, test"):
+        D.load_examples("builtin:arithmetic", split="validation")
+
+
+def test_builtin_arithmetic_loads_as_data():
+    records = D.load_examples(D.BUILTIN_ARITHMETIC, "test")
+    assert len(records) == D.BUILTIN_SIZES["test"] and set(records[0]) == {"instruction", "input", "output", "answer"}
+    assert torch.tensor([len(r["output"]) for r in records]).min() > 20

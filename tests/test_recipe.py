@@ -1,0 +1,90 @@
+"""Recipes load strictly: every shipped one validates; bad keys and values name what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from qadapt.errors import QadaptError
+from qadapt.recipe import load_recipe, recipe_from_dict
+
+SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    names = {p.name for p in SHIPPED}
+    assert {"quickstart.yaml", "gsm8k-lora.yaml", "llama2-7b-qlora-24gb.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_recipe_loads_and_names_its_command(path: Path):
+    recipe = load_recipe(path)
+    assert recipe.output_dir
+    assert path.read_text().splitlines()[0] == f"# qadapt train {path.relative_to(REPO)}"
+
+
+def test_unknown_key_names_it_the_valid_keys_and_a_near_miss():
+    with pytest.raises(QadaptError) as error:
+        recipe_from_dict({"train": {"lrr": 1e-4}})
+    message = str(error.value)
+    assert "unknown key 'train.lrr'" in message
+    assert "did you mean 'train.lr'" in message
+    assert "micro_batch_size" in message and "grad_accum" in message
+
+
+def test_unknown_section_is_reported():
+    with pytest.raises(QadaptError, match="unknown key 'modle'.*did you mean 'model'"):
+        recipe_from_dict({"modle": {"name": "x"}})
+
+
+def test_bad_choice_lists_the_choices():
+    with pytest.raises(QadaptError, match="model.quant: 'nf5' is not one of nf4, fp4, int8, none"):
+        recipe_from_dict({"model": {"quant": "nf5"}})
+
+
+def test_all_problems_are_collected_then_raised_once():
+    with pytest.raises(QadaptError) as error:
+        recipe_from_dict({"model": {"quant": "q3"}, "adapter": {"rank": 0}, "train": {"max_steps": "many"}})
+    message = str(error.value)
+    assert "has 3 problems" in message
+    assert "model.quant" in message and "adapter.rank must be at least 1" in message
+    assert "train.max_steps: expected a whole number, got 'many'" in message
+
+
+def test_overrides_are_type_checked_and_applied():
+    recipe = recipe_from_dict({}, ["train.lr=1e-4", "model.quant=int8", "adapter.targets=[q_proj,v_proj]"])
+    assert recipe.train.lr == pytest.approx(1e-4)
+    assert recipe.model.quant == "int8"
+    assert recipe.adapter.targets == ["q_proj", "v_proj"]
+    with pytest.raises(QadaptError, match="train.micro_batch_size: expected a whole number, got 'four'"):
+        recipe_from_dict({}, ["train.micro_batch_size=four"])
+    with pytest.raises(QadaptError, match="not of the form section.key=value"):
+        recipe_from_dict({}, ["train.lr"])
+
+
+def test_booleans_are_not_numbers_and_numbers_are_not_booleans():
+    with pytest.raises(QadaptError, match="expected true or false"):
+        recipe_from_dict({"train": {"gradient_checkpointing": 1}})
+    with pytest.raises(QadaptError, match="expected a whole number"):
+        recipe_from_dict({"adapter": {"rank": True}})
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads 3e-4 as text; a recipe writer means a number.
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  lr: 3e-4\n")
+    assert load_recipe(path).train.lr == pytest.approx(3e-4)
+
+
+def test_missing_and_malformed_recipe_files(tmp_path):
+    with pytest.raises(QadaptError, match=r"recipe not found: .*nope\.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(QadaptError, match="not valid YAML"):
+        load_recipe(bad)
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(QadaptError, match="must be a mapping"):
+        load_recipe(tmp_path / "list.yaml")
