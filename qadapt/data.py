@@ -58,20 +58,26 @@ def load_examples(path: str, split: str = "train") -> list[dict]:
 
 
 def _read_file(file: Path) -> list[dict]:
+    """A JSON list of examples, or JSON Lines (one example per line); errors name file and line."""
     text = file.read_text(encoding="utf-8-sig")
-    if file.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise QadaptError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-        return rows
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise QadaptError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if file.suffix != ".jsonl":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if text.lstrip().startswith("["):
+                raise QadaptError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        else:
+            if not isinstance(rows, list):
+                raise QadaptError(f"{file}: expected a list of examples, got a JSON {type(rows).__name__}")
+            return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise QadaptError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
+    return rows
 
 
 def _load_hub_dataset(path: str, split: str) -> list[dict]:
@@ -82,7 +88,10 @@ def _load_hub_dataset(path: str, split: str) -> list[dict]:
         return list(datasets.load_dataset(name, config or None, split=split))
     except Exception as exc:  # the hub client raises many types; the user needs one line
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise QadaptError(f"cannot load dataset {path!r} (not a local file): {first_line}") from None
+        raise QadaptError(
+            f"cannot load dataset {path!r} (not a local file): {first_line}; offline, set data.path to a "
+            "local .jsonl or .json file"
+        ) from None
 
 
 def _to_record(row: dict, source: str, index: int) -> dict:

@@ -8,6 +8,7 @@ under `accelerate launch`), so gradient accumulation gives the gradient of one l
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from qadapt import data as data_lib
 from qadapt.adapters import attach_adapters, count_parameters
+from qadapt.errors import QadaptError
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
@@ -130,8 +132,6 @@ def prepare_data(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict]]:
     if d.max_examples:
         train_rows = train_rows[:d.max_examples]
     if not train_rows:
-        from qadapt.errors import QadaptError
-
         raise QadaptError(f"no training examples left in {d.path} after holding out {len(val_rows)}")
     print(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; "
           f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} dropped (no response left)")
@@ -150,7 +150,8 @@ def train(recipe: Recipe) -> TrainResult:
     t, acc = recipe.train, s.accelerator
     order = data_lib.example_order(len(s.train_rows), seed=t.seed + acc.process_index * 1_000_003)
     pad_id = s.tokenizer.pad_token_id
-    start, tokens_seen, losses = time.perf_counter(), 0, []
+    start, tokens_seen, losses, val = time.perf_counter(), 0, [], None
+    first_val = val = _log_eval(s, recipe, 0) if s.val_rows else None  # the base's held-out loss, for comparison
     bar = tqdm(total=s.max_steps, desc="train", unit="step", disable=not acc.is_main_process)
     for step in range(s.max_steps):
         lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
@@ -174,20 +175,15 @@ def train(recipe: Recipe) -> TrainResult:
             s.metrics.log({"step": done, "loss": loss, "lr": lr, "grad_norm": _float(grad_norm),
                            "tokens": tokens_seen, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed})
         if s.val_rows and ((t.eval_every and done % t.eval_every == 0) or done == s.max_steps):
-            val = eval_loss(s.model, s.val_rows, t.micro_batch_size, pad_id, acc.device)
-            bar.write(f"step {done}: eval loss {val:.4f}")
-            if acc.is_main_process:
-                s.metrics.log({"step": done, "eval_loss": val})
+            val = _log_eval(s, recipe, done, bar.write)
         if t.save_every and done % t.save_every == 0 and done < s.max_steps and acc.is_main_process:
             _save(s, recipe, s.run_dir / CHECKPOINTS_DIR / f"step-{done:06d}")
     bar.close()
-    summary = finish(s, recipe, losses, tokens_seen, time.perf_counter() - start)
+    summary = finish(s, recipe, losses, (first_val, val), tokens_seen, time.perf_counter() - start)
     return TrainResult(summary, s.accelerator.unwrap_model(s.model))
 
 
-def finish(s: Setup, recipe: Recipe, losses: list[float], tokens_seen: int, wall_s: float) -> dict:
-    import json
-
+def finish(s: Setup, recipe: Recipe, losses: list[float], eval_losses: tuple, tokens_seen: int, wall_s: float) -> dict:
     trainable, total = count_parameters(s.model)
     adapter = s.run_dir / ADAPTER_DIR
     if s.accelerator.is_main_process:
@@ -204,6 +200,8 @@ def finish(s: Setup, recipe: Recipe, losses: list[float], tokens_seen: int, wall
         "s_per_step": wall_s / s.max_steps,
         "first_loss": losses[0],
         "last_loss": losses[-1],
+        "eval_loss_before": eval_losses[0],
+        "eval_loss": eval_losses[1],
         "peak_memory_mb": peak_memory_mb(s.accelerator.device),
         "adapter": str(adapter),
     }
@@ -220,10 +218,20 @@ def format_summary(summary: dict) -> str:
         f"({100 * summary['trainable_share']:.2f}%) in {summary['wrapped_modules']} wrapped layers",
         f"steps: {summary['steps']}, tokens seen: {summary['tokens_seen']:,}, wall time: {summary['wall_s']:.1f} s "
         f"({summary['s_per_step']:.2f} s/step)",
-        f"loss: {summary['first_loss']:.4f} at the first step, {summary['last_loss']:.4f} at the last",
+        f"loss: {summary['first_loss']:.4f} at the first step, {summary['last_loss']:.4f} at the last"
+        + ("" if summary["eval_loss"] is None
+           else f"; held-out loss {summary['eval_loss_before']:.4f} before training, {summary['eval_loss']:.4f} after"),
         f"peak memory: {summary['peak_memory_mb']:,.0f} MB",
         f"adapter: {summary['adapter']}",
     ])
+
+
+def _log_eval(s: Setup, recipe: Recipe, step: int, write=print) -> float:
+    val = eval_loss(s.model, s.val_rows, recipe.train.micro_batch_size, s.tokenizer.pad_token_id, s.accelerator.device)
+    write(f"step {step}: eval loss {val:.4f}")
+    if s.accelerator.is_main_process:
+        s.metrics.log({"step": step, "eval_loss": val})
+    return val
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -49,6 +49,13 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path):
     odd.write_text('{"text": "hello"}\n')
     with pytest.raises(QadaptError, match=r"example 1 has fields \['text'\]; expected GSM8K"):
         D.load_examples(str(odd))
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text('{"data": []}')
+    with pytest.raises(QadaptError, match=r"wrapped\.json: expected a list of examples, got a JSON dict"):
+        D.load_examples(str(wrapped))
+    jsonl_named_json = tmp_path / "lines.json"
+    jsonl_named_json.write_text('{"question": "a", "answer": "#### 1"}\n{"question": "b", "answer": "#### 2"}\n')
+    assert [r["answer"] for r in D.load_examples(str(jsonl_named_json))] == ["1", "2"]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(QadaptError, match="no examples in"):

@@ -154,3 +154,25 @@ def test_inject_reports_the_names_it_wrapped():
     assert isinstance(model.block["q_proj"], LoRALinear)
     assert not isinstance(model.block["other"], LoRALinear)
     assert [p.requires_grad for p in model.block["other"].parameters()] == [False, False]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_every_optimizer_trains_the_adapters_on_4bit(load_tiny, name):
+    from qadapt.quant import optimizer_class
+
+    model = load_tiny("nf4")
+    # bitsandbytes keeps tensors under 4096 elements in 32-bit state; rank 64 makes A 64 x 64 = 4096.
+    attach_adapters(model, AdapterConfig(rank=64, dropout=0.0))
+    params = adapter_params(model)
+    optimizer = optimizer_class(name)(list(params.values()), lr=1e-2)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    model.train()
+    for step in range(2):
+        loss = summed_token_loss(model, token_batch(seed=step))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(not torch.equal(before[k], p) for k, p in params.items())
+    assert torch.isfinite(summed_token_loss(model, token_batch(seed=5)))
+    state_dtypes = {v.dtype for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)}
+    assert (torch.uint8 in state_dtypes) == name.endswith("_8bit")

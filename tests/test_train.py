@@ -67,10 +67,11 @@ def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable_params"] == result.summary["trainable_params"] > 0
     assert summary["steps"] == 4 and summary["tokens_seen"] > 0 and summary["peak_memory_mb"] > 0
+    assert summary["eval_loss_before"] == rows[0]["eval_loss"] and summary["eval_loss"] == rows[-1]["eval_loss"]
 
     reloaded, tokenizer, saved_recipe = load_trained_model(run)
     assert saved_recipe == recipe
@@ -78,3 +79,15 @@ def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama
     result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    from qadapt.errors import QadaptError
+    from qadapt.run_dir import MetricsLog
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(QadaptError, match="pip install tensorboard"):
+        MetricsLog(tmp_path, tensorboard=True)
