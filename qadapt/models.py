@@ -41,7 +41,8 @@ def resolve_model_path(name: str) -> str:
         return str(gguf_to_folder(path))
     if path.is_dir():
         return str(path)
-    if name.startswith((".", "/", "~")) or path.suffix:
+    # A hub id is `name` or `owner/name` (dots allowed: Qwen/Qwen2.5-0.5B); anything else is a path.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise QadaptError(f"model folder not found: {path}")
     return name
 
