@@ -150,8 +150,8 @@ def train(recipe: Recipe) -> TrainResult:
     t, acc = recipe.train, s.accelerator
     order = data_lib.example_order(len(s.train_rows), seed=t.seed + acc.process_index * 1_000_003)
     pad_id = s.tokenizer.pad_token_id
-    start, tokens_seen, losses, val = time.perf_counter(), 0, [], None
     first_val = val = _log_eval(s, recipe, 0) if s.val_rows else None  # the base's held-out loss, for comparison
+    start, tokens_seen, losses = time.perf_counter(), 0, []
     bar = tqdm(total=s.max_steps, desc="train", unit="step", disable=not acc.is_main_process)
     for step in range(s.max_steps):
         lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)

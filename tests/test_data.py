@@ -94,9 +94,10 @@ def test_train_on_inputs_supervises_everything(smol_tokenizer):
 def test_cutoff_truncates_and_counts(smol_tokenizer):
     long = {**RECORD, "output": "word " * 200}
     n_prompt = len(smol_tokenizer(D.prompt_text(RECORD, "alpaca", None))["input_ids"])
-    tokenized = D.tokenize([RECORD, long], smol_tokenizer, "alpaca", cutoff_len=n_prompt + 10, train_on_inputs=False)
+    n_full = len(D.tokenize([RECORD], smol_tokenizer, "alpaca", 512, False).rows[0]["input_ids"])
+    tokenized = D.tokenize([RECORD, long], smol_tokenizer, "alpaca", cutoff_len=n_full, train_on_inputs=False)
     assert (tokenized.truncated, tokenized.dropped) == (1, 0)
-    assert [len(r["input_ids"]) for r in tokenized.rows][1] == n_prompt + 10
+    assert [len(r["input_ids"]) for r in tokenized.rows] == [n_full, n_full]
     too_short = D.tokenize([RECORD], smol_tokenizer, "alpaca", cutoff_len=n_prompt - 1, train_on_inputs=False)
     assert (too_short.truncated, too_short.dropped, too_short.rows) == (1, 1, [])
 
