@@ -38,28 +38,24 @@ def test_shared_gsm8k_and_math_sets_load():
     assert len(D.load_examples(str(SHARED_DATA / "math-eval" / "math_data.json"))) == 3260
 
 
-def test_bad_data_is_reported_with_file_and_line(tmp_path):
+@pytest.mark.parametrize("name, content, error", [
+    ("broken.jsonl", '{"question": "a", "answer": "#### 1"}\n{"question": \n', r"broken\.jsonl:2: not valid JSON"),
+    ("odd.jsonl", '{"text": "hello"}\n', r"example 1 has fields \['text'\]; expected GSM8K"),
+    ("wrapped.json", '{"data": []}', r"wrapped\.json: expected a list of examples, got a JSON dict"),
+    ("empty.jsonl", "\n", r"no examples in .*empty\.jsonl"),
+])
+def test_bad_data_is_reported_with_file_and_line(tmp_path, name, content, error):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(QadaptError, match=error):
+        D.load_examples(str(tmp_path / name))
+
+
+def test_missing_data_file_names_the_path_and_json_lines_load_from_a_json_file(tmp_path):
     with pytest.raises(QadaptError, match=r"data file not found: .*missing\.jsonl"):
         D.load_examples(str(tmp_path / "missing.jsonl"))
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"question": "a", "answer": "#### 1"}\n{"question": \n')
-    with pytest.raises(QadaptError, match=r"broken\.jsonl:2: not valid JSON"):
-        D.load_examples(str(broken))
-    odd = tmp_path / "odd.jsonl"
-    odd.write_text('{"text": "hello"}\n')
-    with pytest.raises(QadaptError, match=r"example 1 has fields \['text'\]; expected GSM8K"):
-        D.load_examples(str(odd))
-    wrapped = tmp_path / "wrapped.json"
-    wrapped.write_text('{"data": []}')
-    with pytest.raises(QadaptError, match=r"wrapped\.json: expected a list of examples, got a JSON dict"):
-        D.load_examples(str(wrapped))
-    jsonl_named_json = tmp_path / "lines.json"
-    jsonl_named_json.write_text('{"question": "a", "answer": "#### 1"}\n{"question": "b", "answer": "#### 2"}\n')
-    assert [r["answer"] for r in D.load_examples(str(jsonl_named_json))] == ["1", "2"]
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    with pytest.raises(QadaptError, match="no examples in"):
-        D.load_examples(str(empty))
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"question": "a", "answer": "#### 1"}\n{"question": "b", "answer": "#### 2"}\n')
+    assert [r["answer"] for r in D.load_examples(str(lines))] == ["1", "2"]
 
 
 def test_alpaca_template_is_the_papers():
