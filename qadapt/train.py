@@ -75,14 +75,15 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float
 
 @torch.no_grad()
 def eval_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, device) -> float:
-    """Mean token loss on held-out rows."""
+    """Mean token loss on held-out rows; the model is left in the mode it came in."""
+    was_training = model.training
     model.eval()
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(rows), micro_batch_size):
         batch = _to(data_lib.collate(rows[start:start + micro_batch_size], pad_id), device)
         loss_sum += summed_token_loss(model, batch).item()
         tokens += target_tokens(batch)
-    model.train()
+    model.train(was_training)
     return loss_sum / max(tokens, 1)
 
 

@@ -12,7 +12,7 @@ from qadapt import data as D
 from qadapt.adapters import adapter_params, attach_adapters
 from qadapt.recipe import AdapterConfig, recipe_from_dict
 from qadapt.run_dir import load_trained_model
-from qadapt.train import accumulate_gradients, lr_at, train
+from qadapt.train import accumulate_gradients, eval_loss, lr_at, prepare_data, train
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -76,6 +76,10 @@ def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama
 
     reloaded, tokenizer, saved_recipe = load_trained_model(run)
     assert saved_recipe == recipe
+    _, val_rows = prepare_data(saved_recipe, tokenizer)
+    assert eval_loss(reloaded, val_rows, 2, tokenizer.pad_token_id, reloaded.device) == pytest.approx(
+        summary["eval_loss"], rel=1e-6)
+    assert not reloaded.training  # eval_loss leaves the mode as it found it
     ids = tokenizer("Maya has 5 apples.", return_tensors="pt")["input_ids"]
     result.model.eval()
     with torch.no_grad():
