@@ -229,8 +229,8 @@ def format_summary(summary: dict) -> str:
 
 def _log_eval(s: Setup, recipe: Recipe, step: int, write=print) -> float:
     val = eval_loss(s.model, s.val_rows, recipe.train.micro_batch_size, s.tokenizer.pad_token_id, s.accelerator.device)
-    write(f"step {step}: eval loss {val:.4f}")
     if s.accelerator.is_main_process:
+        write(f"step {step}: eval loss {val:.4f}")
         s.metrics.log({"step": step, "eval_loss": val})
     return val
 
