@@ -39,18 +39,32 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: Literal["lora"] = "lora"
-    """Adapter family member."""
+    kind: Literal["lora", "dora", "series", "parallel"] = "lora"
+    """Adapter family member: `lora`, `dora` (LoRA + magnitude), `series` or `parallel` bottleneck."""
     rank: int = 16
-    """LoRA rank r."""
+    """lora/dora: rank r."""
     alpha: float = 32.0
-    """LoRA scale numerator: the update is (alpha / r) * B A, or (alpha / sqrt(r)) with rslora."""
+    """lora/dora: scale numerator: the update is (alpha / r) * B A, or (alpha / sqrt(r)) with rslora."""
     dropout: float = 0.05
-    """Dropout on the adapter's input."""
+    """Dropout on the adapter's input (every kind)."""
     rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    """lora/dora: rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     targets: Optional[list[str]] = None
-    """Module-name suffixes to wrap, e.g. [q_proj, v_proj]; null: the model family's default."""
+    """Module-name suffixes to wrap, e.g. [q_proj, v_proj]; null: the model family's default.
+    lora/dora always; series/parallel with placement `linears` (series: `name:input` / `name:output`
+    picks the side, else the family's side as in LLM-Adapters)."""
+    placement: Literal["mlp", "attention", "both", "linears"] = "mlp"
+    """series/parallel: beside (parallel) or after (series) the MLP block, the attention block, both
+    (series: Houlsby), or at the named target linears (the LLM-Adapters code's placement)."""
+    bottleneck_size: int = 256
+    """series/parallel: width of the bottleneck (down-projection size)."""
+    activation: Literal["tanh", "relu", "gelu", "silu"] = "tanh"
+    """series/parallel: non-linearity between down- and up-projection."""
+    scale: Union[float, Literal["learned"]] = 1.0
+    """series/parallel: multiplier of the adapter's output, or `learned` (a trained scalar from 1)."""
+    init: Literal["bert", "zero"] = "zero"
+    """series/parallel: `zero` (up-projection zero: starts as the base model) or `bert` (both
+    projections normal(0, 0.02), as the LLM-Adapters paper)."""
 
 
 @dataclass
@@ -204,8 +218,14 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None, None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner)
+        allowed = []
+        for inner in (a for a in args if a is not type(None)):
+            fitted, problem = _coerce(value, inner)
+            if problem is None:
+                return fitted, None
+            literal = get_origin(inner) is Literal
+            allowed.append(f"one of {', '.join(map(str, get_args(inner)))}" if literal else problem.partition(", got")[0])
+        return None, f"{' or '.join(allowed)}, got {value!r}"
     if origin is Literal:
         if value in args:
             return value, None
@@ -241,6 +261,12 @@ def _range_problems(r: Recipe) -> list[str]:
         ("adapter.alpha", r.adapter.alpha > 0, "must be positive"),
         ("adapter.dropout", 0 <= r.adapter.dropout < 1, "must be in [0, 1)"),
         ("adapter.targets", r.adapter.targets is None or len(r.adapter.targets) > 0, "must name a module, or be null"),
+        ("adapter.targets", r.adapter.targets is None or r.adapter.kind in ("lora", "dora")
+         or r.adapter.placement == "linears",
+         f"apply to lora, dora and placement: linears, not to a {r.adapter.kind} adapter with placement: "
+         f"{r.adapter.placement}"),
+        ("adapter.bottleneck_size", r.adapter.bottleneck_size >= 1, "must be at least 1"),
+        ("adapter.scale", r.adapter.scale == "learned" or r.adapter.scale > 0, "must be positive, or learned"),
         ("data.cutoff_len", r.data.cutoff_len >= 8, "must be at least 8 tokens"),
         ("data.max_examples", r.data.max_examples is None or r.data.max_examples >= 1, "must be at least 1"),
         ("data.val_size", r.data.val_size >= 0, "must be 0 or more"),

@@ -59,3 +59,64 @@ def token_batch(seed: int = 0, batch: int = 2, length: int = 12, vocab: int = 10
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(10, vocab, (batch, length), generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+TINY_VOCAB = 256
+
+
+def _tiny_config(family: str):
+    """A 2-layer, 64-wide random model config of `family` (config.model_type)."""
+    import transformers as t
+
+    llama_like = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    configs = {
+        "llama": lambda: t.LlamaConfig(**llama_like),
+        "mistral": lambda: t.MistralConfig(**llama_like),
+        "qwen2": lambda: t.Qwen2Config(**llama_like),
+        "qwen3": lambda: t.Qwen3Config(**llama_like, head_dim=16),
+        "bloom": lambda: t.BloomConfig(vocab_size=TINY_VOCAB, hidden_size=64, n_layer=2, n_head=4),
+        "gptj": lambda: t.GPTJConfig(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                     n_positions=128, bos_token_id=0, eos_token_id=0),
+        "gpt_neox": lambda: t.GPTNeoXConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            max_position_embeddings=128),
+        "opt": lambda: t.OPTConfig(vocab_size=TINY_VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                   num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=128),
+        "gpt2": lambda: t.GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     bos_token_id=0, eos_token_id=0),
+    }
+    return configs[family]()
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """tiny_family_dir(family) -> a folder with a tiny random model of that family (made once, seed 0)."""
+    from transformers import AutoModelForCausalLM
+
+    folders: dict[str, Path] = {}
+
+    def folder_for(family: str) -> Path:
+        if family not in folders:
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            AutoModelForCausalLM.from_config(_tiny_config(family)).save_pretrained(folder)
+            folders[family] = folder
+        return folders[family]
+
+    return folder_for
+
+
+@pytest.fixture
+def load_family(tiny_family_dir):
+    """load_family(family, quant): a tiny random model of that family, frozen and quantized by qadapt."""
+    from qadapt.models import load_base
+    from qadapt.quant import prepare_for_kbit_training
+    from qadapt.recipe import ModelConfig
+
+    def load(family: str, quant: str):
+        model = load_base(ModelConfig(name=str(tiny_family_dir(family)), quant=quant, compute_dtype="fp32"))
+        prepare_for_kbit_training(model, gradient_checkpointing=True)
+        return model
+
+    return load

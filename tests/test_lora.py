@@ -9,7 +9,7 @@ import torch
 from conftest import token_batch
 
 from qadapt.adapters import (
-    DEFAULT_TARGETS,
+    FAMILIES,
     LoRALinear,
     adapter_params,
     attach_adapters,
@@ -77,7 +77,7 @@ def test_trainable_count_matches_formula(load_tiny, quant):
     trainable, total = count_parameters(model)
     assert trainable == expected
     # 2 layers x 7 projections: every linear layer but the LM head.
-    assert len(wrapped) == 2 * len(DEFAULT_TARGETS["llama"])
+    assert len(wrapped) == 2 * len(FAMILIES["llama"].linears)
     assert not any(name.endswith("lm_head") for name in wrapped)
     assert total > trainable
 
@@ -100,7 +100,7 @@ def test_missing_target_raises_with_the_models_linear_names(load_tiny):
 def test_unknown_model_type_needs_explicit_targets(load_tiny):
     model = load_tiny("none")
     model.config.model_type = "something-new"
-    with pytest.raises(QadaptError, match="no default adapter targets.*something-new.*gate_proj"):
+    with pytest.raises(QadaptError, match="something-new.*no default adapter targets.*gate_proj"):
         attach_adapters(model, AdapterConfig())
     assert len(attach_adapters(model, AdapterConfig(targets=["v_proj"]))) == 2
 

@@ -88,3 +88,15 @@ def test_missing_and_malformed_recipe_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(QadaptError, match="must be a mapping"):
         load_recipe(tmp_path / "list.yaml")
+
+
+def test_bottleneck_options_are_checked():
+    recipe = recipe_from_dict({"adapter": {"kind": "series", "scale": "learned", "activation": "gelu"}})
+    assert recipe.adapter.scale == "learned"
+    assert recipe_from_dict({"adapter": {"scale": "0.5"}}).adapter.scale == 0.5
+    with pytest.raises(QadaptError, match="adapter.scale: expected a number or one of learned, got 'big'"):
+        recipe_from_dict({"adapter": {"scale": "big"}})
+    with pytest.raises(QadaptError, match="adapter.targets apply to lora, dora and placement: linears"):
+        recipe_from_dict({"adapter": {"kind": "parallel", "placement": "mlp", "targets": ["up_proj"]}})
+    with pytest.raises(QadaptError, match="adapter.activation: 'swish' is not one of tanh, relu, gelu, silu"):
+        recipe_from_dict({"adapter": {"activation": "swish"}})

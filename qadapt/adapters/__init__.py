@@ -9,26 +9,27 @@ from qadapt.adapters.base import (
     adapter_params,
     adapter_state_dict,
     count_parameters,
+    layer_dims,
     load_adapter_state_dict,
     mark_only_adapters_trainable,
 )
-from qadapt.adapters.inject import DEFAULT_TARGETS, default_targets, inject_adapters, linear_layer_names
+from qadapt.adapters.bottleneck import Bottleneck, ParallelAdapter, SeriesAdapter
+from qadapt.adapters.dora import DoRALinear
+from qadapt.adapters.families import FAMILIES, Family, family_of
+from qadapt.adapters.inject import inject_adapters, is_linear, linear_layer_names, wrap_modules
 from qadapt.adapters.lora import LoRALinear
+from qadapt.adapters.placement import plan_adapters
 from qadapt.recipe import AdapterConfig
 
 
 def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Attach the adapters `cfg` describes to `model` in place; return the wrapped module names."""
-    targets = cfg.targets or default_targets(model)
-    if cfg.kind == "lora":
-        return inject_adapters(
-            model, targets, lambda base: LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora)
-        )
-    raise ValueError(f"unknown adapter kind {cfg.kind!r}")
+    return wrap_modules(model, plan_adapters(model, cfg))
 
 
 __all__ = [
-    "Adapter", "LoRALinear", "DEFAULT_TARGETS", "attach_adapters", "adapter_params", "adapter_state_dict",
-    "count_parameters", "default_targets", "inject_adapters", "linear_layer_names",
-    "load_adapter_state_dict", "mark_only_adapters_trainable",
+    "Adapter", "Bottleneck", "DoRALinear", "FAMILIES", "Family", "LoRALinear", "ParallelAdapter",
+    "SeriesAdapter", "adapter_params", "adapter_state_dict", "attach_adapters", "count_parameters",
+    "family_of", "inject_adapters", "is_linear", "layer_dims", "linear_layer_names",
+    "load_adapter_state_dict", "mark_only_adapters_trainable", "plan_adapters",
 ]

@@ -20,6 +20,15 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
 
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer: nn.Linear, bitsandbytes 4/8-bit, or Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    # transformers' Conv1D (GPT-2) computes x @ W + b with W stored transposed, as (in, out).
+    in_features, out_features = layer.weight.shape
+    return in_features, out_features
+
+
 def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every adapter parameter of `model`, by its full name in the model."""
     return {

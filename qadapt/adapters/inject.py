@@ -1,60 +1,62 @@
-"""Attach adapters to a model in place: match targets, wrap them on their parent, report the names.
-
-Default targets come from a table keyed on `config.model_type`, never on a model's name.
-"""
+"""Attach adapters to a model in place: match module names, wrap them on their parent, report the names."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from qadapt.adapters.base import Adapter, mark_only_adapters_trainable
 from qadapt.errors import QadaptError
 
-_LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+Wrap = Callable[[nn.Module], Adapter]
 
-# config.model_type -> module-name suffixes wrapped by default: every linear layer but the LM head.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": _LLAMA_LINEARS,
-    "mistral": _LLAMA_LINEARS,
-    "qwen2": _LLAMA_LINEARS,
-    "qwen3": _LLAMA_LINEARS,
-}
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear (bitsandbytes' 4-bit and 8-bit layers included) or GPT-2's transposed Conv1D."""
+    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, Adapter)
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """The distinct last name parts of the model's linear layers, e.g. ['down_proj', 'lm_head', ...]."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_linear(m)})
 
 
-def default_targets(model: nn.Module) -> list[str]:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise QadaptError(
-            f"no default adapter targets for model type {model_type!r}; set adapter.targets to some of "
-            f"the model's linear layers: {', '.join(linear_layer_names(model))}"
-        )
-    return DEFAULT_TARGETS[model_type]
+def ends_with(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
 
 
-def inject_adapters(model: nn.Module, targets: list[str], wrap: Callable[[nn.Linear], Adapter]) -> list[str]:
-    """Replace every linear layer whose name ends with a target by `wrap(layer)`; return their names."""
-    matched = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not isinstance(module, Adapter)
-        and any(name == t or name.endswith("." + t) for t in targets)
-    ]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in matched)]
+def match_linears(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the linear layers ending with any target; every target must match at least one."""
+    matched = [name for name, m in model.named_modules() if is_linear(m) and any(ends_with(name, t) for t in targets)]
+    unmatched = [t for t in targets if not any(ends_with(n, t) for n in matched)]
     if unmatched:
         raise QadaptError(
             f"adapter target(s) {', '.join(unmatched)} match no linear layer; the model's linear layers "
             f"are: {', '.join(linear_layer_names(model))}"
         )
-    for name in matched:
+    return matched
+
+
+def match_blocks(model: nn.Module, block: str) -> list[str]:
+    """Names of the modules whose name ends with `block` (e.g. every layer's `mlp`)."""
+    matched = [name for name, m in model.named_modules() if ends_with(name, block) and not isinstance(m, Adapter)]
+    if not matched:
+        raise QadaptError(f"the model has no module named '{block}'")
+    return matched
+
+
+def wrap_modules(model: nn.Module, plan: dict[str, Wrap]) -> list[str]:
+    """Replace each named module by `wrap(module)` on its parent; only adapters stay trainable."""
+    for name, wrap in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, wrap(getattr(parent, child)))
     mark_only_adapters_trainable(model)
-    return matched
+    return list(plan)
+
+
+def inject_adapters(model: nn.Module, targets: list[str], wrap: Wrap) -> list[str]:
+    """Wrap every linear layer whose name ends with a target; return their names."""
+    return wrap_modules(model, {name: wrap for name in match_linears(model, targets)})

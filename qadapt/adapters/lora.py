@@ -3,8 +3,8 @@
     y = base(x) + s · B(A(dropout(x))),   s = alpha / r   (rsLoRA, arXiv 2312.03732: alpha / sqrt(r))
 
 A (in → r) starts Kaiming-uniform and B (r → out) at zero, so the wrapped layer starts identical to
-its base. The base may be an `nn.Linear`, a bitsandbytes `Linear4bit` or `Linear8bitLt`: all three
-are `nn.Linear`s and give their sizes as `in_features` / `out_features`. A and B are kept in fp32.
+its base. The base may be an `nn.Linear`, a bitsandbytes `Linear4bit` or `Linear8bitLt`, or
+transformers' `Conv1D` (GPT-2): only its output is used, never its weight. A and B are kept in fp32.
 """
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ import math
 import torch
 from torch import nn
 
-from qadapt.adapters.base import Adapter
+from qadapt.adapters.base import Adapter, layer_dims
 
 
 class LoRALinear(Adapter):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.base = base
         self.rank = rank
         self.scale = alpha / (math.sqrt(rank) if rslora else rank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        in_features, out_features = layer_dims(base)
         device = base.weight.device
-        self.lora_a = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=torch.float32)
-        self.lora_b = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_a = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_b = nn.Linear(rank, out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
 

@@ -1,0 +1,82 @@
+"""Where adapters go in each model family, keyed on `config.model_type` (never on a model's name).
+
+Names are module-name suffixes inside a decoder layer. Where two modules share a last name (GPT-2's
+`attn.c_proj` and `mlp.c_proj`) the suffix carries its parent. A family not in the table still works
+with explicit `adapter.targets` and `placement: linears`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from qadapt.errors import QadaptError
+
+
+@dataclass(frozen=True)
+class Family:
+    linears: tuple[str, ...]
+    """Every linear layer of a decoder layer: the default LoRA / DoRA targets."""
+    attention: str
+    """The attention block (parallel placement `attention`)."""
+    mlp: Optional[str]
+    """The MLP block (parallel placement `mlp`); None where its linears sit on the layer itself."""
+    attention_output: str
+    """The attention's output projection (series placement `attention`: after it)."""
+    mlp_inputs: tuple[str, ...]
+    """Linears that read the MLP's input (LLM-Adapters puts a series adapter on their input)."""
+    mlp_output: str
+    """The MLP's output projection (series placement `mlp`: after it, "AdapterP")."""
+
+
+_LLAMA = Family(
+    linears=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    attention="self_attn", mlp="mlp", attention_output="o_proj",
+    mlp_inputs=("gate_proj", "up_proj"), mlp_output="down_proj",
+)
+
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "bloom": Family(
+        linears=("query_key_value", "self_attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
+        attention="self_attention", mlp="mlp", attention_output="self_attention.dense",
+        mlp_inputs=("dense_h_to_4h",), mlp_output="dense_4h_to_h",
+    ),
+    "gptj": Family(
+        linears=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
+        attention="attn", mlp="mlp", attention_output="out_proj", mlp_inputs=("fc_in",), mlp_output="fc_out",
+    ),
+    "gpt_neox": Family(
+        linears=("query_key_value", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
+        attention="attention", mlp="mlp", attention_output="attention.dense",
+        mlp_inputs=("dense_h_to_4h",), mlp_output="dense_4h_to_h",
+    ),
+    "opt": Family(
+        linears=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        attention="self_attn", mlp=None, attention_output="out_proj", mlp_inputs=("fc1",), mlp_output="fc2",
+    ),
+    # GPT-2's projections are transformers' Conv1D (weights stored transposed) unless quantized.
+    "gpt2": Family(
+        linears=("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"),
+        attention="attn", mlp="mlp", attention_output="attn.c_proj", mlp_inputs=("c_fc",), mlp_output="mlp.c_proj",
+    ),
+}
+
+
+def family_of(model: nn.Module, needed_for: str) -> Family:
+    """The model's row of the table, or an error saying what to set instead."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        from qadapt.adapters.inject import linear_layer_names
+
+        raise QadaptError(
+            f"model type {model_type!r} is not in qadapt's family table ({', '.join(FAMILIES)}), so it has "
+            f"no default {needed_for}; set adapter.targets (with placement: linears for series/parallel) "
+            f"to some of the model's linear layers: {', '.join(linear_layer_names(model))}"
+        )
+    return FAMILIES[model_type]
