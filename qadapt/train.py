@@ -216,7 +216,8 @@ def finish(s: Setup, recipe: Recipe, losses: list[float], eval_losses: tuple, to
 def format_summary(summary: dict) -> str:
     return "\n".join([
         f"trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,} "
-        f"({100 * summary['trainable_share']:.2f}%) in {summary['wrapped_modules']} wrapped layers",
+        f"({100 * summary['trainable_share']:.2f}%) in {summary['wrapped_modules']} modules with "
+        f"{summary['adapter_kind']} adapters",
         f"steps: {summary['steps']}, tokens seen: {summary['tokens_seen']:,}, wall time: {summary['wall_s']:.1f} s "
         f"({summary['s_per_step']:.2f} s/step)",
         f"loss: {summary['first_loss']:.4f} at the first step, {summary['last_loss']:.4f} at the last"

@@ -277,3 +277,20 @@ def test_paper_recipes_place_adapters_as_the_papers_commands(load_tiny, recipe, 
     cfg = load_recipe(REPO / "recipes" / "paper" / recipe).adapter
     model = load_tiny("nf4")
     assert wrapped_layout(model, attach_adapters(model, cfg)) == expected
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_dora_norm_is_recomputed_after_every_optimizer_step(load_tiny, foreach):
+    """The norm is cached between changes of A and B; a step (either AdamW implementation) must refresh it."""
+    model = load_tiny("nf4")
+    attach_adapters(model, AdapterConfig(kind="dora", rank=4, dropout=0.0, targets=["down_proj"]))
+    layer = model.model.layers[0].mlp.down_proj
+    optimizer = torch.optim.AdamW(list(adapter_params(model).values()), lr=1e-2, foreach=foreach)
+    model.train()
+    for step in range(2):
+        summed_token_loss(model, token_batch(seed=step, vocab=TINY_VOCAB)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cached = layer.adapted_row_norms().clone()
+        layer._norms_cache = None
+        assert torch.equal(cached, layer.adapted_row_norms()), f"stale norm after step {step + 1}"

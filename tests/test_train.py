@@ -53,11 +53,14 @@ def test_accumulation_gives_the_gradient_of_one_large_batch(load_tiny):
         torch.testing.assert_close(grads_one[name], grads_two[name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("quant, template", [("nf4", "alpaca"), ("int8", "chat")])
-def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama_dir, tmp_path, quant, template):
+@pytest.mark.parametrize("kind, quant, template", [
+    ("lora", "nf4", "alpaca"), ("lora", "int8", "chat"), ("dora", "nf4", "alpaca"), ("series", "int8", "alpaca"),
+    ("parallel", "nf4", "chat"),
+])
+def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama_dir, tmp_path, kind, quant, template):
     recipe = recipe_from_dict({
         "model": {"name": str(tiny_llama_dir), "quant": quant},
-        "adapter": {"rank": 4, "alpha": 8},
+        "adapter": {"kind": kind, "rank": 4, "alpha": 8, "bottleneck_size": 8, "scale": "learned"},
         "data": {"max_examples": 64, "val_size": 8, "template": template},
         "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "eval_every": 2, "save_every": 2},
         "output_dir": str(tmp_path / "run"),

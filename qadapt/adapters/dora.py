@@ -8,8 +8,9 @@ never copied, so the same code serves full-precision, 4-bit and 8-bit bases. The
 
     n² = ‖W‖² + 2s·Σ_k B_ik (A Wᵀ)_ki + s²·Σ_k (B AAᵀ)_ik B_ik
 
-‖W‖² is measured once by passing identity rows through the base; A Wᵀ each step by passing A's r
-rows through it. No de-quantized copy of W is kept, nor made again every step (as peft does).
+‖W‖² is measured once by passing identity rows through the base; A Wᵀ by passing A's r rows through
+it, once per change of A or B (an optimizer step), not at every forward: gradient accumulation,
+checkpoint recomputation and evaluation reuse it. No de-quantized copy of W is kept.
 """
 
 from __future__ import annotations
@@ -57,16 +58,21 @@ class DoRALinear(LoRALinear):
         super().__init__(base, rank, alpha, dropout, rslora)
         self.register_buffer("weight_norm_sq", weight_row_norms_squared(base), persistent=False)
         self.magnitude = nn.Parameter(self.weight_norm_sq.sqrt())
+        self._norms_cache: tuple[tuple, torch.Tensor] | None = None
 
     @torch.no_grad()
     def adapted_row_norms(self) -> torch.Tensor:
-        """n = ‖W + s·BA‖ per output row, without forming W or BA."""
+        """n = ‖W + s·BA‖ per output row, without forming W or BA; recomputed only when A or B changed."""
         a, b = self.lora_a.weight, self.lora_b.weight  # (r, in), (out, r)
-        a_wt = _without_bias(self.base, a)  # (r, out) = A Wᵀ
-        cross = (b * a_wt.T).sum(dim=1)
-        lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)
-        norm_sq = self.weight_norm_sq + 2 * self.scale * cross + self.scale**2 * lora_sq
-        return norm_sq.clamp_min(0).sqrt()
+        # In-place updates (optimizer steps, loading) bump a tensor's _version; moves change data_ptr.
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr())
+        if self._norms_cache is None or self._norms_cache[0] != key:
+            a_wt = _without_bias(self.base, a)  # (r, out) = A Wᵀ
+            cross = (b * a_wt.T).sum(dim=1)
+            lora_sq = ((b @ (a @ a.T)) * b).sum(dim=1)
+            norm_sq = self.weight_norm_sq + 2 * self.scale * cross + self.scale**2 * lora_sq
+            self._norms_cache = (key, norm_sq.clamp_min(0).sqrt())
+        return self._norms_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

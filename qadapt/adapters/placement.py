@@ -55,10 +55,13 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> dict[str, Wrap]:
 
 def _plan_on_linears(model: nn.Module, cfg: AdapterConfig) -> dict[str, Wrap]:
     if cfg.kind == "parallel":
-        if any(":" in t for t in cfg.targets or []):
+        if cfg.targets and any(":" in t for t in cfg.targets):
             raise QadaptError("adapter.targets: a parallel adapter has no side; drop the ':input' / ':output'")
-        family = None if cfg.targets else family_of(model, "linear targets")
-        targets = cfg.targets or [*family.mlp_inputs, family.mlp_output]
+        if cfg.targets:
+            targets = cfg.targets
+        else:
+            family = family_of(model, "linear targets")
+            targets = [*family.mlp_inputs, family.mlp_output]
         return {name: partial(_parallel_linear, cfg=cfg) for name in match_linears(model, targets)}
     sides = _series_sides(model, cfg)
     names = match_linears(model, list(sides))
