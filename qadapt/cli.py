@@ -45,6 +45,70 @@ def check(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesAr
         typer.echo(yaml.safe_dump(load_recipe(recipe, overrides or []).to_dict(), sort_keys=False), nl=False)
 
 
+TargetArg = typer.Argument(..., help="A run directory, or a bare model: smollm2-135m, a hub id, a folder.",
+                           show_default=False)
+QuantOption = typer.Option("nf4", help="How a bare model is loaded: nf4, fp4, int8 or none (a run: as trained).")
+TemplateOption = typer.Option(None, help="Prompt template, alpaca or chat (default: the run's, else alpaca).")
+
+
+@app.command("eval")
+def eval_command(
+    target: str = TargetArg,
+    data: Optional[list[str]] = typer.Option(None, "--data", help="A set: GSM8K .jsonl, LLM-Adapters .json, a hub id "
+                                             "or builtin:arithmetic. Repeat for more sets."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N problems of each set."),
+    batch_size: int = typer.Option(32, help="Problems decoded together."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+    strict: bool = typer.Option(False, help="Read only the number (or letter) after 'The answer is'."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/eval, or runs/eval/MODEL-QUANT)."),
+    quant: str = QuantOption,
+    template: Optional[str] = TemplateOption,
+) -> None:
+    """Accuracy on math sets, scored as the LLM-Adapters paper scores them."""
+    from qadapt.evaluate import run_eval
+
+    with _user_errors():
+        run_eval(target, data or [], limit, batch_size, max_new_tokens, strict, out, quant, template)
+
+
+@app.command()
+def generate(
+    target: str = TargetArg,
+    prompt: str = typer.Argument(..., help="The instruction, as a user would write it.", show_default=False),
+    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+    quant: str = QuantOption,
+    template: Optional[str] = TemplateOption,
+) -> None:
+    """Answer one prompt with a trained adapter (or a bare model), greedily."""
+    from qadapt.evaluate import answer_prompts, load_target
+
+    with _user_errors():
+        model, tokenizer, template, _ = load_target(target, quant, template)
+        typer.echo(answer_prompts(model, tokenizer, template, [prompt], max_new_tokens)[0])
+
+
+@app.command()
+def chat(
+    target: str = TargetArg,
+    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+    quant: str = QuantOption,
+    template: Optional[str] = TemplateOption,
+) -> None:
+    """Try an adapter interactively: each line you type is answered; an empty line or Ctrl-D ends."""
+    from qadapt.evaluate import answer_prompts, load_target
+
+    with _user_errors():
+        model, tokenizer, template, _ = load_target(target, quant, template)
+        while True:
+            try:
+                prompt = input("you> ").strip()
+            except EOFError:
+                break
+            if not prompt:
+                break
+            typer.echo(answer_prompts(model, tokenizer, template, [prompt], max_new_tokens)[0])
+
+
 class _user_errors:
     """Print a QadaptError as `error: ...` on stderr and exit 2; anything else is a bug and shows."""
 

@@ -122,11 +122,26 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    sets: list[str] = field(default_factory=list)
+    """Sets to score when training ends, as for `qadapt eval --data`; empty: none."""
+    limit: Optional[int] = None
+    """Only the first N problems of each set."""
+    batch_size: int = 32
+    """Problems decoded together."""
+    max_new_tokens: int = 256
+    """Longest answer in tokens."""
+    strict: bool = False
+    """Read only the number (or letter) after "The answer is" instead of the paper's last number."""
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/run"
     """Run directory: resolved recipe, adapter, checkpoints, metrics."""
 
@@ -281,5 +296,8 @@ def _range_problems(r: Recipe) -> list[str]:
         ("train.log_every", r.train.log_every >= 1, "must be at least 1"),
         ("train.eval_every", r.train.eval_every >= 0, "must be 0 (end only) or more"),
         ("train.save_every", r.train.save_every >= 0, "must be 0 (end only) or more"),
+        ("eval.limit", r.eval.limit is None or r.eval.limit >= 1, "must be at least 1, or null"),
+        ("eval.batch_size", r.eval.batch_size >= 1, "must be at least 1"),
+        ("eval.max_new_tokens", r.eval.max_new_tokens >= 1, "must be at least 1"),
     ]
     return [f"{key} {message}" for key, ok, message in checks if not ok]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from qadapt import data as data_lib
 from qadapt.adapters import attach_adapters, count_parameters
 from qadapt.errors import QadaptError
+from qadapt.evaluate import load_eval_set, run_eval
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
@@ -127,6 +128,8 @@ def setup(recipe: Recipe) -> Setup:
 
 def prepare_data(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict]]:
     d = recipe.data
+    for spec in recipe.eval.sets:  # a wrong eval set fails now, not after training
+        load_eval_set(spec, recipe.eval.limit)
     records = data_lib.load_examples(d.path, d.split)
     tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
     train_rows, val_rows = data_lib.split_held_out(tokenized.rows, d.val_size, seed=recipe.train.seed)
@@ -206,6 +209,8 @@ def finish(s: Setup, recipe: Recipe, losses: list[float], eval_losses: tuple, to
         "peak_memory_mb": peak_memory_mb(s.accelerator.device),
         "adapter": str(adapter),
     }
+    if recipe.eval.sets and s.accelerator.is_main_process:
+        summary["accuracy"] = _final_accuracy(s, recipe)
     if s.accelerator.is_main_process:
         (s.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         s.metrics.close()
@@ -226,6 +231,16 @@ def format_summary(summary: dict) -> str:
         f"peak memory: {summary['peak_memory_mb']:,.0f} MB",
         f"adapter: {summary['adapter']}",
     ])
+
+
+def _final_accuracy(s: Setup, recipe: Recipe) -> dict[str, float]:
+    """Score the trained model on the recipe's eval sets, in memory; results under RUN/eval."""
+    model = s.accelerator.unwrap_model(s.model)
+    model.eval()
+    e = recipe.eval
+    metrics = run_eval(str(s.run_dir), e.sets, e.limit, e.batch_size, e.max_new_tokens, e.strict,
+                       loaded=(model, s.tokenizer, recipe.data.template, s.run_dir / "eval"))
+    return {name: row["accuracy"] for name, row in metrics["sets"].items()}
 
 
 def _log_eval(s: Setup, recipe: Recipe, step: int, write=print) -> float:

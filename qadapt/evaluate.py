@@ -1,0 +1,156 @@
+"""`qadapt eval`: accuracy on math sets, scored as the LLM-Adapters paper scores them.
+
+A target is a run directory (its base, quantized as trained, with its adapter and its prompt
+template), or a bare model (the embedded one, a hub id, a folder, a merged model) for the baseline.
+Each set is decoded greedily in batches (qadapt.generation) and scored by qadapt.answers. Results:
+`metrics.json` (accuracy per set) and `predictions.jsonl` (one line per problem) under the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qadapt import answers
+from qadapt.data import BUILTIN_ARITHMETIC, load_examples, prompt_text
+from qadapt.errors import QadaptError
+from qadapt.generation import greedy_generate
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+# Where a model starts a new Alpaca turn, the answer is over (the paper's template has no stop marker).
+ALPACA_STOPS = ("### Instruction", "### Input", "### Response")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    records: list[dict]  # instruction, input, output, answer
+    golds: list[float | str]
+    multiple_choice: bool
+
+
+def set_name(spec: str) -> str:
+    """'../math-eval/AQuA/test.json' -> 'AQuA'; 'gsm8k/test.jsonl' -> 'gsm8k'; 'builtin:arithmetic' -> 'arithmetic'."""
+    if spec == BUILTIN_ARITHMETIC:
+        return "arithmetic"
+    path = Path(spec)
+    if path.suffix in (".json", ".jsonl"):
+        return path.parent.name if path.stem in ("test", "train", "dev", "validation") and path.parent.name else path.stem
+    return spec.split("/")[-1].split(":")[0]
+
+
+def load_eval_set(spec: str, limit: int | None = None) -> EvalSet:
+    """The first `limit` problems of a set (the test split of a built-in or hub set)."""
+    records = load_examples(spec, split="test")[:limit]
+    raw = [r["answer"].strip() for r in records]
+    multiple_choice = all(len(a) == 1 and a in "ABCDE" for a in raw)
+    golds: list[float | str] = []
+    for index, answer in enumerate(raw, 1):
+        if multiple_choice:
+            golds.append(answer)
+            continue
+        try:
+            golds.append(float(answer.replace(",", "")))
+        except ValueError:
+            raise QadaptError(f"{spec}: problem {index} has answer {answer!r}, not a number or a letter A-E") from None
+    return EvalSet(set_name(spec), records, golds, multiple_choice)
+
+
+def answer_prompts(model, tokenizer, template: str, instructions: list[str], max_new_tokens: int = 256,
+                   batch_size: int = 32, on_done=None) -> list[str]:
+    """Greedy answers to instructions, templated as in training, cut where a new turn would start."""
+    prompts = [prompt_text({"instruction": i, "input": ""}, template, tokenizer) for i in instructions]
+    return _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done)
+
+
+def _decode(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int, batch_size: int,
+            on_done=None) -> list[str]:
+    # The chat template writes its own special tokens; the Alpaca text gets the tokenizer's, as in training.
+    return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size,
+                           stop_strings=ALPACA_STOPS if template == "alpaca" else (),
+                           add_special_tokens=template == "alpaca", on_done=on_done)
+
+
+def evaluate_set(model, tokenizer, template: str, eval_set: EvalSet, batch_size: int, max_new_tokens: int,
+                 strict: bool = False, on_done=None) -> tuple[dict, list[dict]]:
+    """(accuracy row, prediction rows) of one set."""
+    prompts = [prompt_text(r, template, tokenizer) for r in eval_set.records]
+    outputs = _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done)
+    predictions = []
+    for prompt, output, gold in zip(prompts, outputs, eval_set.golds):
+        extracted = answers.extract(output, eval_set.multiple_choice, strict)
+        predictions.append({"set": eval_set.name, "prompt": prompt, "output": output, "extracted": extracted,
+                            "gold": gold, "correct": answers.is_correct(extracted, gold)})
+    correct = sum(p["correct"] for p in predictions)
+    row = {"correct": correct, "total": len(predictions),
+           "accuracy": correct / len(predictions) if predictions else 0.0,
+           "no_answer": sum(p["extracted"] is None for p in predictions)}
+    return row, predictions
+
+
+def write_results(out_dir: Path, metrics: dict, predictions: list[dict]) -> None:
+    """metrics.json and predictions.jsonl, each written to a temporary name then renamed into place."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in [(METRICS_FILE, json.dumps(metrics, indent=2)),
+                       (PREDICTIONS_FILE, "".join(json.dumps(p) + "\n" for p in predictions))]:
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+
+
+def format_table(sets: dict[str, dict]) -> str:
+    lines = ["| set | correct / total | accuracy | no answer |", "|---|---|---|---|"]
+    for name, row in sets.items():
+        lines.append(f"| {name} | {row['correct']} / {row['total']} | {100 * row['accuracy']:.1f}% | {row['no_answer']} |")
+    return "\n".join(lines)
+
+
+def load_target(target: str, quant: str = "nf4", template: str | None = None):
+    """(model, tokenizer, template, default output folder) of a run directory or a bare model."""
+    from qadapt.models import load_base, load_tokenizer
+    from qadapt.quant import disable_cpu_weight_repacking
+    from qadapt.recipe import ModelConfig
+    from qadapt.run_dir import ADAPTER_DIR, RECIPE_FILE, load_trained_model
+
+    path = Path(target).expanduser()
+    if (path / RECIPE_FILE).is_file():
+        if not (path / ADAPTER_DIR).is_dir():
+            raise QadaptError(f"run directory {path} has no {ADAPTER_DIR}/ yet: the run has not finished")
+        model, tokenizer, recipe = load_trained_model(path)
+        return model, tokenizer, template or recipe.data.template, path / "eval"
+    cfg = ModelConfig(name=target, quant=quant)
+    tokenizer = load_tokenizer(cfg)
+    model = load_base(cfg)
+    disable_cpu_weight_repacking(model)  # the kernels training uses, so a baseline compares like with like
+    model.eval()
+    return model, tokenizer, template or "alpaca", Path("runs") / "eval" / f"{path.name or target}-{quant}"
+
+
+def run_eval(target: str, data: list[str], limit: int | None = None, batch_size: int = 32,
+             max_new_tokens: int = 256, strict: bool = False, out: Path | None = None, quant: str = "nf4",
+             template: str | None = None, loaded=None) -> dict:
+    """Evaluate `target` on every set in `data`; print the table; write metrics and predictions."""
+    from tqdm import tqdm
+
+    if not data:
+        raise QadaptError("name at least one evaluation set with --data (a .json/.jsonl file, a hub id, or "
+                          f"{BUILTIN_ARITHMETIC})")
+    sets = [load_eval_set(spec, limit) for spec in data]  # read every set before loading the model
+    model, tokenizer, template, default_out = loaded or load_target(target, quant, template)
+    out_dir = Path(out) if out else default_out
+    results, predictions = {}, []
+    with tqdm(total=sum(len(s.records) for s in sets), desc="eval", unit="problem") as bar:
+        for eval_set in sets:
+            bar.set_postfix_str(eval_set.name)
+            row, rows = evaluate_set(model, tokenizer, template, eval_set, batch_size, max_new_tokens, strict,
+                                     on_done=bar.update)
+            results[eval_set.name] = row
+            predictions += rows
+    metrics = {"target": target, "template": template, "strict": strict, "max_new_tokens": max_new_tokens,
+               "sets": results}
+    write_results(out_dir, metrics, predictions)
+    print(format_table(results))
+    print(f"metrics and predictions: {out_dir}")
+    return metrics

@@ -1,0 +1,87 @@
+"""`qadapt eval`: sets, scoring of a whole run, and the files it leaves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SHARED_DATA
+
+from qadapt.answers import is_correct
+from qadapt.errors import QadaptError
+from qadapt.evaluate import load_eval_set, run_eval, set_name
+from qadapt.recipe import recipe_from_dict
+from qadapt.train import train
+
+
+@pytest.mark.parametrize("spec, name", [
+    ("../shared/data/math-eval/AQuA/test.json", "AQuA"),
+    ("data/gsm8k/test.jsonl", "gsm8k"),
+    ("my_problems.json", "my_problems"),
+    ("builtin:arithmetic", "arithmetic"),
+    ("openai/gsm8k:main", "gsm8k"),
+])
+def test_set_names(spec, name):
+    assert set_name(spec) == name
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+def test_the_papers_sets_load_with_their_answer_kind():
+    aqua = load_eval_set(str(SHARED_DATA / "math-eval" / "AQuA" / "test.json"), limit=5)
+    assert aqua.multiple_choice and len(aqua.golds) == 5 and all(g in "ABCDE" for g in aqua.golds)
+    gsm8k = load_eval_set(str(SHARED_DATA / "gsm8k" / "test.jsonl"))
+    assert not gsm8k.multiple_choice and len(gsm8k.golds) == 1319 and gsm8k.golds[0] == 18.0
+    for name in ["gsm8k", "AddSub", "SVAMP", "MultiArith", "SingleEq"]:
+        assert all(isinstance(g, float) for g in load_eval_set(str(SHARED_DATA / "math-eval" / name / "test.json")).golds)
+
+
+def test_a_set_with_an_unreadable_answer_is_an_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "q", "input": "", "output": "", "answer": "seven"}]))
+    with pytest.raises(QadaptError, match="problem 1 has answer 'seven', not a number or a letter A-E"):
+        load_eval_set(str(bad))
+
+
+def test_run_eval_needs_a_set():
+    with pytest.raises(QadaptError, match="at least one evaluation set with --data"):
+        run_eval("smollm2-135m", [])
+
+
+def tiny_recipe(tiny_llama_dir, tmp_path, **eval_section) -> dict:
+    return {
+        "model": {"name": str(tiny_llama_dir), "quant": "nf4"},
+        "adapter": {"rank": 4, "alpha": 8},
+        "data": {"max_examples": 16, "val_size": 0},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "eval_every": 0, "save_every": 0},
+        "eval": eval_section,
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+def test_a_wrong_eval_set_fails_before_training(tiny_llama_dir, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, sets=["/no/such/test.json"]))
+    with pytest.raises(QadaptError, match="data file not found: /no/such/test.json"):
+        train(recipe)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_training_with_an_eval_section_scores_the_run_and_eval_reproduces_it(tiny_llama_dir, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, sets=["builtin:arithmetic"], limit=4,
+                                          max_new_tokens=8, batch_size=3))
+    summary = train(recipe).summary
+    run = tmp_path / "run"
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    row = metrics["sets"]["arithmetic"]
+    assert summary["accuracy"] == {"arithmetic": row["accuracy"]}
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == row["total"] == 4
+    assert set(predictions[0]) == {"set", "prompt", "output", "extracted", "gold", "correct"}
+    assert all(p["correct"] == is_correct(p["extracted"], p["gold"]) for p in predictions)
+    assert row["correct"] == sum(p["correct"] for p in predictions)
+    assert row["no_answer"] == sum(p["extracted"] is None for p in predictions)
+
+    # `qadapt eval RUN` reloads base + adapter from the run directory and decodes to the same answers.
+    again = run_eval(str(run), ["builtin:arithmetic"], limit=4, max_new_tokens=8, batch_size=4, out=tmp_path / "again")
+    reloaded = [json.loads(line) for line in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["output"] for p in reloaded] == [p["output"] for p in predictions]
+    assert again["sets"] == metrics["sets"]

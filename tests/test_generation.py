@@ -1,0 +1,57 @@
+"""Batched greedy decoding: padding must not change a single token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qadapt.generation import cut_at_stop, greedy_generate
+
+PROMPTS = [
+    "Maya has 5 apples.",
+    "A much longer prompt about a shop that sells pencils in boxes of twelve, and a boy who buys three boxes.",
+    "Hi",
+    "Ravi shares 24 stickers among 4 friends. How many does each friend get?",
+    "Two plus two",
+]
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_batched_answers_equal_one_at_a_time(load_tiny, smol_tokenizer, quant):
+    model = load_tiny(quant)
+    model.eval()
+    batched = greedy_generate(model, smol_tokenizer, PROMPTS, max_new_tokens=12, batch_size=4)
+    alone = [greedy_generate(model, smol_tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in PROMPTS]
+    assert batched == alone
+    assert all(batched)  # a random model never stops early: every row really decoded 12 tokens
+
+
+def test_answers_equal_transformers_generate(load_tiny, smol_tokenizer):
+    model = load_tiny("nf4")
+    model.eval()
+    ours = greedy_generate(model, smol_tokenizer, PROMPTS, max_new_tokens=10, batch_size=8)
+    encoded = smol_tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        sequences = model.generate(**encoded, max_new_tokens=10, do_sample=False,
+                                   pad_token_id=smol_tokenizer.pad_token_id)
+    width = encoded["input_ids"].shape[1]
+    theirs = [smol_tokenizer.decode(s[width:], skip_special_tokens=True) for s in sequences]
+    assert ours == theirs
+
+
+def test_a_stop_string_ends_the_row_and_is_cut(load_tiny, smol_tokenizer):
+    model = load_tiny("none")
+    model.eval()
+    full = greedy_generate(model, smol_tokenizer, PROMPTS[:2], max_new_tokens=16, batch_size=2)
+    stop = full[0][len(full[0]) // 2:][:3]  # a piece from the middle of the first answer
+    stopped = greedy_generate(model, smol_tokenizer, PROMPTS[:2], max_new_tokens=16, batch_size=2,
+                              stop_strings=[stop])
+    assert stopped[0] == full[0][:full[0].find(stop)]
+    assert stopped[1] == cut_at_stop(full[1], [stop])
+
+
+def test_progress_reports_every_prompt(load_tiny, smol_tokenizer):
+    model = load_tiny("none")
+    done = []
+    greedy_generate(model, smol_tokenizer, PROMPTS, max_new_tokens=2, batch_size=2, on_done=done.append)
+    assert sum(done) == len(PROMPTS)
