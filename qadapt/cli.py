@@ -109,6 +109,19 @@ def chat(
             typer.echo(answer_prompts(model, tokenizer, template, [prompt], max_new_tokens)[0])
 
 
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run directories to compare.", show_default=False),
+    out: Optional[Path] = typer.Option(None, help="Also write the markdown table to this file."),
+    plot: Optional[Path] = typer.Option(None, help="Draw loss curves and accuracies to this PNG (needs matplotlib)."),
+) -> None:
+    """Compare runs: kind, size, steps, time, loss and accuracy per set, as a markdown table."""
+    from qadapt.report import report as make_report
+
+    with _user_errors():
+        typer.echo(make_report(runs, out, plot))
+
+
 class _user_errors:
     """Print a QadaptError as `error: ...` on stderr and exit 2; anything else is a bug and shows."""
 
