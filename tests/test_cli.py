@@ -32,7 +32,19 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 def test_help_lists_the_commands():
     result = qadapt("--help")
-    assert result.returncode == 0 and "train" in result.stdout
+    assert result.returncode == 0
+    assert all(command in result.stdout for command in ["train", "check", "eval", "generate", "chat", "report"])
+
+
+def test_eval_mistakes_are_one_clear_line(tmp_path):
+    assert_one_line_error(qadapt("eval", "smollm2-135m"), "at least one evaluation set with --data")
+    assert_one_line_error(qadapt("eval", "smollm2-135m", "--data", "/no/such/test.json"),
+                          "data file not found: /no/such/test.json")
+    unfinished = tmp_path / "run"
+    unfinished.mkdir()
+    (unfinished / "recipe.yaml").write_text("{}\n")
+    assert_one_line_error(qadapt("eval", str(unfinished), "--data", "builtin:arithmetic"),
+                          f"run directory {unfinished} has no adapter/ yet")
 
 
 def test_unknown_recipe_key_is_one_clear_line():

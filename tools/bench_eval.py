@@ -1,0 +1,105 @@
+"""Evaluation speed: qadapt's decoding vs a plain batched `generate` vs the LLM-Adapters protocol.
+
+Same model, same GSM8K test problems, one process, one after the other:
+  qadapt      greedy_generate as `qadapt eval` runs it (sorted by length, finished rows leave the batch)
+  plain       transformers' generate, greedy, KV cache, batch 16, left padding, same stop strings
+  paper       the paper's evaluate.py protocol: one problem at a time, 4 beams, no KV cache
+              (slow: run on the first --paper-limit problems only; its rate is per problem)
+
+    .venv/bin/python tools/bench_eval.py [--target smollm2-135m|RUN_DIR] [--limit 64] [--paper-limit 2]
+
+Prints a markdown table (problems/s and ratios to qadapt) and how many answers equal qadapt's, and
+writes it as JSON next to the predictions when --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qadapt import answers
+from qadapt.data import prompt_text
+from qadapt.evaluate import ALPACA_STOPS, load_eval_set, load_target
+from qadapt.generation import cut_at_stop, greedy_generate
+
+GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def plain_generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_beams=1, use_cache=True):
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left")
+        with torch.no_grad():
+            sequences = model.generate(**batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
+                                       num_beams=num_beams, use_cache=use_cache, stop_strings=list(ALPACA_STOPS),
+                                       tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        width = batch["input_ids"].shape[1]
+        outputs += [cut_at_stop(tokenizer.decode(s[width:], skip_special_tokens=True), ALPACA_STOPS)
+                    for s in sequences]
+    return outputs
+
+
+def timed(label, fn, problems):
+    start = time.perf_counter()
+    outputs = fn()
+    seconds = time.perf_counter() - start
+    print(f"{label}: {problems} problems in {seconds:.1f} s", flush=True)
+    return outputs, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--data", default=str(GSM8K_TEST))
+    parser.add_argument("--limit", type=int, default=64)
+    parser.add_argument("--paper-limit", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32, help="qadapt's batch (the plain one is 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer, template, _ = load_target(args.target)
+    eval_set = load_eval_set(args.data, args.limit)
+    prompts = [prompt_text(r, template, tokenizer) for r in eval_set.records]
+    n, m = len(prompts), min(args.paper_limit, len(prompts))
+
+    ours, ours_s = timed("qadapt", lambda: greedy_generate(model, tokenizer, prompts, args.max_new_tokens,
+                                                           args.batch_size, ALPACA_STOPS), n)
+    plain, plain_s = timed("plain", lambda: plain_generate(model, tokenizer, prompts, args.max_new_tokens, 16), n)
+    paper, paper_s = timed("paper", lambda: plain_generate(model, tokenizer, prompts[:m], args.max_new_tokens, 1,
+                                                           num_beams=4, use_cache=False), m)
+
+    def extracted(outputs):
+        return [answers.extract(o, eval_set.multiple_choice) for o in outputs]
+
+    rows = [
+        ("qadapt eval", n, ours_s, n, n),
+        ("plain generate, batch 16", n, plain_s, sum(a == b for a, b in zip(plain, ours)),
+         sum(a == b for a, b in zip(extracted(plain), extracted(ours)))),
+        ("paper protocol (batch 1, 4 beams, no cache)", m, paper_s, sum(a == b for a, b in zip(paper, ours)),
+         sum(a == b for a, b in zip(extracted(paper), extracted(ours)))),
+    ]
+    ours_rate = n / ours_s
+    print(f"\n{args.target}, {eval_set.name} first {n} problems, max {args.max_new_tokens} new tokens, "
+          f"{args.threads} threads\n")
+    print("| method | problems | seconds | problems/s | qadapt is × faster | same text as qadapt | same answer |")
+    print("|---|---|---|---|---|---|---|")
+    result = []
+    for label, count, seconds, same_text, same_answer in rows:
+        rate = count / seconds
+        print(f"| {label} | {count} | {seconds:.1f} | {rate:.3f} | {ours_rate / rate:.1f} | "
+              f"{same_text}/{count} | {same_answer}/{count} |")
+        result.append({"method": label, "problems": count, "seconds": seconds, "problems_per_s": rate,
+                       "speedup_of_qadapt": ours_rate / rate, "same_text": same_text, "same_answer": same_answer})
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
