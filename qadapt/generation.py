@@ -1,8 +1,10 @@
 """Batched greedy decoding with the KV cache, for evaluation and for trying an adapter.
 
-Prompts are sorted by length so that a batch carries little padding, left-padded, and decoded greedily
+Prompts are sorted by length (so a batch carries little padding), left-padded and decoded greedily
 together. A row that has produced EOS or a stop string leaves the batch at once (its KV-cache rows are
-dropped), so finished problems stop costing work. Results come back in the prompts' order.
+dropped), and once half the places are free the next prompts are prefilled and join the running batch
+(continuous batching), so the batch stays full and finished problems stop costing work. Columns of
+the cache that no row attends to any more are trimmed. Results come back in the prompts' order.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import inspect
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 @torch.no_grad()
@@ -19,15 +22,20 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
                     on_done: Callable[[int], None] | None = None) -> list[str]:
     """The greedy continuation of every prompt, cut before the first stop string."""
     ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    queue = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings)
     outputs: list[str] = [""] * len(ids)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        for index, tokens in zip(chunk, _decode_batch(model, tokenizer, [ids[i] for i in chunk], max_new_tokens,
-                                                      stop_strings)):
+    while queue or decoder.rows:
+        free = batch_size - len(decoder.rows)
+        if queue and (free >= max(1, batch_size // 2) or not decoder.rows):
+            admitted, queue = queue[:free], queue[free:]
+            finished = decoder.admit(admitted, [ids[i] for i in admitted])
+        else:
+            finished = decoder.step()
+        for index, tokens in finished:
             outputs[index] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings)
-        if on_done:
-            on_done(len(chunk))
+        if on_done and finished:
+            on_done(len(finished))
     return outputs
 
 
@@ -43,49 +51,108 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids | {tokenizer.eos_token_id} - {None}
 
 
-def _decode_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-                  stop_strings: Sequence[str]) -> list[list[int]]:
-    from transformers import DynamicCache
+class _Decoder:
+    """The running batch: one KV cache, an attention mask and the tokens generated per row."""
 
-    device = model.device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    parameters = inspect.signature(model.forward).parameters
-    takes_positions = "position_ids" in parameters
-    cache_name = "cache" if "cache" in parameters else "past_key_values"  # transformers 5 renames it
-    stop_ids = eos_ids(model, tokenizer)
-    longest_stop = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings), default=0)
+    def __init__(self, model, tokenizer, max_new_tokens: int, stop_strings: Sequence[str]):
+        from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    generated: list[list[int]] = [[] for _ in prompts]
-    alive = list(range(len(prompts)))  # prompt index of each row still decoding
-    step_ids, step_positions = input_ids, positions
-    for _ in range(max_new_tokens):
-        kwargs = {cache_name: cache, **({"position_ids": step_positions} if takes_positions else {})}
-        logits = model(input_ids=step_ids, attention_mask=mask, use_cache=True, **kwargs).logits
-        next_tokens = logits[:, -1].argmax(-1)
-        keep = []
-        for row, (index, token) in enumerate(zip(alive, next_tokens.tolist())):
-            if token in stop_ids:
-                continue
-            generated[index].append(token)
-            tail = tokenizer.decode(generated[index][-(longest_stop + 2):]) if stop_strings else ""
-            if not any(s in tail for s in stop_strings):
-                keep.append(row)
-        if not keep:
-            break
-        if len(keep) < len(alive):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.stop_strings = list(stop_strings)
+        self.stop_ids = eos_ids(model, tokenizer)
+        self.longest_stop = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings),
+                                default=0)
+        parameters = inspect.signature(model.forward).parameters
+        self.takes_positions = "position_ids" in parameters
+        self.cache_name = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5
+        self.new_cache = lambda: DynamicCache(config=model.config)
+        self.cache = None
+        self.rows: list[int] = []  # prompt index of each row
+        self.generated: dict[int, list[int]] = {}
+        self.mask = self.next_tokens = self.next_positions = None
+
+    def admit(self, indices: list[int], prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
+        """Prefill new prompts (left-padded among themselves), decode their first token, join the batch."""
+        device = self.model.device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = self.new_cache()
+        next_tokens = self._forward(input_ids, mask, positions, cache)
+        for index in indices:
+            self.generated[index] = []
+        finished, keep = self._record(indices, next_tokens)
+        if keep:
             rows = torch.tensor(keep, device=device)
             cache.batch_select_indices(rows)
-            alive = [alive[r] for r in keep]
-            mask, next_tokens, step_positions = mask[rows], next_tokens[rows], step_positions[rows]
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        step_ids = next_tokens[:, None]
-        step_positions = step_positions[:, -1:] + 1
-    return generated
+            joining = ([indices[r] for r in keep], mask[rows], next_tokens[rows], positions[rows, -1:] + 1)
+            if self.rows:
+                self._join(cache, *joining)
+            else:
+                self.cache, (self.rows, self.mask, self.next_tokens, self.next_positions) = cache, joining
+        return finished
+
+    def step(self) -> list[tuple[int, list[int]]]:
+        """Decode one more token for every row."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.next_tokens = self._forward(self.next_tokens[:, None], self.mask, self.next_positions, self.cache)
+        self.next_positions = self.next_positions + 1
+        finished, keep = self._record(self.rows, self.next_tokens)
+        if finished:
+            self._keep_rows(keep)
+        return finished
+
+    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        kwargs = {self.cache_name: cache, **({"position_ids": positions} if self.takes_positions else {})}
+        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs).logits
+        return logits[:, -1].argmax(-1)
+
+    def _record(self, rows: list[int], next_tokens: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
+        """Append each row's new token: (prompt index, tokens) of the rows that ended, positions of the rest."""
+        finished, keep = [], []
+        for position, (index, token) in enumerate(zip(rows, next_tokens.tolist())):
+            tokens = self.generated[index]
+            if token not in self.stop_ids:
+                tokens.append(token)
+            if token in self.stop_ids or len(tokens) >= self.max_new_tokens or self._stopped(tokens):
+                finished.append((index, self.generated.pop(index)))
+            else:
+                keep.append(position)
+        return finished, keep
+
+    def _stopped(self, tokens: list[int]) -> bool:
+        if not self.stop_strings:
+            return False
+        tail = self.tokenizer.decode(tokens[-(self.longest_stop + 2):])
+        return any(s in tail for s in self.stop_strings)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        self.rows = [self.rows[r] for r in keep]
+        if not keep:
+            return
+        rows = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(rows)
+        self.mask, self.next_tokens, self.next_positions = self.mask[rows], self.next_tokens[rows], self.next_positions[rows]
+        # Trim the cache columns on the left that no remaining row attends to (padding of rows that left).
+        first = int(self.mask.any(dim=0).float().argmax())
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+    def _join(self, cache, indices, mask, next_tokens, next_positions) -> None:
+        """Append prefilled rows to the running batch, left-padding whichever cache is shorter."""
+        width = max(self.mask.shape[1], mask.shape[1])
+        running_pad, new_pad = width - self.mask.shape[1], width - mask.shape[1]
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([F.pad(old.keys, (0, 0, running_pad, 0)), F.pad(new.keys, (0, 0, new_pad, 0))])
+            old.values = torch.cat([F.pad(old.values, (0, 0, running_pad, 0)), F.pad(new.values, (0, 0, new_pad, 0))])
+        self.mask = torch.cat([F.pad(self.mask, (running_pad, 0)), F.pad(mask, (new_pad, 0))])
+        self.rows += list(indices)
+        self.next_tokens = torch.cat([self.next_tokens, next_tokens])
+        self.next_positions = torch.cat([self.next_positions, next_positions])

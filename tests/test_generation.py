@@ -55,3 +55,17 @@ def test_progress_reports_every_prompt(load_tiny, smol_tokenizer):
     done = []
     greedy_generate(model, smol_tokenizer, PROMPTS, max_new_tokens=2, batch_size=2, on_done=done.append)
     assert sum(done) == len(PROMPTS)
+
+
+def test_prompts_joining_a_running_batch_decode_as_if_alone(load_tiny, smol_tokenizer):
+    """Rows that end early (a stop string) make room; later prompts are prefilled and join mid-decode."""
+    model = load_tiny("nf4")
+    model.eval()
+    free_run = [greedy_generate(model, smol_tokenizer, [p], max_new_tokens=14, batch_size=1)[0] for p in PROMPTS]
+    stop = free_run[2][4:7]  # ends the third prompt's row early, and perhaps others
+    alone = [greedy_generate(model, smol_tokenizer, [p], max_new_tokens=14, batch_size=1, stop_strings=[stop])[0]
+             for p in PROMPTS]
+    assert any(len(a) < len(f) for a, f in zip(alone, free_run))
+    for batch_size in (2, 3):
+        assert greedy_generate(model, smol_tokenizer, PROMPTS, max_new_tokens=14, batch_size=batch_size,
+                               stop_strings=[stop]) == alone
