@@ -49,6 +49,8 @@ TargetArg = typer.Argument(..., help="A run directory, or a bare model: smollm2-
                            show_default=False)
 QuantOption = typer.Option("nf4", help="How a bare model is loaded: nf4, fp4, int8 or none (a run: as trained).")
 TemplateOption = typer.Option(None, help="Prompt template, alpaca or chat (default: the run's, else alpaca).")
+DTypeOption = typer.Option(None, help="Override the compute dtype (auto, bf16, fp16, fp32); fp32 makes greedy "
+                                      "answers independent of the batch.")
 
 
 @app.command("eval")
@@ -57,18 +59,19 @@ def eval_command(
     data: Optional[list[str]] = typer.Option(None, "--data", help="A set: GSM8K .jsonl, LLM-Adapters .json, a hub id "
                                              "or builtin:arithmetic. Repeat for more sets."),
     limit: Optional[int] = typer.Option(None, help="Only the first N problems of each set."),
-    batch_size: int = typer.Option(32, help="Problems decoded together."),
+    batch_size: int = typer.Option(64, help="Problems decoded together (lower it if memory runs short)."),
     max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
     strict: bool = typer.Option(False, help="Read only the number (or letter) after 'The answer is'."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/eval, or runs/eval/MODEL-QUANT)."),
     quant: str = QuantOption,
     template: Optional[str] = TemplateOption,
+    compute_dtype: Optional[str] = DTypeOption,
 ) -> None:
     """Accuracy on math sets, scored as the LLM-Adapters paper scores them."""
     from qadapt.evaluate import run_eval
 
     with _user_errors():
-        run_eval(target, data or [], limit, batch_size, max_new_tokens, strict, out, quant, template)
+        run_eval(target, data or [], limit, batch_size, max_new_tokens, strict, out, quant, template, compute_dtype)
 
 
 @app.command()

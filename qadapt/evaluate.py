@@ -59,7 +59,7 @@ def load_eval_set(spec: str, limit: int | None = None) -> EvalSet:
 
 
 def answer_prompts(model, tokenizer, template: str, instructions: list[str], max_new_tokens: int = 256,
-                   batch_size: int = 32, on_done=None) -> list[str]:
+                   batch_size: int = 64, on_done=None) -> list[str]:
     """Greedy answers to instructions, templated as in training, cut where a new turn would start."""
     prompts = [prompt_text({"instruction": i, "input": ""}, template, tokenizer) for i in instructions]
     return _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done)
@@ -107,8 +107,12 @@ def format_table(sets: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def load_target(target: str, quant: str = "nf4", template: str | None = None):
-    """(model, tokenizer, template, default output folder) of a run directory or a bare model."""
+def load_target(target: str, quant: str = "nf4", template: str | None = None, compute_dtype: str | None = None):
+    """(model, tokenizer, template, default output folder) of a run directory or a bare model.
+
+    bf16 matmuls give slightly different results for different batch shapes, so a bf16 model's
+    greedy answers can depend on which problems share its batch; compute_dtype fp32 avoids that.
+    """
     from qadapt.models import load_base, load_tokenizer
     from qadapt.quant import disable_cpu_weight_repacking
     from qadapt.recipe import ModelConfig
@@ -118,9 +122,9 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None):
     if (path / RECIPE_FILE).is_file():
         if not (path / ADAPTER_DIR).is_dir():
             raise QadaptError(f"run directory {path} has no {ADAPTER_DIR}/ yet: the run has not finished")
-        model, tokenizer, recipe = load_trained_model(path)
+        model, tokenizer, recipe = load_trained_model(path, compute_dtype=compute_dtype)
         return model, tokenizer, template or recipe.data.template, path / "eval"
-    cfg = ModelConfig(name=target, quant=quant)
+    cfg = ModelConfig(name=target, quant=quant, compute_dtype=compute_dtype or "auto")
     tokenizer = load_tokenizer(cfg)
     model = load_base(cfg)
     disable_cpu_weight_repacking(model)  # the kernels training uses, so a baseline compares like with like
@@ -128,9 +132,9 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None):
     return model, tokenizer, template or "alpaca", Path("runs") / "eval" / f"{path.name or target}-{quant}"
 
 
-def run_eval(target: str, data: list[str], limit: int | None = None, batch_size: int = 32,
+def run_eval(target: str, data: list[str], limit: int | None = None, batch_size: int = 64,
              max_new_tokens: int = 256, strict: bool = False, out: Path | None = None, quant: str = "nf4",
-             template: str | None = None, loaded=None) -> dict:
+             template: str | None = None, compute_dtype: str | None = None, loaded=None) -> dict:
     """Evaluate `target` on every set in `data`; print the table; write metrics and predictions."""
     from tqdm import tqdm
 
@@ -138,7 +142,7 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
         raise QadaptError("name at least one evaluation set with --data (a .json/.jsonl file, a hub id, or "
                           f"{BUILTIN_ARITHMETIC})")
     sets = [load_eval_set(spec, limit) for spec in data]  # read every set before loading the model
-    model, tokenizer, template, default_out = loaded or load_target(target, quant, template)
+    model, tokenizer, template, default_out = loaded or load_target(target, quant, template, compute_dtype)
     out_dir = Path(out) if out else default_out
     results, predictions = {}, []
     with tqdm(total=sum(len(s.records) for s in sets), desc="eval", unit="problem") as bar:

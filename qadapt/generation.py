@@ -2,7 +2,7 @@
 
 Prompts are sorted by length (so a batch carries little padding), left-padded and decoded greedily
 together. A row that has produced EOS or a stop string leaves the batch at once (its KV-cache rows are
-dropped), and once half the places are free the next prompts are prefilled and join the running batch
+dropped), and once a quarter of the places are free the next prompts are prefilled and join the running batch
 (continuous batching), so the batch stays full and finished problems stop costing work. Columns of
 the cache that no row attends to any more are trimmed. Results come back in the prompts' order.
 """
@@ -27,7 +27,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     outputs: list[str] = [""] * len(ids)
     while queue or decoder.rows:
         free = batch_size - len(decoder.rows)
-        if queue and (free >= max(1, batch_size // 2) or not decoder.rows):
+        if queue and (free >= max(1, batch_size // 4) or not decoder.rows):
             admitted, queue = queue[:free], queue[free:]
             finished = decoder.admit(admitted, [ids[i] for i in admitted])
         else:

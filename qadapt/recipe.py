@@ -127,8 +127,8 @@ class EvalConfig:
     """Sets to score when training ends, as for `qadapt eval --data`; empty: none."""
     limit: Optional[int] = None
     """Only the first N problems of each set."""
-    batch_size: int = 32
-    """Problems decoded together."""
+    batch_size: int = 64
+    """Problems decoded together (lower it if memory runs short)."""
     max_new_tokens: int = 256
     """Longest answer in tokens."""
     strict: bool = False

@@ -87,13 +87,18 @@ def load_adapter(model: nn.Module, folder: Path) -> None:
     load_adapter_state_dict(model, load_file(weights))
 
 
-def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR):
-    """(model, tokenizer, recipe): the run's base, quantized as trained, with its adapter loaded."""
+def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_dtype: str | None = None):
+    """(model, tokenizer, recipe): the run's base, quantized as trained, with its adapter loaded.
+
+    `compute_dtype` overrides the recipe's (e.g. fp32 for answers that do not depend on the batch).
+    """
     from qadapt.models import load_base, load_tokenizer
     from qadapt.quant import disable_cpu_weight_repacking
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / RECIPE_FILE)
+    if compute_dtype:
+        recipe.model.compute_dtype = compute_dtype
     tokenizer = load_tokenizer(recipe.model)
     model = load_base(recipe.model)
     disable_cpu_weight_repacking(model)  # the same kernels, so the same numbers, as in training

@@ -56,15 +56,16 @@ def main() -> None:
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--data", default=str(GSM8K_TEST))
     parser.add_argument("--limit", type=int, default=64)
-    parser.add_argument("--paper-limit", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32, help="qadapt's batch (the plain one is 16)")
+    parser.add_argument("--paper-limit", type=int, default=2, help="problems for the paper's protocol (0: skip)")
+    parser.add_argument("--batch-size", type=int, default=64, help="qadapt eval's default (the plain one is 16)")
+    parser.add_argument("--compute-dtype", default=None, help="e.g. fp32: answers independent of the batch")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer, template, _ = load_target(args.target)
+    model, tokenizer, template, _ = load_target(args.target, compute_dtype=args.compute_dtype)
     eval_set = load_eval_set(args.data, args.limit)
     prompts = [prompt_text(r, template, tokenizer) for r in eval_set.records]
     n, m = len(prompts), min(args.paper_limit, len(prompts))
@@ -72,8 +73,10 @@ def main() -> None:
     ours, ours_s = timed("qadapt", lambda: greedy_generate(model, tokenizer, prompts, args.max_new_tokens,
                                                            args.batch_size, ALPACA_STOPS), n)
     plain, plain_s = timed("plain", lambda: plain_generate(model, tokenizer, prompts, args.max_new_tokens, 16), n)
-    paper, paper_s = timed("paper", lambda: plain_generate(model, tokenizer, prompts[:m], args.max_new_tokens, 1,
-                                                           num_beams=4, use_cache=False), m)
+    paper, paper_s = [], 0.0
+    if m:  # --paper-limit 0 skips it
+        paper, paper_s = timed("paper", lambda: plain_generate(model, tokenizer, prompts[:m], args.max_new_tokens, 1,
+                                                               num_beams=4, use_cache=False), m)
 
     def extracted(outputs):
         return [answers.extract(o, eval_set.multiple_choice) for o in outputs]
@@ -92,6 +95,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     result = []
     for label, count, seconds, same_text, same_answer in rows:
+        if not count:
+            continue
         rate = count / seconds
         print(f"| {label} | {count} | {seconds:.1f} | {rate:.3f} | {ours_rate / rate:.1f} | "
               f"{same_text}/{count} | {same_answer}/{count} |")
