@@ -49,6 +49,7 @@ TargetArg = typer.Argument(..., help="A run directory, or a bare model: smollm2-
                            show_default=False)
 QuantOption = typer.Option("nf4", help="How a bare model is loaded: nf4, fp4, int8 or none (a run: as trained).")
 TemplateOption = typer.Option(None, help="Prompt template, alpaca or chat (default: the run's, else alpaca).")
+MaxNewTokensOption = typer.Option(256, help="Longest answer in tokens.")
 DTypeOption = typer.Option(None, help="Override the compute dtype (auto, bf16, fp16, fp32); fp32 makes greedy "
                                       "answers independent of the batch.")
 
@@ -60,7 +61,7 @@ def eval_command(
                                              "or builtin:arithmetic. Repeat for more sets."),
     limit: Optional[int] = typer.Option(None, help="Only the first N problems of each set."),
     batch_size: int = typer.Option(64, help="Problems decoded together (lower it if memory runs short)."),
-    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+    max_new_tokens: int = MaxNewTokensOption,
     strict: bool = typer.Option(False, help="Read only the number (or letter) after 'The answer is'."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/eval, or runs/eval/MODEL-QUANT)."),
     quant: str = QuantOption,
@@ -78,7 +79,7 @@ def eval_command(
 def generate(
     target: str = TargetArg,
     prompt: str = typer.Argument(..., help="The instruction, as a user would write it.", show_default=False),
-    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+    max_new_tokens: int = MaxNewTokensOption,
     quant: str = QuantOption,
     template: Optional[str] = TemplateOption,
 ) -> None:
@@ -93,7 +94,7 @@ def generate(
 @app.command()
 def chat(
     target: str = TargetArg,
-    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens."),
+    max_new_tokens: int = MaxNewTokensOption,
     quant: str = QuantOption,
     template: Optional[str] = TemplateOption,
 ) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 from qadapt import answers
 from qadapt.data import BUILTIN_ARITHMETIC, load_examples, prompt_text
 from qadapt.errors import QadaptError
 from qadapt.generation import greedy_generate
+from qadapt.recipe import DType, ModelConfig, Quant, Template
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -115,9 +117,12 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
     """
     from qadapt.models import load_base, load_tokenizer
     from qadapt.quant import disable_cpu_weight_repacking
-    from qadapt.recipe import ModelConfig
     from qadapt.run_dir import ADAPTER_DIR, RECIPE_FILE, load_trained_model
 
+    for option, value, allowed in [("--quant", quant, Quant), ("--template", template, Template),
+                                   ("--compute-dtype", compute_dtype, DType)]:
+        if value is not None and value not in get_args(allowed):
+            raise QadaptError(f"{option} {value!r} is not one of {', '.join(get_args(allowed))}")
     path = Path(target).expanduser()
     if (path / RECIPE_FILE).is_file():
         if not (path / ADAPTER_DIR).is_dir():

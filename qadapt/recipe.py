@@ -19,6 +19,7 @@ from qadapt.errors import QadaptError
 Quant = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+Template = Literal["alpaca", "chat"]
 
 
 @dataclass
@@ -73,7 +74,7 @@ class DataConfig:
     """`builtin:arithmetic`, a GSM8K .jsonl, an LLM-Adapters .json, or a datasets-hub id."""
     split: str = "train"
     """Split of a hub dataset or of the built-in problems."""
-    template: Literal["alpaca", "chat"] = "alpaca"
+    template: Template = "alpaca"
     """Prompt template: the paper's Alpaca template or the tokenizer's chat template."""
     cutoff_len: int = 256
     """Longest example in tokens; longer ones are cut (and counted)."""

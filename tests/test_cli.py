@@ -40,6 +40,10 @@ def test_eval_mistakes_are_one_clear_line(tmp_path):
     assert_one_line_error(qadapt("eval", "smollm2-135m"), "at least one evaluation set with --data")
     assert_one_line_error(qadapt("eval", "smollm2-135m", "--data", "/no/such/test.json"),
                           "data file not found: /no/such/test.json")
+    assert_one_line_error(qadapt("eval", "smollm2-135m", "--data", "builtin:arithmetic", "--quant", "nf5"),
+                          "--quant 'nf5' is not one of nf4, fp4, int8, none")
+    assert_one_line_error(qadapt("generate", "smollm2-135m", "hi", "--template", "chatml"),
+                          "--template 'chatml' is not one of alpaca, chat")
     unfinished = tmp_path / "run"
     unfinished.mkdir()
     (unfinished / "recipe.yaml").write_text("{}\n")
