@@ -84,11 +84,8 @@ def generate(
     template: Optional[str] = TemplateOption,
 ) -> None:
     """Answer one prompt with a trained adapter (or a bare model), greedily."""
-    from qadapt.evaluate import answer_prompts, load_target
-
     with _user_errors():
-        model, tokenizer, template, _ = load_target(target, quant, template)
-        typer.echo(answer_prompts(model, tokenizer, template, [prompt], max_new_tokens)[0])
+        typer.echo(_answerer(target, max_new_tokens, quant, template)(prompt))
 
 
 @app.command()
@@ -99,10 +96,8 @@ def chat(
     template: Optional[str] = TemplateOption,
 ) -> None:
     """Try an adapter interactively: each line you type is answered; an empty line or Ctrl-D ends."""
-    from qadapt.evaluate import answer_prompts, load_target
-
     with _user_errors():
-        model, tokenizer, template, _ = load_target(target, quant, template)
+        answer = _answerer(target, max_new_tokens, quant, template)
         while True:
             try:
                 prompt = input("you> ").strip()
@@ -110,7 +105,7 @@ def chat(
                 break
             if not prompt:
                 break
-            typer.echo(answer_prompts(model, tokenizer, template, [prompt], max_new_tokens)[0])
+            typer.echo(answer(prompt))
 
 
 @app.command()
@@ -124,6 +119,14 @@ def report(
 
     with _user_errors():
         typer.echo(make_report(runs, out, plot))
+
+
+def _answerer(target: str, max_new_tokens: int, quant: str, template: Optional[str]):
+    """Load the target once; return a function answering one instruction greedily."""
+    from qadapt.evaluate import answer_prompts, load_target
+
+    model, tokenizer, template, _ = load_target(target, quant, template)
+    return lambda prompt: answer_prompts(model, tokenizer, template, [prompt], max_new_tokens)[0]
 
 
 class _user_errors:

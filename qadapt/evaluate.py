@@ -39,7 +39,8 @@ def set_name(spec: str) -> str:
         return "arithmetic"
     path = Path(spec)
     if path.suffix in (".json", ".jsonl"):
-        return path.parent.name if path.stem in ("test", "train", "dev", "validation") and path.parent.name else path.stem
+        split_file = path.stem in ("test", "train", "dev", "validation") and path.parent.name
+        return path.parent.name if split_file else path.stem
     return spec.split("/")[-1].split(":")[0]
 
 
@@ -105,7 +106,8 @@ def write_results(out_dir: Path, metrics: dict, predictions: list[dict]) -> None
 def format_table(sets: dict[str, dict]) -> str:
     lines = ["| set | correct / total | accuracy | no answer |", "|---|---|---|---|"]
     for name, row in sets.items():
-        lines.append(f"| {name} | {row['correct']} / {row['total']} | {100 * row['accuracy']:.1f}% | {row['no_answer']} |")
+        accuracy = f"{100 * row['accuracy']:.1f}%"
+        lines.append(f"| {name} | {row['correct']} / {row['total']} | {accuracy} | {row['no_answer']} |")
     return "\n".join(lines)
 
 

@@ -137,7 +137,8 @@ class _Decoder:
             return
         rows = torch.tensor(keep, device=self.mask.device)
         self.cache.batch_select_indices(rows)
-        self.mask, self.next_tokens, self.next_positions = self.mask[rows], self.next_tokens[rows], self.next_positions[rows]
+        self.mask, self.next_tokens = self.mask[rows], self.next_tokens[rows]
+        self.next_positions = self.next_positions[rows]
         # Trim the cache columns on the left that no remaining row attends to (padding of rows that left).
         first = int(self.mask.any(dim=0).float().argmax())
         if first > 0:

@@ -15,10 +15,10 @@ from qadapt.run_dir import load_trained_model
 from qadapt.train import eval_loss, prepare_data
 
 
-def qadapt(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def qadapt(*args: str, timeout: int = 600, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, "-m", "qadapt", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, input=stdin)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -114,3 +114,26 @@ def test_real_smollm2_trains_every_kind(tmp_path, kind, quant):
     assert f"with {kind} adapters" in result.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_loss"] < 0.8 * summary["eval_loss_before"], summary  # clearly falling in 6 steps
+
+
+def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
+    from qadapt.evaluate import answer_prompts, load_target
+    from qadapt.recipe import recipe_from_dict
+    from qadapt.train import train
+
+    run = tmp_path / "run"
+    train(recipe_from_dict({
+        "model": {"name": str(tiny_llama_dir), "quant": "nf4", "compute_dtype": "fp32"},
+        "adapter": {"rank": 4},
+        "data": {"max_examples": 8, "val_size": 0},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "eval_every": 0, "save_every": 0},
+        "output_dir": str(run),
+    }))
+    model, tokenizer, template, _ = load_target(str(run))
+    expected = answer_prompts(model, tokenizer, template, ["Two plus two?", "Three plus one?"], max_new_tokens=6)
+    generated = qadapt("generate", str(run), "Two plus two?", "--max-new-tokens", "6")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert generated.stdout == expected[0] + "\n"
+    chat = qadapt("chat", str(run), "--max-new-tokens", "6", stdin="Two plus two?\nThree plus one?\n\n")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout == "you> " + expected[0] + "\nyou> " + expected[1] + "\nyou> "
