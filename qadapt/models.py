@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qadapt.errors import QadaptError
+from qadapt.files import atomic_folder
 from qadapt.recipe import ModelConfig
 
 EMBEDDED_MODELS = {
@@ -73,15 +72,9 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(folder, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -120,6 +113,16 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(cfg.name), cfg, **kwargs)
     if device is not None and device.type != "cuda" and qconfig is None:
         model.to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def load_full_precision(cfg: ModelConfig, dtype: str = "auto"):
+    """The base unquantized, frozen, on the CPU; `auto` keeps the checkpoint's own dtype."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(cfg.name), cfg,
+                             dtype="auto" if dtype == "auto" else _DTYPES[dtype])
     model.requires_grad_(False)
     return model
 

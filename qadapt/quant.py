@@ -7,6 +7,7 @@ preparation, and the 8-bit / paged optimizers.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -96,3 +97,34 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
     """A bitsandbytes 4-bit or 8-bit linear layer (both are nn.Linear subclasses)."""
     bnb = _bitsandbytes()
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Compute in `dtype` while keeping the quantized weights exactly as loaded.
+
+    Quantizing the same checkpoint from bf16 and from fp32 gives different 4-bit codes, so a base is
+    always loaded (and quantized) in the dtype it was trained with; this changes only what it computes in.
+    """
+    bnb = _bitsandbytes()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = dtype
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The (out, in) weight a bitsandbytes 4-bit or 8-bit layer computes with, in fp32."""
+    bnb = _bitsandbytes()
+    weight = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        # Straight to fp32, as the fp32 forward does: no rounding through the dtype it was loaded in.
+        state = copy.copy(weight.quant_state)
+        state.dtype = torch.float32
+        return bnb.functional.dequantize_4bit(weight.data, state)
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        # The row scales move from the weight to the layer's state at the first forward.
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales).to(torch.float32)
+    raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantized layer")

@@ -14,16 +14,17 @@ Folders are written under a temporary name and renamed into place, so none is ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from qadapt.adapters import adapter_state_dict, attach_adapters, load_adapter_state_dict
 from qadapt.errors import QadaptError
+from qadapt.files import atomic_folder
 from qadapt.recipe import Recipe, load_recipe, save_recipe
 
 RECIPE_FILE = "recipe.yaml"
@@ -49,31 +50,20 @@ def create_run_dir(recipe: Recipe) -> Path:
     return path
 
 
-def save_adapter(model: nn.Module, folder: Path, recipe: Recipe, wrapped: list[str]) -> Path:
-    """Write adapter weights and config to `folder` atomically (temporary folder, then rename)."""
+def save_adapter(model: nn.Module, folder: Path, recipe: Recipe, wrapped: list[str],
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter weights (`state`, else the model's) and config to `folder` atomically."""
     from safetensors.torch import save_file
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
     config = {
         **recipe.to_dict()["adapter"],
         "wrapped_modules": wrapped,
         "base_model": recipe.model.name,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
     }
-    save_file(adapter_state_dict(model), tmp / ADAPTER_WEIGHTS)
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    if folder.exists():
-        old = folder.with_name(f".old-{folder.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        save_file(adapter_state_dict(model) if state is None else state, tmp / ADAPTER_WEIGHTS)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return folder
 
 
@@ -87,21 +77,33 @@ def load_adapter(model: nn.Module, folder: Path) -> None:
     load_adapter_state_dict(model, load_file(weights))
 
 
+def load_run_recipe(run_dir: Path) -> Recipe:
+    """The recipe of a finished run; a clear error for a folder that is not one."""
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise QadaptError(f"{run_dir} is not a run directory: it has no {RECIPE_FILE}")
+    if not (run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS).is_file():
+        raise QadaptError(f"run directory {run_dir} has no {ADAPTER_DIR}/ yet: the run has not finished")
+    return load_recipe(run_dir / RECIPE_FILE)
+
+
 def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_dtype: str | None = None):
     """(model, tokenizer, recipe): the run's base, quantized as trained, with its adapter loaded.
 
     `compute_dtype` overrides the recipe's (e.g. fp32 for answers that do not depend on the batch).
     """
-    from qadapt.models import load_base, load_tokenizer
-    from qadapt.quant import disable_cpu_weight_repacking
+    from qadapt.models import load_base, load_tokenizer, resolve_compute_dtype
+    from qadapt.quant import disable_cpu_weight_repacking, set_compute_dtype
 
     run_dir = Path(run_dir)
-    recipe = load_recipe(run_dir / RECIPE_FILE)
-    if compute_dtype:
-        recipe.model.compute_dtype = compute_dtype
+    recipe = load_run_recipe(run_dir)
     tokenizer = load_tokenizer(recipe.model)
-    model = load_base(recipe.model)
+    model_cfg = recipe.model
+    if compute_dtype and model_cfg.quant == "none":  # no quantized codes to keep: load straight in the dtype
+        model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
+    model = load_base(model_cfg)  # quantized from the dtype it was trained in: the same 4-bit codes
     disable_cpu_weight_repacking(model)  # the same kernels, so the same numbers, as in training
+    if compute_dtype:
+        set_compute_dtype(model, resolve_compute_dtype(compute_dtype))
     attach_adapters(model, recipe.adapter)
     load_adapter(model, run_dir / adapter)
     model.eval()
