@@ -39,6 +39,21 @@ ALPACA_PROMPT_WITH_INPUT = (
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
 
 
+def alpaca_chat_template() -> str:
+    """A Jinja chat template that writes a user message exactly as ALPACA_PROMPT does.
+
+    A merged or exported model trained on Alpaca prompts carries it, so that chat front ends
+    (transformers' apply_chat_template, llama.cpp, Ollama) prompt it the way it was trained.
+    """
+    user = ALPACA_PROMPT.replace("{instruction}", "' + message['content'] + '").replace("\n", "\\n")
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '" + user + "' }}"
+        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\\n\\n' }}"
+        "{% endif %}{% endfor %}"
+    )
+
+
 def load_examples(path: str, split: str = "train") -> list[dict]:
     """Records (instruction, input, output, answer) from a built-in set, a file or a hub dataset."""
     if path == BUILTIN_ARITHMETIC:

@@ -84,3 +84,9 @@ class DoRALinear(LoRALinear):
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {**super().adapter_params(), "magnitude": self.magnitude}
+
+    @torch.no_grad()
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """m ⊙ (W + s·BA) / ‖W + s·BA‖ per output row, in fp32."""
+        direction = super().merged_weight(weight)
+        return (self.magnitude / direction.norm(dim=1).clamp_min(1e-12)).unsqueeze(1) * direction

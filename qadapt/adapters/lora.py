@@ -40,5 +40,10 @@ class LoRALinear(Adapter):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_a.weight": self.lora_a.weight, "lora_b.weight": self.lora_b.weight}
 
+    @torch.no_grad()
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + s·BA for the base's (out, in) weight W, in fp32: the one matrix that equals this layer."""
+        return weight.to(torch.float32) + self.scale * (self.lora_b.weight @ self.lora_a.weight)
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"

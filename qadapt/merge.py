@@ -1,0 +1,220 @@
+"""Fold LoRA / DoRA into a full-precision base and save a standard Hugging Face folder, verified.
+
+    qadapt merge RUN_DIR --out DIR [--dtype auto|bf16|fp16|fp32] [--base dequantized|original]
+
+The base to fold into:
+- `dequantized` (default): the base exactly as the adapter was trained against it: every quantized
+  linear de-quantized from the run's 4-bit / 8-bit weights, the other weights as loaded for training;
+- `original`: the base checkpoint's full-precision weights, which the adapter never saw.
+Each fold W' = W + s·BA (DoRA: m ⊙ (W + s·BA) / ‖W + s·BA‖ per row) is computed in fp32, one layer at
+a time, on the one copy of the base that is held, in the output dtype.
+
+Before the folder is moved into place it is loaded back with transformers and compared, on a few
+templated prompts, with the adapter on the same base in the same dtype (this must agree: the fold
+is exact up to rounding into the dtype), and with the trained model as it ran (quantized, fp32
+compute), which shows what the chosen base and dtype cost.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from qadapt.adapters import Adapter, LoRALinear, attach_adapters, is_linear
+from qadapt.errors import QadaptError
+from qadapt.files import atomic_folder, describe_written
+
+MERGEABLE_KINDS = ("lora", "dora")
+BASES = ("dequantized", "original")
+MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+MERGE_INFO_FILE = "qadapt_merge.json"
+# Least top-1 agreement between the merged model and the adapter on the same base, per dtype. The fold
+# is exact in fp32; in 16 bits the merged weight is rounded once more than the base (measured: see README).
+MIN_TOP1_AGREEMENT = {torch.float32: 0.999, torch.bfloat16: 0.95, torch.float16: 0.98}
+
+
+def refuse_non_linear(kind: str, action: str) -> None:
+    if kind not in MERGEABLE_KINDS:
+        raise QadaptError(
+            f"cannot {action} a {kind} adapter: it applies a non-linear function (up(act(down(h)))), so no "
+            "weight matrix of the base can absorb it. Run the model with the adapter attached instead "
+            "(qadapt eval / generate / chat RUN_DIR, or load_trained_model), or ship the run's adapter/ folder"
+        )
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """A full-precision linear layer's weight as (out, in) in fp32 (GPT-2's Conv1D stores it as (in, out))."""
+    weight = layer.weight.detach()
+    return (weight.T if isinstance(layer, Conv1D) else weight).to(torch.float32)
+
+
+def set_weight_matrix(layer: nn.Module, matrix: torch.Tensor, name: str) -> None:
+    """Store an (out, in) fp32 matrix into the layer, in its layout and dtype, refusing NaN/inf."""
+    dtype = layer.weight.dtype
+    if not torch.isfinite(matrix).all():
+        raise QadaptError(f"{name}: the merged weight has NaN or inf values; the adapter weights are broken")
+    if matrix.abs().max() > torch.finfo(dtype).max:
+        raise QadaptError(f"{name}: the merged weight exceeds the {dtype} range; merge with --dtype bf16 or fp32")
+    value = (matrix.T if isinstance(layer, Conv1D) else matrix).to(dtype).contiguous()
+    # A new parameter, not an in-place copy: a weight tied to another (the embeddings) is untied.
+    layer.weight = nn.Parameter(value, requires_grad=False)
+
+
+def copy_trained_weights(trained: nn.Module, full: nn.Module) -> int:
+    """Make `full` the base exactly as it was trained: de-quantized linears, and the other weights as
+    loaded for training (in its compute dtype). Returns the number of de-quantized layers."""
+    from qadapt.quant import dequantized_weight, is_quantized_linear
+
+    dequantized = 0
+    with torch.no_grad():
+        for name, module in full.named_modules():
+            source = trained.get_submodule(name)
+            source = source.base if isinstance(source, Adapter) else source
+            if is_linear(module) and is_quantized_linear(source):
+                set_weight_matrix(module, dequantized_weight(source), name)
+                dequantized += 1
+                continue
+            for param_name, param in module.named_parameters(recurse=False):
+                param.copy_(getattr(source, param_name))  # in place: tied weights stay tied
+    return dequantized
+
+
+def fold_adapters(model: nn.Module) -> list[str]:
+    """Replace every LoRA / DoRA wrapper by its base layer holding the merged weight; return the names."""
+    folded = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoRALinear):
+            continue
+        set_weight_matrix(module.base, module.merged_weight(weight_matrix(module.base)), name)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module.base)
+        folded.append(name)
+    output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and output.weight is not embeddings.weight:
+        model.config.tie_word_embeddings = False  # a merged head no longer equals the embeddings
+    return folded
+
+
+def probe_texts(template: str, tokenizer, count: int = 6) -> list[str]:
+    """Templated prompts with their answers: what the merged model is compared on."""
+    from qadapt import arithmetic
+    from qadapt.data import prompt_text
+
+    return [prompt_text(r, template, tokenizer) + r["output"] for r in arithmetic.problems("test", count)]
+
+
+@torch.no_grad()
+def logits_on(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Next-token logits at every position of every text (one at a time: no padding), in fp32."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+        rows.append(model(input_ids=ids).logits[0].to(torch.float32).cpu())
+    return torch.cat(rows)
+
+
+def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    diff = (reference - other).abs()
+    agreement = (reference.argmax(-1) == other.argmax(-1)).to(torch.float32).mean()
+    return {
+        "max_abs_diff": round(diff.max().item(), 6),
+        "mean_abs_diff": round(diff.mean().item(), 6),
+        "top1_agreement": round(agreement.item(), 4),
+        "positions": reference.shape[0],
+    }
+
+
+def save_hf_folder(model: nn.Module, tokenizer, template: str, folder: Path) -> None:
+    """A folder transformers loads: safetensors shards, config, generation config, tokenizer, template."""
+    from qadapt.data import alpaca_chat_template
+
+    if template == "alpaca":
+        tokenizer.chat_template = alpaca_chat_template()  # prompt it as it was trained
+    generation = model.generation_config
+    eos_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    if tokenizer.eos_token_id not in eos_ids:  # trained to end with the tokenizer's EOS: stop there
+        generation.eos_token_id = [i for i in eos_ids if i is not None] + [tokenizer.eos_token_id]
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, max_shard_size="2GB")
+    tokenizer.save_pretrained(folder)
+
+
+def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: str = "dequantized",
+              show_written: bool = True) -> dict:
+    """Merge a run's LoRA / DoRA adapter into its base, verify, write `out`; return the figures."""
+    from transformers import AutoModelForCausalLM
+
+    from qadapt.models import load_full_precision
+    from qadapt.run_dir import ADAPTER_DIR, load_adapter, load_run_recipe, load_trained_model
+
+    _check_choice("--base", base, BASES)
+    _check_choice("--dtype", dtype, MERGE_DTYPES)
+    run_dir, out = Path(run_dir), Path(out)
+    recipe = load_run_recipe(run_dir)
+    refuse_non_linear(recipe.adapter.kind, "merge")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QadaptError(f"{out} already exists; remove it or choose another --out")
+
+    trained, tokenizer, _ = load_trained_model(run_dir, compute_dtype="fp32")
+    texts = probe_texts(recipe.data.template, tokenizer)
+    trained_logits = logits_on(trained, tokenizer, texts)
+    full = load_full_precision(recipe.model, dtype)
+    copied = copy_trained_weights(trained, full) if base == "dequantized" else 0
+    del trained
+    gc.collect()
+    attach_adapters(full, recipe.adapter)
+    load_adapter(full, run_dir / ADAPTER_DIR)
+    full.eval()
+    adapter_logits = logits_on(full, tokenizer, texts)
+    folded = fold_adapters(full)
+    torch_dtype = full.dtype
+    with atomic_folder(out) as tmp:
+        save_hf_folder(full, tokenizer, recipe.data.template, tmp)
+        del full
+        gc.collect()
+        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype)
+        merged_logits = logits_on(merged, tokenizer, texts)
+        del merged
+        info = {
+            "run_dir": str(run_dir.resolve()), "base": base, "dtype": str(torch_dtype).removeprefix("torch."),
+            "adapter_kind": recipe.adapter.kind, "folded_layers": len(folded), "dequantized_layers": copied,
+            "vs_adapter_on_same_base": compare_logits(adapter_logits, merged_logits),
+            "vs_trained_model": compare_logits(trained_logits, merged_logits),
+        }
+        _check_agreement(info, torch_dtype)
+        (tmp / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2))
+    if show_written:
+        print(describe_written(out))
+    print(format_checks(info))
+    return info
+
+
+def _check_agreement(info: dict, dtype: torch.dtype) -> None:
+    check = info["vs_adapter_on_same_base"]
+    if check["top1_agreement"] < MIN_TOP1_AGREEMENT[dtype]:
+        raise QadaptError(
+            f"the merged model disagrees with the adapter on its base: top-1 agreement "
+            f"{check['top1_agreement']:.4f} < {MIN_TOP1_AGREEMENT[dtype]} (max |Δlogit| {check['max_abs_diff']}); "
+            "nothing was written. Try --dtype fp32"
+        )
+
+
+def format_checks(info: dict) -> str:
+    lines = [f"verified {info['folded_layers']} merged layers ({info['base']} base, {info['dtype']}):"]
+    for key, label in [("vs_adapter_on_same_base", "adapter on the same base"),
+                       ("vs_trained_model", "trained model (quantized)")]:
+        c = info[key]
+        lines.append(f"  vs {label:27} max |Δlogit| {c['max_abs_diff']:.4g}  mean {c['mean_abs_diff']:.4g}  "
+                     f"top-1 agreement {c['top1_agreement']:.2%} over {c['positions']} positions")
+    return "\n".join(lines)
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise QadaptError(f"{option} {value!r} is not one of {', '.join(choices)}")
