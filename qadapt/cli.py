@@ -121,6 +121,63 @@ def report(
         typer.echo(make_report(runs, out, plot))
 
 
+RunArg = typer.Argument(..., help="A finished run directory (it has recipe.yaml and adapter/).", show_default=False)
+MergeBaseOption = typer.Option("dequantized", help="Fold into the exact de-quantized weights the adapter was "
+                                                   "trained against (dequantized) or the checkpoint's own (original).")
+
+
+@app.command()
+def merge(
+    run_dir: Path = RunArg,
+    out: Path = typer.Option(..., help="The Hugging Face folder to write (must not exist yet).", show_default=False),
+    dtype: str = typer.Option("auto", help="Weights dtype: auto (the checkpoint's), bf16, fp16 or fp32."),
+    base: str = MergeBaseOption,
+) -> None:
+    """Fold a LoRA / DoRA adapter into its base; write a verified standard Hugging Face folder."""
+    from qadapt.merge import merge_run
+
+    with _user_errors():
+        merge_run(run_dir, out, dtype, base)
+
+
+@app.command()
+def export(
+    run_dir: Path = RunArg,
+    format: str = typer.Option(..., "--format", help="peft (the adapter alone) or gguf (merged, for llama.cpp).",
+                               show_default=False),
+    out: Path = typer.Option(..., help="Folder (peft) or .gguf file to write.", show_default=False),
+    type: str = typer.Option("f16", "--type", help="GGUF weights type: f16, bf16 or q8_0."),
+    base: str = MergeBaseOption,
+) -> None:
+    """Export a run's adapter for other tools: PEFT / vLLM (peft) or llama.cpp / Ollama (gguf)."""
+    with _user_errors():
+        if format == "peft":
+            from qadapt.peft_format import export_peft
+
+            export_peft(run_dir, out)
+        elif format == "gguf":
+            from qadapt.gguf_export import export_gguf
+
+            export_gguf(run_dir, out, type, base)
+        else:
+            raise QadaptError(f"--format {format!r} is not one of peft, gguf (for a Hugging Face folder: qadapt merge)")
+
+
+@app.command("import-peft")
+def import_peft(
+    peft_dir: Path = typer.Argument(..., help="A PEFT LoRA / DoRA adapter folder.", show_default=False),
+    out: Path = typer.Option(..., help="The run directory to create.", show_default=False),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base_model_name_or_path)."),
+    quant: str = typer.Option("nf4", help="How the base is loaded when the run is used: nf4, fp4, int8 or none."),
+    template: str = typer.Option("alpaca", help="Prompt template the adapter was trained with: alpaca or chat."),
+) -> None:
+    """Make a run directory from a PEFT LoRA adapter, for qadapt eval, generate, merge and export."""
+    from qadapt.peft_format import import_peft as run_import
+
+    with _user_errors():
+        run_import(peft_dir, out, base, quant, template)
+
+
 def _answerer(target: str, max_new_tokens: int, quant: str, template: Optional[str]):
     """Load the target once; return a function answering one instruction greedily."""
     from qadapt.evaluate import answer_prompts, load_target

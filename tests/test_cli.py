@@ -33,7 +33,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_help_lists_the_commands():
     result = qadapt("--help")
     assert result.returncode == 0
-    assert all(command in result.stdout for command in ["train", "check", "eval", "generate", "chat", "report"])
+    commands = ["train", "check", "eval", "generate", "chat", "report", "merge", "export", "import-peft"]
+    assert all(command in result.stdout for command in commands)
 
 
 def test_eval_mistakes_are_one_clear_line(tmp_path):
@@ -137,3 +138,40 @@ def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
     chat = qadapt("chat", str(run), "--max-new-tokens", "6", stdin="Two plus two?\nThree plus one?\n\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout == "you> " + expected[0] + "\nyou> " + expected[1] + "\nyou> "
+
+
+@pytest.mark.slow
+def test_real_smollm2_merged_and_exported_answers_like_the_adapter(tmp_path):
+    """Train → merge → the merged folder, loaded by transformers, answers as the adapter model does;
+    the PEFT and GGUF exports are written and verified."""
+    run = tmp_path / "run"
+    trained = qadapt("train", "recipes/quickstart.yaml", "train.max_steps=8", "train.eval_every=0",
+                     "data.val_size=8", f"output_dir={run}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    merged = qadapt("merge", str(run), "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert "vs adapter on the same base" in merged.stdout and "model.safetensors" in merged.stdout
+
+    answers = {}
+    for name, target in [("adapter", [str(run)]), ("merged", [str(tmp_path / "merged"), "--quant", "none"])]:
+        result = qadapt("eval", *target, "--data", "builtin:arithmetic", "--limit", "20", "--compute-dtype", "fp32",
+                        "--max-new-tokens", "48", "--out", str(tmp_path / f"eval-{name}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        predictions = (tmp_path / f"eval-{name}" / "predictions.jsonl").read_text().splitlines()
+        answers[name] = [json.loads(row)["output"] for row in predictions]
+    assert len(answers["adapter"]) == 20 and answers["merged"] == answers["adapter"]
+
+    exported = qadapt("export", str(run), "--format", "peft", "--out", str(tmp_path / "peft"))
+    assert exported.returncode == 0 and "adapter_model.safetensors" in exported.stdout, exported.stderr[-3000:]
+    gguf = qadapt("export", str(run), "--format", "gguf", "--out", str(tmp_path / "model.gguf"))
+    assert gguf.returncode == 0, gguf.stderr[-3000:]
+    assert "verified: read back by transformers" in gguf.stdout and (tmp_path / "model.gguf").is_file()
+
+
+def test_merge_and_export_mistakes_are_one_clear_line(tmp_path):
+    assert_one_line_error(qadapt("merge", str(tmp_path), "--out", str(tmp_path / "m")),
+                          f"{tmp_path} is not a run directory: it has no recipe.yaml")
+    assert_one_line_error(qadapt("export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "m")),
+                          "--format 'onnx' is not one of peft, gguf")
+    assert_one_line_error(qadapt("import-peft", str(tmp_path), "--out", str(tmp_path / "run")),
+                          "not a PEFT adapter folder")
