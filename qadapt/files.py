@@ -57,6 +57,15 @@ def atomic_file(dest: Path) -> Iterator[Path]:
         raise
 
 
+def refuse_existing(out: Path) -> None:
+    """Outputs never overwrite: a file, or a folder with anything in it, at `out` is an error."""
+    from qadapt.errors import QadaptError
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QadaptError(f"{out} already exists; remove it or choose another --out")
+
+
 def human_size(size: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1000 or unit == "GB":

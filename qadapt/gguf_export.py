@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from qadapt.errors import QadaptError
-from qadapt.files import atomic_file, describe_written
+from qadapt.files import atomic_file, describe_written, refuse_existing
 
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 # The merged folder's dtype for each GGUF type: the same rounding, once; q8_0 starts from the checkpoint's.
@@ -40,6 +40,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", ba
     run_dir, out = Path(run_dir), Path(out)
     recipe = load_run_recipe(run_dir)
     refuse_non_linear(recipe.adapter.kind, "export to GGUF")
+    refuse_existing(out)
     model_type = meta_model(recipe.model).config.model_type
     if model_type not in GGUF_ARCHITECTURES:
         raise QadaptError(f"GGUF export supports {', '.join(GGUF_ARCHITECTURES)} models, not {model_type}; "

@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qadapt.adapters import Adapter, LoRALinear, attach_adapters, is_linear
 from qadapt.errors import QadaptError
-from qadapt.files import atomic_folder, describe_written
+from qadapt.files import atomic_folder, describe_written, refuse_existing
 
 MERGEABLE_KINDS = ("lora", "dora")
 BASES = ("dequantized", "original")
@@ -158,8 +158,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     run_dir, out = Path(run_dir), Path(out)
     recipe = load_run_recipe(run_dir)
     refuse_non_linear(recipe.adapter.kind, "merge")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise QadaptError(f"{out} already exists; remove it or choose another --out")
+    refuse_existing(out)
 
     trained, tokenizer, _ = load_trained_model(run_dir, compute_dtype="fp32")
     texts = probe_texts(recipe.data.template, tokenizer)

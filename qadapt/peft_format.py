@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qadapt.errors import QadaptError
-from qadapt.files import atomic_folder, describe_written
+from qadapt.files import atomic_folder, describe_written, refuse_existing
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -64,6 +64,7 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
     refuse_non_linear(recipe.adapter.kind, "export to PEFT (which has no bottleneck adapters)")
+    refuse_existing(Path(out))
     wrapped = json.loads((run_dir / ADAPTER_DIR / ADAPTER_CONFIG).read_text())["wrapped_modules"]
     weights = load_file(run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS)
     model = meta_model(recipe.model)
@@ -101,6 +102,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
 
     peft_dir, out = Path(peft_dir), Path(out)
     config = _read_peft_config(peft_dir)
+    refuse_existing(out)
     state = _peft_state_to_ours(_read_peft_weights(peft_dir))
     wrapped = sorted({_split_key(key, KEY_NAMES)[0] for key in state})
     name = base or config.get("base_model_name_or_path")

@@ -122,3 +122,13 @@ def test_exports_refuse_what_they_cannot_write(tmp_path, tiny_llama_dir, tiny_gp
         export_gguf(gpt2, tmp_path / "model.gguf")
     with pytest.raises(QadaptError, match="--type 'q4_k' is not one of f16, bf16, q8_0"):
         export_gguf(gpt2, tmp_path / "model.gguf", "q4_k")
+
+
+def test_exports_never_overwrite(tmp_path, tiny_llama_dir):
+    run = make_run(tmp_path, tiny_llama_dir, "lora", "nf4")
+    (tmp_path / "taken.gguf").write_text("keep me")
+    with pytest.raises(QadaptError, match="taken.gguf already exists; remove it or choose another --out"):
+        export_gguf(run, tmp_path / "taken.gguf")
+    assert (tmp_path / "taken.gguf").read_text() == "keep me"
+    with pytest.raises(QadaptError, match="already exists"):
+        export_peft(run, run)  # the run directory itself
