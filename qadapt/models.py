@@ -8,6 +8,8 @@ safetensors folder and from then on loaded like any other folder.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.util
 import os
 from pathlib import Path
@@ -114,7 +116,21 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     if device is not None and device.type != "cuda" and qconfig is None:
         model.to(device)
     model.requires_grad_(False)
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed while loading (the full-precision checkpoint) back to the system.
+
+    glibc keeps freed heap memory for reuse; after quantizing a checkpoint that is hundreds of MB it
+    would stay in the process's resident set (measured: 214 MB of 735 MB for the embedded model).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def load_full_precision(cfg: ModelConfig, dtype: str = "auto"):

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from qadapt import data as data_lib
-from qadapt.adapters import attach_adapters, count_parameters
+from qadapt.adapters import FAMILIES, attach_adapters, count_parameters
 from qadapt.errors import QadaptError
 from qadapt.evaluate import load_eval_set, run_eval
 from qadapt.models import load_base, load_tokenizer
@@ -42,15 +44,35 @@ def lr_at(step: int, max_steps: int, warmup_steps: int, peak_lr: float, schedule
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+LOSS_CHUNK_TOKENS = 128  # positions whose logits exist at once: 128 × a 49k vocabulary is 25 MB in fp32
+
+
 def summed_token_loss(model, batch: dict) -> torch.Tensor:
-    """Cross-entropy summed over target tokens (next-token prediction), computed in fp32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=data_lib.IGNORE_INDEX,
-        reduction="sum",
-    )
+    """Cross-entropy summed over target tokens (next-token prediction), computed in fp32.
+
+    A model of a known family computes its logits a chunk of positions at a time, each chunk checkpointed,
+    so the (tokens × vocabulary) logits, their fp32 copy and their gradient never exist whole. A model
+    wrapped for several processes (DDP/FSDP) runs its plain forward, which its gradient hooks need.
+    """
+    labels = batch["labels"][:, 1:].flatten()
+    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAMILIES:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels,
+                               ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    hidden, head = hidden[:, :-1].flatten(0, 1), model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), LOSS_CHUNK_TOKENS):
+        rows = slice(start, start + LOSS_CHUNK_TOKENS)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, head, hidden[rows], labels[rows], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, hidden[rows], labels[rows])
+    return total
+
+
+def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
 
 
 def target_tokens(batch: dict) -> int:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qadapt.adapters.base import Adapter
+from qadapt.adapters.dropout import AdapterDropout
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -31,7 +32,7 @@ class Bottleneck(nn.Module):
     def __init__(self, in_features: int, out_features: int, size: int, activation: str, scale: float | str,
                  dropout: float, init: str, device: torch.device | None = None):
         super().__init__()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = AdapterDropout(dropout)
         self.down = nn.Linear(in_features, size, bias=False, device=device, dtype=torch.float32)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(size, out_features, bias=False, device=device, dtype=torch.float32)
@@ -46,7 +47,7 @@ class Bottleneck(nn.Module):
             raise ValueError(f"unknown bottleneck init {init!r}")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.act(self.down(self.dropout(h.to(torch.float32)))))
+        return self.scale * self.up(self.act(self.down(self.dropout(h).to(torch.float32))))
 
     def params(self) -> dict[str, nn.Parameter]:
         params = {"down.weight": self.down.weight, "up.weight": self.up.weight}

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qadapt.adapters.base import Adapter, layer_dims
+from qadapt.adapters.dropout import AdapterDropout
 
 
 class LoRALinear(Adapter):
@@ -23,7 +25,7 @@ class LoRALinear(Adapter):
         self.base = base
         self.rank = rank
         self.scale = alpha / (math.sqrt(rank) if rslora else rank)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = AdapterDropout(dropout)
         in_features, out_features = layer_dims(base)
         device = base.weight.device
         self.lora_a = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
@@ -33,9 +35,19 @@ class LoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        delta = self.lora_b(self.lora_a(self.dropout(x.to(self.lora_a.weight.dtype))))
+        delta = self.low_rank_delta(x)
         # Out of place: a quantized layer's output may be a view that must not be modified.
-        return out + (self.scale * delta).to(out.dtype)
+        return out + delta.to(out.dtype)
+
+    def low_rank_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """s · B A dropout(x), computed as autocast would: in x's dtype when that is 16-bit, else fp32.
+
+        The weights stay fp32 (the optimizer updates them there); 16-bit matmuls keep fp32 accumulation.
+        """
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        a, b = self.lora_a.weight.to(dtype), self.lora_b.weight.to(dtype)
+        # The scale multiplies the r-wide middle, not the output.
+        return F.linear(F.linear(self.dropout(x).to(dtype), a) * self.scale, b)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_a.weight": self.lora_a.weight, "lora_b.weight": self.lora_b.weight}

@@ -1,0 +1,241 @@
+"""Training speed and memory: qadapt against PEFT + bitsandbytes, side by side, in one run.
+
+    .venv/bin/python tools/bench_train.py [--compute-dtype bf16] [--json bench.json]
+
+Both sides train the same model (default: the embedded SmolLM2-135M) in the same quantization, with
+LoRA of the same rank on the same linear layers, gradient checkpointing, AdamW, on the same fixed
+batches of real text (GSM8K when ../shared/data has it, else built-in arithmetic). Each side runs in
+its own fresh process, alternating qadapt, PEFT, qadapt, PEFT, ... so that drifts of the machine hit
+both alike. A process warms up, then times each optimizer step; its memory is the peak resident set
+size during the timed steps (CPU; Linux's VmHWM, reset before them) or torch.cuda.max_memory_allocated
+(GPU).
+
+Reported per side: median step time, tokens/s, peak memory, model-FLOPs utilisation (against the
+matmul peak measured here for the compute dtype), and the ratios qadapt / PEFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def fixed_batches(tokenizer, count: int, batch: int, seq: int) -> list[torch.Tensor]:
+    """`count` batches of `batch` × `seq` tokens cut from a stream of templated examples."""
+    from qadapt import data as data_lib
+
+    source = str(GSM8K_TRAIN) if GSM8K_TRAIN.is_file() else data_lib.BUILTIN_ARITHMETIC
+    stream: list[int] = []
+    for record in data_lib.load_examples(source):
+        text = data_lib.prompt_text(record, "alpaca", tokenizer) + record["output"]
+        stream += tokenizer(text).input_ids + [tokenizer.eos_token_id]
+        if len(stream) >= count * batch * seq:
+            break
+    tokens = torch.tensor(stream[: count * batch * seq])
+    return list(tokens.view(count, batch, seq))
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart this process's peak resident set size (VmHWM) from its current size."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def peak_rss_mb() -> float:
+    """Linux: the peak resident set size since the last reset, in MiB (the CPU has no allocator peak)."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def qadapt_trainer(args):
+    """qadapt's own path: load_base, prepare_for_kbit_training, attach_adapters, the loop's step."""
+    from accelerate import Accelerator
+
+    from qadapt.adapters import attach_adapters
+    from qadapt.models import load_base, load_tokenizer
+    from qadapt.quant import optimizer_class, prepare_for_kbit_training
+    from qadapt.recipe import recipe_from_dict
+    from qadapt.train import accumulate_gradients
+
+    recipe = recipe_from_dict({
+        "model": {"name": args.model, "quant": args.quant, "compute_dtype": args.compute_dtype},
+        "adapter": {"kind": "lora", "rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.05, "targets": TARGETS},
+    })
+    tokenizer = load_tokenizer(recipe.model)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model = load_base(recipe.model, accelerator.device)
+    prepare_for_kbit_training(model, gradient_checkpointing=True)
+    attach_adapters(model, recipe.adapter)
+    optimizer = optimizer_class("adamw")([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step(tokens: torch.Tensor) -> float:
+        batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        loss = accumulate_gradients(model, [batch], accelerator)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return tokenizer, model, step
+
+
+def peft_trainer(args):
+    """What a user would write with PEFT: QLoRA as its docs show it."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from qadapt.models import resolve_compute_dtype, resolve_model_path
+
+    path, dtype = resolve_model_path(args.model), resolve_compute_dtype(args.compute_dtype)
+    quantization = (BitsAndBytesConfig(load_in_8bit=True) if args.quant == "int8" else
+                    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant,
+                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
+                                                 device_map=device_map)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step(tokens: torch.Tensor) -> float:
+        tokens = tokens.to(model.device)
+        loss = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return AutoTokenizer.from_pretrained(path), model, step
+
+
+def worker(args) -> dict:
+    """One side in this process: warm up, then time each step and sample memory."""
+    torch.manual_seed(0)
+    tokenizer, model, step = (qadapt_trainer if args.worker == "qadapt" else peft_trainer)(args)
+    batches = fixed_batches(tokenizer, args.warmup + args.steps, args.batch, args.seq)
+    losses = [step(tokens) for tokens in batches[: args.warmup]]
+    before_mb = peak_rss_mb()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    resident_mb = peak_rss_mb()  # the process before its timed steps: interpreter, libraries, model
+    times = []
+    for tokens in batches[args.warmup:]:
+        start = time.perf_counter()
+        losses.append(step(tokens))
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb()
+    return {"side": args.worker, "step_times_s": times, "peak_memory_mb": peak, "losses": losses,
+            "resident_before_mb": resident_mb, "peak_while_loading_mb": before_mb}
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def model_flops_per_token(model_name: str) -> float:
+    """Forward + backward to the inputs of a frozen model: 4 × (matmul weights), + attention scores."""
+    from transformers import AutoConfig
+
+    from qadapt.models import resolve_model_path
+
+    c = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    per_layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    weights = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size  # + the output head
+    return 4 * weights
+
+
+def run_side(side: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", side] + [
+        f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
+        if key not in ("worker", "json", "rounds") and value is not None]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if result.returncode != 0:
+        sys.exit(f"{side} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8"])
+    parser.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="processes per side, alternated")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--worker", choices=["qadapt", "peft"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    runs = {"qadapt": [], "peft": []}
+    for round_index in range(args.rounds):
+        for side in (("qadapt", "peft") if round_index % 2 == 0 else ("peft", "qadapt")):
+            runs[side].append(run_side(side, args))
+            print(f"round {round_index + 1}: {side} {statistics.median(runs[side][-1]['step_times_s']):.2f} s/step",
+                  file=sys.stderr)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.compute_dtype]
+    peak_gflops = matmul_peak_gflops(dtype)
+    tokens_per_step = args.batch * args.seq
+    flops_per_step = model_flops_per_token(args.model) * tokens_per_step
+    sides = {}
+    for side, results in runs.items():
+        step_s = statistics.median(t for r in results for t in r["step_times_s"])
+        sides[side] = {
+            "step_time_s": round(step_s, 3),
+            "tokens_per_s": round(tokens_per_step / step_s, 1),
+            "peak_memory_mb": round(max(r["peak_memory_mb"] for r in results)),
+            "resident_before_steps_mb": round(max(r["resident_before_mb"] for r in results)),
+            "mfu": round(flops_per_step / step_s / 1e9 / peak_gflops, 3),
+            "first_losses": [round(x, 4) for x in results[0]["losses"][:3]],
+        }
+    report = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "json")},
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads",
+        "matmul_peak_gflops": round(peak_gflops, 1),
+        **sides,
+        "step_time_ratio": round(sides["qadapt"]["step_time_s"] / sides["peft"]["step_time_s"], 3),
+        "peak_memory_ratio": round(sides["qadapt"]["peak_memory_mb"] / sides["peft"]["peak_memory_mb"], 3),
+    }
+    print(f"{'':8} {'s/step':>8} {'tokens/s':>9} {'peak MB':>8} {'MFU':>6}")
+    for side in ("qadapt", "peft"):
+        s = sides[side]
+        print(f"{side:8} {s['step_time_s']:8.2f} {s['tokens_per_s']:9.0f} {s['peak_memory_mb']:8.0f} {s['mfu']:6.1%}")
+    print(f"qadapt / PEFT: step time {report['step_time_ratio']:.2f}x, peak memory {report['peak_memory_ratio']:.2f}x "
+          f"(matmul peak {peak_gflops:.0f} GFLOP/s in {args.compute_dtype})")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
