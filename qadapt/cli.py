@@ -45,6 +45,21 @@ def check(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesAr
         typer.echo(yaml.safe_dump(load_recipe(recipe, overrides or []).to_dict(), sort_keys=False), nl=False)
 
 
+@app.command()
+def plan(
+    recipe: Path = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    gpu_memory: float = typer.Option(24.0, help="The GPU's memory in GiB."),
+) -> None:
+    """Predict a recipe's peak training memory from the model's config (no weights), and whether it fits."""
+    from qadapt.plan import format_plan, plan_memory
+    from qadapt.recipe import load_recipe
+
+    with _user_errors():
+        loaded = load_recipe(recipe, overrides or [])
+        typer.echo(format_plan(plan_memory(loaded, gpu_memory), loaded))
+
+
 TargetArg = typer.Argument(..., help="A run directory, or a bare model: smollm2-135m, a hub id, a folder.",
                            show_default=False)
 QuantOption = typer.Option("nf4", help="How a bare model is loaded: nf4, fp4, int8 or none (a run: as trained).")

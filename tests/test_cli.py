@@ -33,7 +33,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 def test_help_lists_the_commands():
     result = qadapt("--help")
     assert result.returncode == 0
-    commands = ["train", "check", "eval", "generate", "chat", "report", "merge", "export", "import-peft"]
+    commands = ["train", "check", "plan", "eval", "generate", "chat", "report", "merge", "export", "import-peft"]
     assert all(command in result.stdout for command in commands)
 
 
@@ -75,6 +75,12 @@ def test_missing_model_and_data_name_the_path(tmp_path, tiny_llama_dir):
     result = qadapt("train", "recipes/quickstart.yaml", f"output_dir={tmp_path}/b", f"model.name={tiny_llama_dir}",
                     "data.path=/no/such/train.jsonl")
     assert_one_line_error(result, "data file not found: /no/such/train.jsonl")
+
+
+def test_plan_predicts_the_memory_of_a_recipe():
+    result = qadapt("plan", "recipes/gsm8k-lora.yaml", "--gpu-memory", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "base weights" in result.stdout and "of 8 GiB: fits" in result.stdout
 
 
 def test_check_prints_the_resolved_recipe():

@@ -1,0 +1,65 @@
+"""qadapt plan: memory predicted from a config alone; weights counted exactly; advice when it won't fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qadapt.plan import GIB, advice, format_plan, plan_memory
+from qadapt.recipe import load_recipe, recipe_from_dict
+
+LLAMA2_7B = {  # the published LLaMA-2-7B config
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture
+def llama2_7b_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8", "none"])
+def test_base_weights_match_the_loaded_model(tiny_llama_dir, load_tiny, quant):
+    recipe = recipe_from_dict({"model": {"name": str(tiny_llama_dir), "quant": quant, "compute_dtype": "fp32"}})
+    planned = plan_memory(recipe).parts["base weights"]
+    model = load_tiny(quant)
+    real = 0
+    for param in model.parameters():
+        real += param.numel() * param.element_size()
+        state = getattr(param, "quant_state", None)  # 4-bit block scales live beside the packed weight
+        if state is not None:
+            real += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                real += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        if getattr(param, "SCB", None) is not None:
+            real += param.SCB.numel() * param.SCB.element_size()
+    assert planned == pytest.approx(real, rel=0.03)
+
+
+def test_the_7b_qlora_recipe_fits_24_gb_and_a_careless_one_does_not(llama2_7b_config):
+    recipe = load_recipe("recipes/llama2-7b-qlora-24gb.yaml", [f"model.name={llama2_7b_config}"])
+    plan = plan_memory(recipe, gpu_memory_gib=24)
+    assert 3.4 * GIB < plan.parts["base weights"] < 4.0 * GIB  # 6.5B linear weights at ~4.1 bits + embeddings
+    assert plan.fits and plan.needed < 12 * GIB
+    careless = load_recipe("recipes/llama2-7b-qlora-24gb.yaml", [
+        f"model.name={llama2_7b_config}", "train.gradient_checkpointing=false", "train.micro_batch_size=8",
+        "data.cutoff_len=2048", "train.optimizer=adamw"])
+    plan = plan_memory(careless, gpu_memory_gib=24)
+    assert not plan.fits
+    tips = advice(plan, careless)
+    assert tips[0].startswith("train.gradient_checkpointing=true") and "paged_adamw_8bit" in " ".join(tips)
+    assert "does NOT fit" in format_plan(plan, careless)
+
+
+def test_checkpointing_and_batch_move_the_activations(llama2_7b_config):
+    def activations(*overrides):
+        recipe = load_recipe("recipes/llama2-7b-qlora-24gb.yaml", [f"model.name={llama2_7b_config}", *overrides])
+        return plan_memory(recipe).parts["activations"]
+
+    with_checkpointing = activations()
+    assert activations("train.gradient_checkpointing=false") > 10 * with_checkpointing
+    assert activations("train.micro_batch_size=8") == pytest.approx(2 * with_checkpointing, rel=0.01)
