@@ -120,6 +120,16 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     return model
 
 
+def load_full_precision(cfg: ModelConfig, dtype: str = "auto"):
+    """The base unquantized, frozen, on the CPU; `auto` keeps the checkpoint's own dtype."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(cfg.name), cfg,
+                             dtype="auto" if dtype == "auto" else _DTYPES[dtype])
+    model.requires_grad_(False)
+    return model
+
+
 def _from_pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):
     try:
         return auto_class.from_pretrained(
