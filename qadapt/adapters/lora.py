@@ -4,7 +4,8 @@
 
 A (in → r) starts Kaiming-uniform and B (r → out) at zero, so the wrapped layer starts identical to
 its base. The base may be an `nn.Linear`, a bitsandbytes `Linear4bit` or `Linear8bitLt`, or
-transformers' `Conv1D` (GPT-2): only its output is used, never its weight. A and B are kept in fp32.
+transformers' `Conv1D` (GPT-2): only its output is used, never its weight. A and B are kept (and
+updated) in fp32; with a 16-bit compute dtype the product is computed in it, as autocast would.
 """
 
 from __future__ import annotations
