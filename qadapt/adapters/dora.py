@@ -79,7 +79,7 @@ class DoRALinear(LoRALinear):
         factor = self.magnitude / self.adapted_row_norms().clamp_min(1e-12)  # (out,)
         bias = getattr(self.base, "bias", None)
         without_bias = out.to(torch.float32) - (bias.to(torch.float32) if bias is not None else 0)
-        delta = self.lora_b(self.lora_a(self.dropout(x).to(self.lora_a.weight.dtype)) * self.scale)
+        delta = self.low_rank_delta(x).to(torch.float32)
         return out + ((factor - 1) * without_bias + factor * delta).to(out.dtype)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:

@@ -37,11 +37,20 @@ class AdapterDropout(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropped, rescale = self.zero_dropped(x)
+        return dropped if rescale == 1.0 else dropped * rescale
+
+    def zero_dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """x with the dropped elements zeroed, the kept ones not yet rescaled, and the factor 1 / (1 - p).
+
+        A linear map after dropout can take the factor on its (smaller) output instead: one pass over
+        the input saved, forward and backward.
+        """
         if not self.training or self.p == 0:
-            return x
+            return x, 1.0
         if x.device.type != "cpu" or sys.byteorder != "little":
-            return F.dropout(x, self.p, training=True)
-        return torch.where(keep_mask(x.shape, self.p, x.device), x * (1 / (1 - self.p)), 0)
+            return F.dropout(x, self.p, training=True), 1.0
+        return torch.where(keep_mask(x.shape, self.p, x.device), x, 0), 1 / (1 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -47,8 +47,9 @@ class LoRALinear(Adapter):
         """
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
         a, b = self.lora_a.weight.to(dtype), self.lora_b.weight.to(dtype)
-        # The scale multiplies the r-wide middle, not the output.
-        return F.linear(F.linear(self.dropout(x).to(dtype), a) * self.scale, b)
+        dropped, rescale = self.dropout.zero_dropped(x)
+        # The scale, and dropout's rescaling, multiply the r-wide middle rather than the input or output.
+        return F.linear(F.linear(dropped.to(dtype), a) * (self.scale * rescale), b)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_a.weight": self.lora_a.weight, "lora_b.weight": self.lora_b.weight}
