@@ -130,6 +130,13 @@ def load_full_precision(cfg: ModelConfig, dtype: str = "auto"):
     return model
 
 
+def load_config(cfg: ModelConfig):
+    """The model's transformers config alone (no weights), from the same places as the model."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, resolve_model_path(cfg.name), cfg)
+
+
 def _from_pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):
     try:
         return auto_class.from_pretrained(

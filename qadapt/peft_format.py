@@ -33,12 +33,11 @@ UNSUPPORTED_OPTIONS = {
 
 def meta_model(model_cfg) -> nn.Module:
     """The base's module tree without weights (on the meta device): names and layer types only."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from qadapt.models import resolve_model_path
+    from qadapt.models import load_config
 
-    config = AutoConfig.from_pretrained(resolve_model_path(model_cfg.name), revision=model_cfg.revision,
-                                        trust_remote_code=model_cfg.trust_remote_code)
+    config = load_config(model_cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 

@@ -83,6 +83,13 @@ def test_plan_predicts_the_memory_of_a_recipe():
     assert "base weights" in result.stdout and "of 8 GiB: fits" in result.stdout
 
 
+def test_plan_of_an_unreachable_model_is_one_clear_line():
+    assert_one_line_error(qadapt("plan", "recipes/gsm8k-lora.yaml", "model.name=/no/such/model"),
+                          "model folder not found: /no/such/model")
+    assert_one_line_error(qadapt("plan", "recipes/gsm8k-lora.yaml", "model.name=nobody/no-such-model-xyz"),
+                          "cannot load model 'nobody/no-such-model-xyz'")
+
+
 def test_check_prints_the_resolved_recipe():
     result = qadapt("check", "recipes/gsm8k-lora.yaml", "model.quant=int8")
     assert result.returncode == 0 and "quant: int8" in result.stdout
