@@ -61,25 +61,33 @@ def peak_rss_mb() -> float:
 
 
 def qadapt_trainer(args):
-    """qadapt's own path: load_base, prepare_for_kbit_training, attach_adapters, the loop's step."""
+    """qadapt's side of the benchmark, from the command's arguments."""
+    from qadapt.recipe import recipe_from_dict
+
+    return qadapt_recipe_trainer(recipe_from_dict({
+        "model": {"name": args.model, "quant": args.quant, "compute_dtype": args.compute_dtype},
+        "adapter": {"kind": "lora", "rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.05, "targets": TARGETS},
+    }))
+
+
+def qadapt_recipe_trainer(recipe):
+    """qadapt's own path for a recipe: load_base, prepare_for_kbit_training, attach_adapters, the loop's step.
+
+    Returns (tokenizer, model, optimizer, step), step(tokens) training one batch of token ids.
+    """
     from accelerate import Accelerator
 
     from qadapt.adapters import attach_adapters
     from qadapt.models import load_base, load_tokenizer
     from qadapt.quant import optimizer_class, prepare_for_kbit_training
-    from qadapt.recipe import recipe_from_dict
     from qadapt.train import accumulate_gradients
 
-    recipe = recipe_from_dict({
-        "model": {"name": args.model, "quant": args.quant, "compute_dtype": args.compute_dtype},
-        "adapter": {"kind": "lora", "rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.05, "targets": TARGETS},
-    })
     tokenizer = load_tokenizer(recipe.model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = load_base(recipe.model, accelerator.device)
-    prepare_for_kbit_training(model, gradient_checkpointing=True)
+    prepare_for_kbit_training(model, recipe.train.gradient_checkpointing)
     attach_adapters(model, recipe.adapter)
-    optimizer = optimizer_class("adamw")([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = optimizer_class(recipe.train.optimizer)([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
     def step(tokens: torch.Tensor) -> float:
@@ -91,7 +99,7 @@ def qadapt_trainer(args):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    return tokenizer, model, step
+    return tokenizer, model, optimizer, step
 
 
 def peft_trainer(args):
@@ -123,13 +131,13 @@ def peft_trainer(args):
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    return AutoTokenizer.from_pretrained(path), model, step
+    return AutoTokenizer.from_pretrained(path), model, optimizer, step
 
 
 def worker(args) -> dict:
     """One side in this process: warm up, then time each step and sample memory."""
     torch.manual_seed(0)
-    tokenizer, model, step = (qadapt_trainer if args.worker == "qadapt" else peft_trainer)(args)
+    tokenizer, model, _, step = (qadapt_trainer if args.worker == "qadapt" else peft_trainer)(args)
     batches = fixed_batches(tokenizer, args.warmup + args.steps, args.batch, args.seq)
     losses = [step(tokens) for tokens in batches[: args.warmup]]
     before_mb = peak_rss_mb()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import TARGETS, fixed_batches  # noqa: E402
+from bench_train import TARGETS, fixed_batches, qadapt_recipe_trainer  # noqa: E402
 
 SETTINGS = [  # micro batch, cut-off length, gradient checkpointing
     (4, 256, True), (8, 256, True), (4, 512, True), (4, 256, False), (1, 1024, True),
@@ -43,31 +43,15 @@ def recipe_for(model: str, batch: int, length: int, checkpointing: bool):
 def measure(model_name: str, batch: int, length: int, checkpointing: bool) -> dict:
     """Train a warm-up step, then one profiled step; return the weights' bytes and the training memory:
     what lives across steps (adapter weights, optimizer state) plus the step's peak of live tensors."""
-    from accelerate import Accelerator
     from torch.profiler import ProfilerActivity, profile
 
-    from qadapt.adapters import adapter_params, attach_adapters
-    from qadapt.models import load_base, load_tokenizer
-    from qadapt.quant import optimizer_class, prepare_for_kbit_training
-    from qadapt.train import accumulate_gradients
+    from qadapt.adapters import adapter_params
 
     recipe = recipe_for(model_name, batch, length, checkpointing)
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer, model, optimizer, step = qadapt_recipe_trainer(recipe)
     batches = fixed_batches(tokenizer, 2, batch, length)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = load_base(recipe.model, accelerator.device)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    prepare_for_kbit_training(model, checkpointing)
-    attach_adapters(model, recipe.adapter)
-    optimizer = optimizer_class("adamw")([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-
-    def step(tokens):
-        ids = tokens.to(accelerator.device)
-        accumulate_gradients(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}],
-                             accelerator)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    # The base's weights: everything but the adapters (4-bit weights counted as stored).
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
 
     step(batches[0])
     if torch.cuda.is_available():
