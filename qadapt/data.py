@@ -54,8 +54,12 @@ def alpaca_chat_template() -> str:
     )
 
 
-def load_examples(path: str, split: str = "train") -> list[dict]:
-    """Records (instruction, input, output, answer) from a built-in set, a file or a hub dataset."""
+def load_examples(path: str, split: str = "train", bad_rows: str = "fail") -> list[dict]:
+    """Records (instruction, input, output, answer) from a built-in set, a file or a hub dataset.
+
+    A malformed row (not JSON, not an object of a known format) is an error naming the file and line,
+    or with `bad_rows="skip"` is dropped and counted.
+    """
     if path == BUILTIN_ARITHMETIC:
         if split not in BUILTIN_SIZES:
             raise QadaptError(f"{path} has splits {', '.join(BUILTIN_SIZES)}, not {split!r}")
@@ -66,15 +70,32 @@ def load_examples(path: str, split: str = "train") -> list[dict]:
     elif file.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")):
         raise QadaptError(f"data file not found: {file}")
     else:
-        rows, source = _load_hub_dataset(path, split), path
+        rows, source = [(index, row, None) for index, row in enumerate(_load_hub_dataset(path, split), 1)], path
     if not rows:
         raise QadaptError(f"no examples in {source}")
-    return [_to_record(row, source, index) for index, row in enumerate(rows, 1)]
+    records, bad = [], []
+    for line, row, problem in rows:
+        record, problem = (None, problem) if problem else _to_record(row)
+        if problem and bad_rows == "fail":
+            raise QadaptError(f"{source}:{line}: {problem} (data.bad_rows=skip drops such rows)")
+        if problem:
+            bad.append(line)
+        else:
+            records.append(record)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        print(f"data: skipped {len(bad)} malformed rows of {len(rows)} in {source} (lines {shown})")
+    if not records:
+        raise QadaptError(f"no usable examples in {source}: all {len(rows)} rows are malformed")
+    return records
 
 
-def _read_file(file: Path) -> list[dict]:
-    """A JSON list of examples, or JSON Lines (one example per line); errors name file and line."""
-    text = file.read_text(encoding="utf-8-sig")
+def _read_file(file: Path) -> list[tuple[int, object, str | None]]:
+    """(line, row, problem) for a JSON list of examples or JSON Lines (one example per line)."""
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise QadaptError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if file.suffix != ".jsonl":
         try:
             rows = json.loads(text)
@@ -84,14 +105,14 @@ def _read_file(file: Path) -> list[dict]:
         else:
             if not isinstance(rows, list):
                 raise QadaptError(f"{file}: expected a list of examples, got a JSON {type(rows).__name__}")
-            return rows
+            return [(index, row, None) for index, row in enumerate(rows, 1)]
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append((number, json.loads(line), None))
             except json.JSONDecodeError as exc:
-                raise QadaptError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
+                rows.append((number, None, f"not valid JSON ({exc.msg})"))
     return rows
 
 
@@ -109,21 +130,26 @@ def _load_hub_dataset(path: str, split: str) -> list[dict]:
         ) from None
 
 
-def _to_record(row: dict, source: str, index: int) -> dict:
+def _to_record(row) -> tuple[dict | None, str | None]:
+    """(record, None) for a GSM8K or LLM-Adapters row, else (None, what is wrong with it)."""
     if isinstance(row, dict) and "question" in row and "answer" in row:
-        return gsm8k_record(row["question"], row["answer"])
+        if not (_is_text(row["question"]) and _is_text(row["answer"])):
+            return None, "GSM8K fields question and answer must be text"
+        return gsm8k_record(row["question"], row["answer"]), None
     if isinstance(row, dict) and "instruction" in row and "output" in row:
-        return {
-            "instruction": row["instruction"],
-            "input": row.get("input") or "",
-            "output": row["output"],
-            "answer": str(row.get("answer", "")),
-        }
-    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise QadaptError(
-        f"{source}: example {index} has fields {keys}; expected GSM8K (question, answer) or "
-        "LLM-Adapters (instruction, input, output, answer)"
-    )
+        answer = row.get("answer", "")
+        if not (_is_text(row["instruction"]) and isinstance(row["output"], str) and isinstance(row.get("input") or "", str)
+                and (isinstance(answer, (str, int, float)) and not isinstance(answer, bool))):
+            return None, "fields instruction, input and output must be text (instruction not empty), answer text or a number"
+        return {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"],
+                "answer": str(answer)}, None
+    keys = sorted(map(str, row)) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+    return None, (f"the example has fields {keys}; expected GSM8K (question, answer) or "
+                  "LLM-Adapters (instruction, input, output, answer)")
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
 
 
 def gsm8k_record(question: str, answer: str) -> dict:

@@ -7,6 +7,7 @@ raised once, each naming the key and what is allowed. The docs of each field liv
 from __future__ import annotations
 
 import difflib
+import math
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -84,6 +85,8 @@ class DataConfig:
     """Use only the first N examples (after the held-out slice is taken)."""
     val_size: int = 64
     """Examples held out for the periodic eval loss (0: none)."""
+    bad_rows: Literal["fail", "skip"] = "fail"
+    """A malformed row (bad JSON, unknown fields): `fail` names its file and line; `skip` counts and drops it."""
 
 
 @dataclass
@@ -117,7 +120,10 @@ class TrainConfig:
     eval_every: int = 50
     """Steps between eval-loss measurements on the held-out slice (0: only at the end)."""
     save_every: int = 100
-    """Steps between adapter checkpoints (0: only at the end)."""
+    """Steps between full checkpoints (adapter, optimizer, RNG and data position; 0: none, only the
+    final adapter). A run resumes from its latest with `qadapt train RECIPE --resume`."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep; older ones are deleted once a newer one is complete."""
     tensorboard: bool = False
     """Also log to TensorBoard (needs the `tensorboard` package)."""
 
@@ -195,7 +201,10 @@ def _apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> di
                 problems.append(f"override {item!r}: {section!r} is not a section")
                 break
         else:
-            node[leaf] = yaml.safe_load(text) if text.strip() else None
+            try:
+                node[leaf] = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                problems.append(f"override {item!r}: the value is not valid YAML")
     return raw
 
 
@@ -260,11 +269,11 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     if hint is float:
         # YAML 1.1 reads `3e-4` (no dot) as a string: accept any text that is a number.
         try:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value), None
-        except (TypeError, ValueError):
-            return None, f"expected a number, got {value!r}"
+        except (TypeError, ValueError, OverflowError):
+            return None, f"expected a finite number, got {value!r}"
     if hint is str:
         ok = isinstance(value, str) and value != ""
         return (value, None) if ok else (None, f"expected text, got {value!r}")
@@ -297,6 +306,7 @@ def _range_problems(r: Recipe) -> list[str]:
         ("train.log_every", r.train.log_every >= 1, "must be at least 1"),
         ("train.eval_every", r.train.eval_every >= 0, "must be 0 (end only) or more"),
         ("train.save_every", r.train.save_every >= 0, "must be 0 (end only) or more"),
+        ("train.keep_checkpoints", r.train.keep_checkpoints >= 1, "must be at least 1"),
         ("eval.limit", r.eval.limit is None or r.eval.limit >= 1, "must be at least 1, or null"),
         ("eval.batch_size", r.eval.batch_size >= 1, "must be at least 1"),
         ("eval.max_new_tokens", r.eval.max_new_tokens >= 1, "must be at least 1"),

@@ -152,8 +152,11 @@ def prepare_data(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict]]:
     d = recipe.data
     for spec in recipe.eval.sets:  # a wrong eval set fails now, not after training
         load_eval_set(spec, recipe.eval.limit)
-    records = data_lib.load_examples(d.path, d.split)
+    records = data_lib.load_examples(d.path, d.split, d.bad_rows)
     tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
+    if not tokenized.rows:
+        raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {d.path}: no example "
+                          "keeps a response token to learn from; raise data.cutoff_len")
     train_rows, val_rows = data_lib.split_held_out(tokenized.rows, d.val_size, seed=recipe.train.seed)
     if d.max_examples:
         train_rows = train_rows[:d.max_examples]

@@ -40,7 +40,9 @@ def test_shared_gsm8k_and_math_sets_load():
 
 @pytest.mark.parametrize("name, content, error", [
     ("broken.jsonl", '{"question": "a", "answer": "#### 1"}\n{"question": \n', r"broken\.jsonl:2: not valid JSON"),
-    ("odd.jsonl", '{"text": "hello"}\n', r"example 1 has fields \['text'\]; expected GSM8K"),
+    ("odd.jsonl", '{"text": "hello"}\n', r"odd\.jsonl:1: the example has fields \['text'\]; expected GSM8K"),
+    ("typed.json", '[{"question": "a", "answer": "#### 1"}, {"question": 5, "answer": "#### 1"}]',
+     r"typed\.json:2: GSM8K fields question and answer must be text \(data.bad_rows=skip drops such rows\)"),
     ("wrapped.json", '{"data": []}', r"wrapped\.json: expected a list of examples, got a JSON dict"),
     ("empty.jsonl", "\n", r"no examples in .*empty\.jsonl"),
 ])
@@ -48,6 +50,16 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path, name, content, error)
     (tmp_path / name).write_text(content)
     with pytest.raises(QadaptError, match=error):
         D.load_examples(str(tmp_path / name))
+
+
+def test_bad_rows_can_be_skipped_and_counted(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"question": "a", "answer": "#### 1"}\n{"question": \n[1, 2]\n{"question": "b", "answer": "#### 2"}\n')
+    assert [r["answer"] for r in D.load_examples(str(path), bad_rows="skip")] == ["1", "2"]
+    assert "skipped 2 malformed rows of 4 in" in capsys.readouterr().out
+    path.write_text('{"question": \n')
+    with pytest.raises(QadaptError, match=r"no usable examples in .*mixed\.jsonl: all 1 rows are malformed"):
+        D.load_examples(str(path), bad_rows="skip")
 
 
 def test_missing_data_file_names_the_path_and_json_lines_load_from_a_json_file(tmp_path):

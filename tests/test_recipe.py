@@ -94,7 +94,7 @@ def test_bottleneck_options_are_checked():
     recipe = recipe_from_dict({"adapter": {"kind": "series", "scale": "learned", "activation": "gelu"}})
     assert recipe.adapter.scale == "learned"
     assert recipe_from_dict({"adapter": {"scale": "0.5"}}).adapter.scale == 0.5
-    with pytest.raises(QadaptError, match="adapter.scale: expected a number or one of learned, got 'big'"):
+    with pytest.raises(QadaptError, match="adapter.scale: expected a finite number or one of learned, got 'big'"):
         recipe_from_dict({"adapter": {"scale": "big"}})
     with pytest.raises(QadaptError, match="adapter.targets apply to lora, dora and placement: linears"):
         recipe_from_dict({"adapter": {"kind": "parallel", "placement": "mlp", "targets": ["up_proj"]}})
