@@ -1,3 +1,3 @@
-from qadapt.cli import app
+from qadapt.cli import run
 
-app()
+run()

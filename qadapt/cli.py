@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from qadapt.errors import QadaptError
+from qadapt.errors import QadaptError, TrainingStopped
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -19,19 +19,54 @@ RecipeArg = typer.Argument(..., help="Recipe YAML file, e.g. recipes/quickstart.
 OverridesArg = typer.Argument(None, help="Overrides as section.key=value, e.g. train.lr=1e-4 model.quant=int8.")
 
 
+def run() -> None:
+    """The `qadapt` command (console script and `python -m qadapt`)."""
+    import sys
+
+    app(args=with_resume_value(sys.argv[1:]), prog_name="qadapt")
+
+
+def with_resume_value(args: list[str]) -> list[str]:
+    """`--resume` may stand alone (the latest checkpoint) or name a checkpoint; typer options cannot
+    have an optional value, so a bare one is spelled `--resume=latest` before typer parses it.
+
+    The word after `--resume` is its value unless it is an option, an override (`key=value`) or a recipe.
+    """
+    args = list(args)
+    for index, arg in enumerate(args):
+        if arg != "--resume":
+            continue
+        following = args[index + 1] if index + 1 < len(args) else None
+        if following is None or following.startswith("-") or "=" in following or following.endswith((".yaml", ".yml")):
+            args[index] = "--resume=latest"
+    return args
+
+
 @app.callback()
 def main() -> None:
     """qadapt: train adapters on a frozen 4-bit/8-bit base model."""
 
 
 @app.command()
-def train(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+def train(
+    recipe: Path = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="[CHECKPOINT]",
+        help="Continue from the latest complete checkpoint in output_dir (or the checkpoint folder given); "
+             "the run continues as if never interrupted."),
+    allow_recipe_changes: bool = typer.Option(False, help="Resume even though the recipe or data changed."),
+    overwrite: bool = typer.Option(False, help="Replace the run already in output_dir."),
+) -> None:
     """Train the adapter a recipe describes; writes a self-describing run directory."""
+    import shlex
+
     from qadapt.recipe import load_recipe
     from qadapt.train import train as run_training
 
+    resume_command = shlex.join(["qadapt", "train", str(recipe), *(overrides or []), "--resume"])
     with _user_errors():
-        run_training(load_recipe(recipe, overrides or []))
+        run_training(load_recipe(recipe, overrides or []), resume, allow_recipe_changes, overwrite, resume_command)
 
 
 @app.command()
@@ -208,6 +243,9 @@ class _user_errors:
         return self
 
     def __exit__(self, kind, error, traceback):
+        if isinstance(error, TrainingStopped):
+            typer.echo(str(error), err=True)
+            raise typer.Exit(error.exit_code)
         if isinstance(error, QadaptError):
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2)

@@ -92,6 +92,9 @@ def load_tokenizer(cfg: ModelConfig):
 
     path = resolve_model_path(cfg.name)
     tokenizer = _from_pretrained(AutoTokenizer, path, cfg)
+    if tokenizer.eos_token_id is None:
+        raise QadaptError(f"the tokenizer of {cfg.name!r} has no EOS token; every training response ends with "
+                          "one so that generation knows where to stop. Use a tokenizer that defines eos_token")
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss, so any id will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -148,3 +151,28 @@ def _from_pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):
             f"cannot load model {cfg.name!r}: not a local folder or .gguf file, and the hub answered: "
             f"{first_line}"
         ) from None
+    except ValueError as exc:
+        unsupported = _unsupported_architecture(str(exc), cfg)
+        if unsupported is None:
+            raise
+        raise QadaptError(unsupported) from None
+
+
+def _unsupported_architecture(message: str, cfg: ModelConfig) -> str | None:
+    """A one-line reason for transformers' errors about a model it cannot build, else None."""
+    import re
+
+    import transformers
+
+    if "Unrecognized configuration class" in message:
+        config = re.search(r"configuration_(\w+)\.", message)
+        kind = f"a {config.group(1)} model" if config else "a model"
+        return (f"model {cfg.name!r} is {kind} without a causal language-model head; qadapt trains decoder "
+                "models (llama, mistral, qwen2, qwen3, bloom, gptj, gpt_neox, opt, gpt2, and others transformers "
+                "loads with AutoModelForCausalLM)")
+    if "does not recognize this architecture" in message:
+        model_type = re.search(r"model type `([^`]*)`", message)
+        return (f"model {cfg.name!r} has model type {model_type.group(1) if model_type else '?'!r}, which "
+                f"transformers {transformers.__version__} does not know; upgrade transformers, or set "
+                "model.trust_remote_code: true if the model ships its own code and you trust it")
+    return None

@@ -182,6 +182,19 @@ def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "recipe
     return recipe
 
 
+def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(section.key, old value, new value) for every key whose value differs."""
+    def flat(recipe: Recipe) -> dict[str, Any]:
+        rows = {}
+        for section, value in recipe.to_dict().items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            rows.update({f"{section}.{key}" if key else section: inner for key, inner in items})
+        return rows
+
+    before, after = flat(old), flat(new)
+    return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
+
+
 def save_recipe(recipe: Recipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 

@@ -5,7 +5,7 @@
       adapter/                         the final adapter
         adapter.safetensors            adapter weights only, fp32, named as in the model
         adapter_config.json            kind, options, wrapped modules, base model
-      checkpoints/step-000100/         the same, every train.save_every steps
+      checkpoints/step-000100/         a full checkpoint every train.save_every steps (qadapt.checkpoint)
       metrics.jsonl                    one JSON row per logged step / eval
       summary.json                     the run's figures, written when it finishes
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from qadapt.adapters import adapter_state_dict, attach_adapters, load_adapter_state_dict
+from qadapt.base_identity import base_identity, check_same_base
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder
 from qadapt.recipe import Recipe, load_recipe, save_recipe
@@ -36,9 +38,22 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-def create_run_dir(recipe: Recipe) -> Path:
-    """Make the output directory and prove it writable, before any model is loaded."""
+QADAPT_OUTPUTS = (RECIPE_FILE, ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, "eval", "tensorboard")
+
+
+def create_run_dir(recipe: Recipe, resuming: bool = False, overwrite: bool = False) -> Path:
+    """Make the output directory and prove it writable, before any model is loaded.
+
+    A directory holding a run is never overwritten silently: a finished one needs `overwrite`, an
+    unfinished one `resume` (continue it) or `overwrite` (start again).
+    """
     path = Path(recipe.output_dir).expanduser()
+    if not resuming and not overwrite:
+        _refuse_existing_run(path)
+    if overwrite:
+        for name in QADAPT_OUTPUTS:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -46,13 +61,23 @@ def create_run_dir(recipe: Recipe) -> Path:
     except OSError as exc:
         raise QadaptError(f"output_dir {path} is not writable: {exc.strerror or exc}") from None
     save_recipe(recipe, path / RECIPE_FILE)
-    (path / METRICS_FILE).unlink(missing_ok=True)
+    if not resuming:  # rows of an earlier attempt that never reached a checkpoint
+        (path / METRICS_FILE).unlink(missing_ok=True)
     return path
 
 
-def save_adapter(model: nn.Module, folder: Path, recipe: Recipe, wrapped: list[str],
-                 state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write adapter weights (`state`, else the model's) and config to `folder` atomically."""
+def _refuse_existing_run(path: Path) -> None:
+    if (path / SUMMARY_FILE).is_file():
+        raise QadaptError(f"output_dir {path} already holds a finished run ({SUMMARY_FILE}); choose another "
+                          "output_dir, or pass --overwrite to replace it")
+    if any((path / CHECKPOINTS_DIR).glob("step-*")) or (path / ADAPTER_DIR).is_dir():
+        raise QadaptError(f"output_dir {path} holds an unfinished run; pass --resume to continue it, or "
+                          "--overwrite to start again")
+
+
+def write_adapter_files(folder: Path, model: nn.Module, recipe: Recipe, wrapped: list[str],
+                        base: dict | None, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Adapter weights (`state`, else the model's) and config, written into an existing folder."""
     from safetensors.torch import save_file
 
     config = {
@@ -60,20 +85,32 @@ def save_adapter(model: nn.Module, folder: Path, recipe: Recipe, wrapped: list[s
         "wrapped_modules": wrapped,
         "base_model": recipe.model.name,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "base_identity": base,
     }
+    save_file(adapter_state_dict(model) if state is None else state, folder / ADAPTER_WEIGHTS)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def save_adapter(model: nn.Module, folder: Path, recipe: Recipe, wrapped: list[str], base: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write adapter weights and config to `folder` atomically."""
     with atomic_folder(folder) as tmp:
-        save_file(adapter_state_dict(model) if state is None else state, tmp / ADAPTER_WEIGHTS)
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        write_adapter_files(tmp, model, recipe, wrapped, base, state)
     return folder
 
 
-def load_adapter(model: nn.Module, folder: Path) -> None:
-    """Load saved adapter weights into a model that already has the same adapters attached."""
+def load_adapter(model: nn.Module, folder: Path, base: dict | None = None) -> None:
+    """Load saved adapter weights into a model that already has the same adapters attached.
+
+    `base` is the identity of the base the model was loaded from; an adapter trained on another is refused.
+    """
     from safetensors.torch import load_file
 
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise QadaptError(f"no adapter weights at {weights}")
+    if base is not None and (folder / ADAPTER_CONFIG).is_file():
+        check_same_base(json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_identity"), base, str(folder))
     load_adapter_state_dict(model, load_file(weights))
 
 
@@ -101,11 +138,12 @@ def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_
     if compute_dtype and model_cfg.quant == "none":  # no quantized codes to keep: load straight in the dtype
         model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
     model = load_base(model_cfg)  # quantized from the dtype it was trained in: the same 4-bit codes
+    base = base_identity(model, recipe.model.name)
     disable_cpu_weight_repacking(model)  # the same kernels, so the same numbers, as in training
     if compute_dtype:
         set_compute_dtype(model, resolve_compute_dtype(compute_dtype))
     attach_adapters(model, recipe.adapter)
-    load_adapter(model, run_dir / adapter)
+    load_adapter(model, run_dir / adapter, base)
     model.eval()
     return model, tokenizer, recipe
 

@@ -24,12 +24,26 @@ from transformers import PreTrainedModel
 
 from qadapt import data as data_lib
 from qadapt.adapters import FAMILIES, attach_adapters, count_parameters
-from qadapt.errors import QadaptError
+from qadapt.base_identity import base_identity
+from qadapt.checkpoint import (
+    Progress,
+    checkpoint_folder,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_progress,
+    require_disk_space,
+    rng_state,
+    save_checkpoint,
+)
+from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.evaluate import load_eval_set, run_eval
+from qadapt.files import atomic_file
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
-from qadapt.run_dir import ADAPTER_DIR, CHECKPOINTS_DIR, SUMMARY_FILE, MetricsLog, create_run_dir, save_adapter
+from qadapt.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
+from qadapt.run_dir import ADAPTER_DIR, SUMMARY_FILE, MetricsLog, create_run_dir, save_adapter
+from qadapt.stop_signals import EXIT_CODES, StopSignals
 
 
 def lr_at(step: int, max_steps: int, warmup_steps: int, peak_lr: float, schedule: str) -> float:
@@ -119,16 +133,23 @@ class Setup:
     train_rows: list[dict]
     val_rows: list[dict]
     wrapped: list[str]
+    base: dict  # the base model's identity, recorded with every adapter saved
     run_dir: Path
     metrics: MetricsLog
     max_steps: int
 
 
-def setup(recipe: Recipe) -> Setup:
+def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = False) -> Setup:
+    """Everything a run needs, in the same order (so the same random numbers) for a fresh and a resumed run.
+
+    `resume_step` is the checkpoint's step when resuming (metrics logged after it are dropped).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    run_dir = create_run_dir(recipe)
+    run_dir = create_run_dir(recipe, resuming=resume_step is not None, overwrite=overwrite)
+    if resume_step is not None:
+        truncate_metrics(run_dir, resume_step)
     metrics = MetricsLog(run_dir, recipe.train.tensorboard)
     # Without CUDA, cpu=True lets `accelerate launch` / torchrun give each process a gloo rank.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -136,16 +157,20 @@ def setup(recipe: Recipe) -> Setup:
     tokenizer = load_tokenizer(recipe.model)
     train_rows, val_rows = prepare_data(recipe, tokenizer)
     model = load_base(recipe.model, accelerator.device)
+    base = base_identity(model, recipe.model.name)
     prepare_for_kbit_training(model, recipe.train.gradient_checkpointing)
     wrapped = attach_adapters(model, recipe.adapter)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer_class(recipe.train.optimizer)(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    t = recipe.train
+    require_disk_space(run_dir, sum(p.numel() * p.element_size() for p in params), t.optimizer,
+                       t.keep_checkpoints, saving=t.save_every > 0)
+    optimizer = optimizer_class(t.optimizer)(params, lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    t = recipe.train
     examples_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_rows) / examples_per_step))
-    return Setup(model, optimizer, accelerator, tokenizer, train_rows, val_rows, wrapped, run_dir, metrics, max_steps)
+    return Setup(model, optimizer, accelerator, tokenizer, train_rows, val_rows, wrapped, base, run_dir, metrics,
+                 max_steps)
 
 
 def prepare_data(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -173,50 +198,110 @@ class TrainResult:
     model: torch.nn.Module  # the trained model, adapters attached
 
 
-def train(recipe: Recipe) -> TrainResult:
-    """Train `recipe` end to end."""
-    s = setup(recipe)
-    t, acc = recipe.train, s.accelerator
-    order = data_lib.example_order(len(s.train_rows), seed=t.seed + acc.process_index * 1_000_003)
-    pad_id = s.tokenizer.pad_token_id
-    first_val = val = _log_eval(s, recipe, 0) if s.val_rows else None  # the base's held-out loss, for comparison
-    start, tokens_seen, losses = time.perf_counter(), 0, []
-    bar = tqdm(total=s.max_steps, desc="train", unit="step", disable=not acc.is_main_process)
-    for step in range(s.max_steps):
-        lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = [
-            _to(data_lib.collate([s.train_rows[next(order)] for _ in range(t.micro_batch_size)], pad_id), acc.device)
-            for _ in range(t.grad_accum)
-        ]
-        loss = accumulate_gradients(s.model, micro_batches, acc)
-        grad_norm = acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-        s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches) * acc.num_processes
-        losses.append(loss)
-        elapsed = time.perf_counter() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_seen / elapsed:.0f}")
-        done = step + 1
-        if acc.is_main_process and (done % t.log_every == 0 or done == s.max_steps):
-            s.metrics.log({"step": done, "loss": loss, "lr": lr, "grad_norm": _float(grad_norm),
-                           "tokens": tokens_seen, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed})
-        if s.val_rows and ((t.eval_every and done % t.eval_every == 0) or done == s.max_steps):
-            val = _log_eval(s, recipe, done, bar.write)
-        if t.save_every and done % t.save_every == 0 and done < s.max_steps and acc.is_main_process:
-            _save(s, recipe, s.run_dir / CHECKPOINTS_DIR / f"step-{done:06d}")
-    bar.close()
-    summary = finish(s, recipe, losses, (first_val, val), tokens_seen, time.perf_counter() - start)
+def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool = False, overwrite: bool = False,
+          resume_command: str = "qadapt train RECIPE --resume") -> TrainResult:
+    """Train `recipe` end to end; `resume` is `latest` or a checkpoint folder to continue from."""
+    if resume and overwrite:
+        raise QadaptError("--resume continues a run and --overwrite replaces it: pass one of them")
+    checkpoint = find_checkpoint(Path(recipe.output_dir).expanduser(), resume) if resume else None
+    if checkpoint:
+        check_recipe(checkpoint, recipe, allow_recipe_changes)
+    # Resuming with no checkpoint yet starts again (-1: none of the earlier attempt's metrics are kept).
+    resume_step = read_progress(checkpoint).step if checkpoint else (-1 if resume else None)
+    s = setup(recipe, resume_step, overwrite)
+    if checkpoint:
+        progress = restore(checkpoint, s.model, s.optimizer, s.base, s.train_rows, s.accelerator, allow_recipe_changes)
+    else:
+        progress = Progress(data_sha256=rows_sha256(s.train_rows), num_processes=s.accelerator.num_processes)
+        if s.val_rows:  # the base's held-out loss, for comparison
+            progress.eval_loss_before = progress.eval_loss = _log_eval(s, recipe, 0)
+    with StopSignals() as stop:
+        run_steps(s, recipe, progress, stop, resume_command)
+    summary = finish(s, recipe, progress)
     return TrainResult(summary, s.accelerator.unwrap_model(s.model))
 
 
-def finish(s: Setup, recipe: Recipe, losses: list[float], eval_losses: tuple, tokens_seen: int, wall_s: float) -> dict:
+def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, resume_command: str) -> None:
+    """Optimizer steps from `progress.step` to the last; saves checkpoints, and one more when asked to stop."""
+    t, acc = recipe.train, s.accelerator
+    order = data_lib.example_order(len(s.train_rows), seed=t.seed + acc.process_index * 1_000_003,
+                                   start=progress.examples_seen)
+    session_start, elapsed_before = time.perf_counter(), progress.elapsed_s
+    bar = tqdm(total=s.max_steps, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process)
+    for step in range(progress.step, s.max_steps):
+        lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = _next_micro_batches(s, t.micro_batch_size, t.grad_accum, order)
+        loss = accumulate_gradients(s.model, micro_batches, acc)
+        grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
+        _refuse_divergence(s, recipe, step + 1, loss, grad_norm)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        progress.step, done = step + 1, step + 1
+        progress.examples_seen += t.micro_batch_size * t.grad_accum
+        progress.tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches) * acc.num_processes
+        progress.losses.append(loss)
+        progress.elapsed_s = elapsed = elapsed_before + time.perf_counter() - session_start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress.tokens_seen / elapsed:.0f}")
+        if acc.is_main_process and (done % t.log_every == 0 or done == s.max_steps):
+            s.metrics.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": progress.tokens_seen,
+                           "tokens_per_s": progress.tokens_seen / elapsed, "elapsed_s": elapsed})
+        if s.val_rows and ((t.eval_every and done % t.eval_every == 0) or done == s.max_steps):
+            progress.eval_loss = _log_eval(s, recipe, done, bar.write)
+        if done == s.max_steps:
+            break
+        saved = t.save_every and done % t.save_every == 0
+        if saved:
+            _save_checkpoint(s, recipe, progress)
+        signal_name = stop.requested(acc)
+        if signal_name:
+            bar.close()
+            folder = checkpoint_folder(s.run_dir, done) if saved else _save_checkpoint(s, recipe, progress)
+            raise TrainingStopped(f"stopped by {signal_name} after step {done} of {s.max_steps}; checkpoint: "
+                                  f"{folder}\nresume with: {resume_command}", EXIT_CODES[signal_name])
+    bar.close()
+
+
+def _next_micro_batches(s: Setup, size: int, count: int, order) -> list[dict]:
+    """The next `count` micro-batches of `size` rows from the data order, on the training device."""
+    pad_id, device = s.tokenizer.pad_token_id, s.accelerator.device
+    return [_to(data_lib.collate([s.train_rows[next(order)] for _ in range(size)], pad_id), device) for _ in range(count)]
+
+
+def _refuse_divergence(s: Setup, recipe: Recipe, step: int, loss: float, grad_norm: float | None) -> None:
+    """A NaN/inf loss or gradient stops the run before the optimizer applies it; checkpoints stay good."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    latest = latest_checkpoint(s.run_dir, warn=False)
+    raise QadaptError(
+        f"training diverged at step {step}: {what}; this step was not applied and the run stops. Last good "
+        f"checkpoint: {latest or 'none'}. Lower train.lr (now {recipe.train.lr:g})"
+        + (", then continue from it with --resume --allow-recipe-changes" if latest else "")
+    )
+
+
+def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> Path:
+    """A full checkpoint at `progress.step` (every process contributes its random state), then pruning."""
+    from accelerate.utils import gather_object
+
+    acc = s.accelerator
+    rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    folder = checkpoint_folder(s.run_dir, progress.step)
+    if acc.is_main_process:
+        save_checkpoint(folder, acc.unwrap_model(s.model), s.optimizer, progress, recipe, s.wrapped, s.base, rng_states)
+        prune_checkpoints(s.run_dir, recipe.train.keep_checkpoints)
+    acc.wait_for_everyone()
+    return folder
+
+
+def finish(s: Setup, recipe: Recipe, progress: Progress) -> dict:
     trainable, total = count_parameters(s.model)
     adapter = s.run_dir / ADAPTER_DIR
     if s.accelerator.is_main_process:
-        _save(s, recipe, adapter)
+        save_adapter(s.accelerator.unwrap_model(s.model), adapter, recipe, s.wrapped, s.base)
     summary = {
         "adapter_kind": recipe.adapter.kind,
         "trainable_params": trainable,
@@ -224,20 +309,21 @@ def finish(s: Setup, recipe: Recipe, losses: list[float], eval_losses: tuple, to
         "trainable_share": trainable / total,
         "wrapped_modules": len(s.wrapped),
         "steps": s.max_steps,
-        "tokens_seen": tokens_seen,
-        "wall_s": wall_s,
-        "s_per_step": wall_s / s.max_steps,
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
-        "eval_loss_before": eval_losses[0],
-        "eval_loss": eval_losses[1],
+        "tokens_seen": progress.tokens_seen,
+        "wall_s": progress.elapsed_s,
+        "s_per_step": progress.elapsed_s / s.max_steps,
+        "first_loss": progress.losses[0],
+        "last_loss": progress.losses[-1],
+        "eval_loss_before": progress.eval_loss_before,
+        "eval_loss": progress.eval_loss,
         "peak_memory_mb": peak_memory_mb(s.accelerator.device),
         "adapter": str(adapter),
     }
     if recipe.eval.sets and s.accelerator.is_main_process:
         summary["accuracy"] = _final_accuracy(s, recipe)
     if s.accelerator.is_main_process:
-        (s.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        with atomic_file(s.run_dir / SUMMARY_FILE) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
         s.metrics.close()
         print(format_summary(summary))
     return summary
@@ -281,10 +367,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _save(s: Setup, recipe: Recipe, folder: Path) -> None:
-    save_adapter(s.accelerator.unwrap_model(s.model), folder, recipe, s.wrapped)
 
 
 def _to(batch: dict, device) -> dict:

@@ -98,3 +98,49 @@ def test_random_jsonl_rows_become_records_or_a_clear_error(tmp_path_factory, lin
         assert str(path) in str(error)
         return
     assert records and all(isinstance(r[k], str) for r in records for k in ("instruction", "input", "output", "answer"))
+
+
+def test_a_model_that_is_not_a_decoder_or_unknown_is_one_clear_line(tmp_path):
+    import transformers
+
+    from qadapt.models import load_base
+    from qadapt.recipe import ModelConfig
+
+    transformers.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8).save_pretrained(
+        tmp_path / "t5")
+    with pytest.raises(QadaptError, match="is a t5 model without a causal language-model head"):
+        load_base(ModelConfig(name=str(tmp_path / "t5")))
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "frobnicator"}')
+    with pytest.raises(QadaptError, match="model type 'frobnicator', which transformers .* does not know"):
+        load_base(ModelConfig(name=str(tmp_path / "odd")))
+
+
+def test_a_tokenizer_without_eos_is_refused_and_one_without_pad_pads_with_eos(smol_tokenizer, tmp_path):
+    from qadapt.models import load_tokenizer
+    from qadapt.recipe import ModelConfig
+
+    smol_tokenizer.save_pretrained(tmp_path / "no-pad")
+    config = json.loads((tmp_path / "no-pad" / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (tmp_path / "no-pad" / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(ModelConfig(name=str(tmp_path / "no-pad")))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
+    config["eos_token"] = None
+    (tmp_path / "no-pad" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(QadaptError, match="has no EOS token"):
+        load_tokenizer(ModelConfig(name=str(tmp_path / "no-pad")))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.cutoff_len=8"], "data.cutoff_len 8 is shorter than every prompt"),
+    (["train.optimizer=sgd"], "train.optimizer: 'sgd' is not one of adamw, adamw_8bit"),
+    (["data.path=EMPTY"], "no examples in"),
+])
+def test_training_inputs_that_cannot_work_fail_before_training(tiny_llama_dir, tmp_path, overrides, message):
+    from qadapt.train import train
+
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    overrides = [o.replace("EMPTY", str(tmp_path / "empty.jsonl")) for o in overrides]
+    with pytest.raises(QadaptError, match=message):
+        train(recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "output_dir": str(tmp_path / "run")}, overrides))
