@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from qadapt.errors import QadaptError
-from qadapt.files import atomic_folder, human_size
+from qadapt.files import atomic_folder, human_size, write_errors_reported
 from qadapt.recipe import Recipe, recipe_from_dict, save_recipe
 from qadapt.run_dir import CHECKPOINTS_DIR, RECIPE_FILE, write_adapter_files
 
@@ -59,19 +59,16 @@ def checkpoint_folder(run_dir: Path, step: int) -> Path:
 def save_checkpoint(folder: Path, model, optimizer, progress: Progress, recipe: Recipe, wrapped: list[str],
                     base: dict, rng_states: list[dict]) -> Path:
     """Write a complete checkpoint to `folder` atomically; a full disk leaves nothing behind."""
-    try:
-        with atomic_folder(folder) as tmp:
-            write_adapter_files(tmp, model, recipe, wrapped, base)
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            torch.save(rng_states, tmp / RNG_FILE)
-            save_recipe(recipe, tmp / RECIPE_FILE)
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(f)} for f in sorted(tmp.iterdir())}
-            state = {**dataclasses.asdict(progress), "files": files}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    except OSError as exc:
-        latest = latest_checkpoint(folder.parent.parent, warn=False)
-        raise QadaptError(f"could not write checkpoint {folder}: {exc.strerror or exc}; nothing half-written was "
-                          f"left, the last complete checkpoint is {latest or 'none'}") from None
+    latest = latest_checkpoint(folder.parent.parent, warn=False)
+    advice = f"nothing half-written was left; the last complete checkpoint is {latest or 'none'}"
+    with write_errors_reported(folder, advice), atomic_folder(folder) as tmp:
+        write_adapter_files(tmp, model, recipe, wrapped, base)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(rng_states, tmp / RNG_FILE)
+        save_recipe(recipe, tmp / RECIPE_FILE)
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(f)} for f in sorted(tmp.iterdir())}
+        state = {**dataclasses.asdict(progress), "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     return folder
 
 

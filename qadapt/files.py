@@ -57,6 +57,20 @@ def atomic_file(dest: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def write_errors_reported(what: Path, advice: str) -> Iterator[None]:
+    """A full disk or a write error while writing `what` becomes one clear line (with what to do next)."""
+    from safetensors import SafetensorError
+
+    from qadapt.errors import QadaptError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).rpartition("I/O error: ")[2] or type(exc).__name__
+        raise QadaptError(f"could not write {what}: {reason}; {advice}") from None
+
+
 def refuse_existing(out: Path) -> None:
     """Outputs never overwrite: a file, or a folder with anything in it, at `out` is an error."""
     from qadapt.errors import QadaptError

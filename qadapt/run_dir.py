@@ -26,7 +26,7 @@ from torch import nn
 from qadapt.adapters import adapter_state_dict, attach_adapters, load_adapter_state_dict
 from qadapt.base_identity import base_identity, check_same_base
 from qadapt.errors import QadaptError
-from qadapt.files import atomic_folder
+from qadapt.files import atomic_folder, write_errors_reported
 from qadapt.recipe import Recipe, load_recipe, save_recipe
 
 RECIPE_FILE = "recipe.yaml"
@@ -162,8 +162,9 @@ class MetricsLog:
             self.writer = SummaryWriter(run_dir / "tensorboard")
 
     def log(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        with write_errors_reported(Path(self.file.name), "free some space, then continue with --resume"):
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

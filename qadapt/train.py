@@ -37,7 +37,7 @@ from qadapt.checkpoint import (
 )
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.evaluate import load_eval_set, run_eval
-from qadapt.files import atomic_file
+from qadapt.files import atomic_file, write_errors_reported
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
@@ -224,50 +224,68 @@ def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool 
 def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, resume_command: str) -> None:
     """Optimizer steps from `progress.step` to the last; saves checkpoints, and one more when asked to stop."""
     t, acc = recipe.train, s.accelerator
-    order = data_lib.example_order(len(s.train_rows), seed=t.seed + acc.process_index * 1_000_003,
-                                   start=progress.examples_seen)
-    session_start, elapsed_before = time.perf_counter(), progress.elapsed_s
-    bar = tqdm(total=s.max_steps, initial=progress.step, desc="train", unit="step", disable=not acc.is_main_process)
-    for step in range(progress.step, s.max_steps):
-        lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = _next_micro_batches(s, t.micro_batch_size, t.grad_accum, order)
-        loss = accumulate_gradients(s.model, micro_batches, acc)
-        grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
-        _refuse_divergence(s, recipe, step + 1, loss, grad_norm)
-        s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        progress.step, done = step + 1, step + 1
-        progress.examples_seen += t.micro_batch_size * t.grad_accum
-        progress.tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches) * acc.num_processes
-        progress.losses.append(loss)
-        progress.elapsed_s = elapsed = elapsed_before + time.perf_counter() - session_start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{progress.tokens_seen / elapsed:.0f}")
-        if acc.is_main_process and (done % t.log_every == 0 or done == s.max_steps):
-            s.metrics.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": progress.tokens_seen,
-                           "tokens_per_s": progress.tokens_seen / elapsed, "elapsed_s": elapsed})
-        if s.val_rows and ((t.eval_every and done % t.eval_every == 0) or done == s.max_steps):
-            progress.eval_loss = _log_eval(s, recipe, done, bar.write)
-        if done == s.max_steps:
-            break
-        saved = t.save_every and done % t.save_every == 0
-        if saved:
-            _save_checkpoint(s, recipe, progress)
-        signal_name = stop.requested(acc)
-        if signal_name:
-            bar.close()
-            folder = checkpoint_folder(s.run_dir, done) if saved else _save_checkpoint(s, recipe, progress)
-            raise TrainingStopped(f"stopped by {signal_name} after step {done} of {s.max_steps}; checkpoint: "
-                                  f"{folder}\nresume with: {resume_command}", EXIT_CODES[signal_name])
-    bar.close()
+    order = data_lib.example_order(len(s.train_rows), seed=t.seed, start=progress.examples_seen)
+    started, elapsed_before = time.perf_counter(), progress.elapsed_s
+    with tqdm(total=s.max_steps, initial=progress.step, desc="train", unit="step",
+              disable=not acc.is_main_process) as bar:
+        for step in range(progress.step, s.max_steps):
+            lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = _next_micro_batches(s, t.micro_batch_size, t.grad_accum, order)
+            loss = accumulate_gradients(s.model, micro_batches, acc)
+            grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
+            _refuse_divergence(s, recipe, step + 1, loss, grad_norm)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            progress.elapsed_s = elapsed_before + time.perf_counter() - started
+            _record_step(s, recipe, progress, micro_batches, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, bar)
+            if progress.step < s.max_steps:
+                _checkpoint_or_stop(s, recipe, progress, stop.requested(acc), resume_command)
 
 
 def _next_micro_batches(s: Setup, size: int, count: int, order) -> list[dict]:
-    """The next `count` micro-batches of `size` rows from the data order, on the training device."""
-    pad_id, device = s.tokenizer.pad_token_id, s.accelerator.device
-    return [_to(data_lib.collate([s.train_rows[next(order)] for _ in range(size)], pad_id), device) for _ in range(count)]
+    """This process's micro-batches for the next optimizer step.
+
+    Every process walks the same seeded order; a step takes size × count × processes examples of it
+    and process r gets the r-th share, so N processes train on the batches one process would.
+    """
+    acc = s.accelerator
+    share = size * count
+    step_rows = [next(order) for _ in range(share * acc.num_processes)]
+    mine = step_rows[acc.process_index * share:(acc.process_index + 1) * share]
+    return [_to(data_lib.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id), acc.device)
+            for k in range(0, share, size)]
+
+
+def _record_step(s: Setup, recipe: Recipe, progress: Progress, micro_batches: list[dict], row: dict, bar) -> None:
+    """Advance `progress` by the step just taken; log it, and measure the held-out loss when due."""
+    t, acc = recipe.train, s.accelerator
+    progress.step += 1
+    progress.examples_seen += t.micro_batch_size * t.grad_accum * acc.num_processes
+    local_tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro_batches), device=acc.device)
+    progress.tokens_seen += int(acc.reduce(local_tokens, "sum"))
+    progress.losses.append(row["loss"])
+    tokens_per_s = progress.tokens_seen / progress.elapsed_s
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
+    done, last = progress.step, progress.step == s.max_steps
+    if acc.is_main_process and (done % t.log_every == 0 or last):
+        s.metrics.log({"step": done, **row, "tokens": progress.tokens_seen, "tokens_per_s": tokens_per_s,
+                       "elapsed_s": progress.elapsed_s})
+    if s.val_rows and ((t.eval_every and done % t.eval_every == 0) or last):
+        progress.eval_loss = _log_eval(s, recipe, done, bar.write)
+
+
+def _checkpoint_or_stop(s: Setup, recipe: Recipe, progress: Progress, signal_name: str | None,
+                        resume_command: str) -> None:
+    """Save a checkpoint when one is due or a signal asked to stop; then stop if asked."""
+    due = recipe.train.save_every and progress.step % recipe.train.save_every == 0
+    if due or signal_name:
+        folder = _save_checkpoint(s, recipe, progress)
+    if signal_name:
+        raise TrainingStopped(f"stopped by {signal_name} after step {progress.step} of {s.max_steps}; checkpoint: "
+                              f"{folder}\nresume with: {resume_command}", EXIT_CODES[signal_name])
 
 
 def _refuse_divergence(s: Setup, recipe: Recipe, step: int, loss: float, grad_norm: float | None) -> None:
@@ -301,7 +319,8 @@ def finish(s: Setup, recipe: Recipe, progress: Progress) -> dict:
     trainable, total = count_parameters(s.model)
     adapter = s.run_dir / ADAPTER_DIR
     if s.accelerator.is_main_process:
-        save_adapter(s.accelerator.unwrap_model(s.model), adapter, recipe, s.wrapped, s.base)
+        with write_errors_reported(adapter, "free some space, then continue from the last checkpoint with --resume"):
+            save_adapter(s.accelerator.unwrap_model(s.model), adapter, recipe, s.wrapped, s.base)
     summary = {
         "adapter_kind": recipe.adapter.kind,
         "trainable_params": trainable,

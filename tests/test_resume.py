@@ -246,3 +246,26 @@ def test_resuming_from_a_missing_or_broken_checkpoint_folder_says_why(tiny_llama
     (tmp_path / "empty").mkdir()
     with pytest.raises(QadaptError, match=r"cannot resume from .*empty: it has no trainer_state\.json"):
         train(recipe, resume=str(tmp_path / "empty"))
+
+
+def test_a_full_disk_while_saving_leaves_the_last_checkpoint_and_no_debris(reference, tiny_llama_dir, tmp_path,
+                                                                           monkeypatch):
+    import errno
+
+    import torch
+
+    run = copy_unfinished(reference[0], tmp_path / "run")
+    real_save = torch.save
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        if ".tmp-step-000010" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir), ["train.max_steps=12"])
+    with pytest.raises(QadaptError, match=r"could not write .*step-000010: No space left on device; nothing "
+                                          r"half-written was left; the last complete checkpoint is .*step-000008"):
+        train(recipe, resume="latest", allow_recipe_changes=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006", "step-000008"]
+    assert latest_checkpoint(run) == run / "checkpoints" / "step-000008"
