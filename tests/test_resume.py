@@ -269,3 +269,16 @@ def test_a_full_disk_while_saving_leaves_the_last_checkpoint_and_no_debris(refer
         train(recipe, resume="latest", allow_recipe_changes=True)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006", "step-000008"]
     assert latest_checkpoint(run) == run / "checkpoints" / "step-000008"
+
+
+def test_a_changed_data_file_is_noticed_on_resume(tiny_llama_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(24)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir), [f"data.path={data}", "train.max_steps=4"])
+    train(recipe)
+    shutil.rmtree(tmp_path / "run" / "adapter")  # as if it had crashed after its step-2 checkpoint
+    (tmp_path / "run" / "summary.json").unlink()
+    data.write_text(data.read_text().replace("What is 3 + 3?", "What is three plus three?"))
+    with pytest.raises(QadaptError, match="the training data differs from what checkpoint .*step-000002 was trained on"):
+        train(recipe, resume="latest")
