@@ -56,14 +56,17 @@ def checkpoint_folder(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / f"{PREFIX}{step:06d}"
 
 
-def save_checkpoint(folder: Path, model, optimizer, progress: Progress, recipe: Recipe, wrapped: list[str],
-                    base: dict, rng_states: list[dict]) -> Path:
-    """Write a complete checkpoint to `folder` atomically; a full disk leaves nothing behind."""
+def save_checkpoint(folder: Path, model, optimizer_state: dict, progress: Progress, recipe: Recipe,
+                    wrapped: list[str], base: dict, rng_states: list[dict], weights: dict | None = None) -> Path:
+    """Write a complete checkpoint to `folder` atomically; a full disk leaves nothing behind.
+
+    `weights`: the adapter's weights when the model does not hold them whole (FSDP), else taken from it.
+    """
     latest = latest_checkpoint(folder.parent.parent, warn=False)
     advice = f"nothing half-written was left; the last complete checkpoint is {latest or 'none'}"
     with write_errors_reported(folder, advice), atomic_folder(folder) as tmp:
-        write_adapter_files(tmp, model, recipe, wrapped, base)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        write_adapter_files(tmp, model, recipe, wrapped, base, weights)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(rng_states, tmp / RNG_FILE)
         save_recipe(recipe, tmp / RECIPE_FILE)
         files = {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(f)} for f in sorted(tmp.iterdir())}

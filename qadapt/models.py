@@ -101,8 +101,12 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_base(cfg: ModelConfig, device: torch.device | None = None):
-    """The frozen base model, quantized as `cfg.quant` says, with its compute dtype."""
+def load_base(cfg: ModelConfig, device: torch.device | None = None, quant_storage_like_compute: bool = False):
+    """The frozen base model, quantized as `cfg.quant` says, with its compute dtype.
+
+    `quant_storage_like_compute` stores 4-bit codes in the compute dtype rather than uint8, as FSDP
+    needs to shard them with the rest of a layer (the codes, and so the numbers, are the same).
+    """
     from transformers import AutoModelForCausalLM
 
     from qadapt.quant import quantization_config
@@ -110,7 +114,7 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None):
     bound_heap_retention()
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     kwargs: dict = {"dtype": dtype}
-    qconfig = quantization_config(cfg.quant, cfg.double_quant, dtype)
+    qconfig = quantization_config(cfg.quant, cfg.double_quant, dtype, dtype if quant_storage_like_compute else None)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     if device is not None and device.type == "cuda":

@@ -31,8 +31,12 @@ def fast_bf16_available() -> bool:
     return bool(_bitsandbytes().functional.has_avx512bf16())
 
 
-def quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype):
-    """transformers' BitsAndBytesConfig for `quant` (nf4 | fp4 | int8), or None for `none`."""
+def quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype,
+                        storage: torch.dtype | None = None):
+    """transformers' BitsAndBytesConfig for `quant` (nf4 | fp4 | int8), or None for `none`.
+
+    `storage`: the dtype that holds 4-bit codes (default uint8; FSDP needs the compute dtype).
+    """
     if quant == "none":
         return None
     _bitsandbytes()
@@ -45,6 +49,7 @@ def quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dty
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage or torch.uint8,
     )
 
 

@@ -11,6 +11,10 @@ import json
 from array import array
 from pathlib import Path
 
+from safetensors.torch import load_file
+
+from qadapt import distributed
+from qadapt.base_identity import check_same_base
 from qadapt.checkpoint import (
     OPTIMIZER_FILE,
     RNG_FILE,
@@ -24,7 +28,7 @@ from qadapt.checkpoint import (
 )
 from qadapt.errors import QadaptError
 from qadapt.recipe import Recipe, recipe_differences
-from qadapt.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, load_adapter
+from qadapt.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, load_adapter
 
 LATEST = "latest"
 # Keys that change what is logged, saved or scored, never a number the training computes.
@@ -81,8 +85,12 @@ def restore(folder: Path, model, optimizer, base: dict, train_rows: list[dict], 
         raise QadaptError(f"checkpoint {folder} was written by {progress.num_processes} processes, this run has "
                           f"{accelerator.num_processes}: the data order would differ; pass --allow-recipe-changes "
                           "to continue anyway")
-    load_adapter(accelerator.unwrap_model(model), folder, base)
-    optimizer.load_state_dict(load_tensors(folder / OPTIMIZER_FILE))
+    if distributed.is_sharded(model):
+        check_same_base(json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_identity"), base, str(folder))
+        distributed.load_adapter_weights(model, load_file(folder / ADAPTER_WEIGHTS))
+    else:
+        load_adapter(accelerator.unwrap_model(model), folder, base)
+    distributed.load_optimizer_state(model, optimizer, load_tensors(folder / OPTIMIZER_FILE))
     rng_states = load_tensors(folder / RNG_FILE)
     if accelerator.process_index < len(rng_states):
         set_rng_state(rng_states[accelerator.process_index])

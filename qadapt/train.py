@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from qadapt import data as data_lib
+from qadapt import distributed
 from qadapt.adapters import FAMILIES, attach_adapters, count_parameters
 from qadapt.base_identity import base_identity
 from qadapt.checkpoint import (
@@ -144,19 +145,15 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
 
     `resume_step` is the checkpoint's step when resuming (metrics logged after it are dropped).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    run_dir = create_run_dir(recipe, resuming=resume_step is not None, overwrite=overwrite)
-    if resume_step is not None:
-        truncate_metrics(run_dir, resume_step)
-    metrics = MetricsLog(run_dir, recipe.train.tensorboard)
-    # Without CUDA, cpu=True lets `accelerate launch` / torchrun give each process a gloo rank.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = _accelerator()
+    run_dir, metrics = _open_run_dir(recipe, accelerator, resume_step, overwrite)
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model)
     train_rows, val_rows = prepare_data(recipe, tokenizer)
-    model = load_base(recipe.model, accelerator.device)
+    sharded = distributed.is_fsdp(accelerator)
+    model = load_base(recipe.model, accelerator.device, quant_storage_like_compute=sharded)
     base = base_identity(model, recipe.model.name)
     prepare_for_kbit_training(model, recipe.train.gradient_checkpointing)
     wrapped = attach_adapters(model, recipe.adapter)
@@ -164,6 +161,8 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     t = recipe.train
     require_disk_space(run_dir, sum(p.numel() * p.element_size() for p in params), t.optimizer,
                        t.keep_checkpoints, saving=t.save_every > 0)
+    if sharded:
+        distributed.wrap_adapters_apart(accelerator, model)
     optimizer = optimizer_class(t.optimizer)(params, lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -171,6 +170,33 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_rows) / examples_per_step))
     return Setup(model, optimizer, accelerator, tokenizer, train_rows, val_rows, wrapped, base, run_dir, metrics,
                  max_steps)
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    try:
+        # Without CUDA, cpu=True lets `accelerate launch` / torchrun give each process a gloo rank.
+        return Accelerator(cpu=not torch.cuda.is_available())
+    except RuntimeError as exc:
+        if "no available devices" not in str(exc):
+            raise
+        raise QadaptError("this accelerate config shards the model with FSDP, which accelerate runs only on GPUs "
+                          "(none found); without GPUs use DDP: accelerate launch --multi_gpu --num_processes N "
+                          "-m qadapt train RECIPE") from None
+
+
+def _open_run_dir(recipe: Recipe, accelerator, resume_step: int | None, overwrite: bool):
+    """(run_dir, metrics log): only the main process writes; the others check it is there."""
+    if accelerator.is_main_process:
+        run_dir = create_run_dir(recipe, resuming=resume_step is not None, overwrite=overwrite)
+        if resume_step is not None:
+            truncate_metrics(run_dir, resume_step)
+        metrics = MetricsLog(run_dir, recipe.train.tensorboard)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        run_dir, metrics = Path(recipe.output_dir).expanduser(), None
+    return run_dir, metrics
 
 
 def prepare_data(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -307,9 +333,11 @@ def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> Path:
 
     acc = s.accelerator
     rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    weights, optimizer_state = distributed.adapter_weights(s.model), distributed.optimizer_state(s.model, s.optimizer)
     folder = checkpoint_folder(s.run_dir, progress.step)
     if acc.is_main_process:
-        save_checkpoint(folder, acc.unwrap_model(s.model), s.optimizer, progress, recipe, s.wrapped, s.base, rng_states)
+        save_checkpoint(folder, acc.unwrap_model(s.model), optimizer_state, progress, recipe, s.wrapped, s.base,
+                        rng_states, weights)
         prune_checkpoints(s.run_dir, recipe.train.keep_checkpoints)
     acc.wait_for_everyone()
     return folder
@@ -318,9 +346,10 @@ def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> Path:
 def finish(s: Setup, recipe: Recipe, progress: Progress) -> dict:
     trainable, total = count_parameters(s.model)
     adapter = s.run_dir / ADAPTER_DIR
+    weights = distributed.adapter_weights(s.model)
     if s.accelerator.is_main_process:
         with write_errors_reported(adapter, "free some space, then continue from the last checkpoint with --resume"):
-            save_adapter(s.accelerator.unwrap_model(s.model), adapter, recipe, s.wrapped, s.base)
+            save_adapter(s.accelerator.unwrap_model(s.model), adapter, recipe, s.wrapped, s.base, weights)
     summary = {
         "adapter_kind": recipe.adapter.kind,
         "trainable_params": trainable,
@@ -328,6 +357,8 @@ def finish(s: Setup, recipe: Recipe, progress: Progress) -> dict:
         "trainable_share": trainable / total,
         "wrapped_modules": len(s.wrapped),
         "steps": s.max_steps,
+        "processes": s.accelerator.num_processes,
+        "global_batch": recipe.train.micro_batch_size * recipe.train.grad_accum * s.accelerator.num_processes,
         "tokens_seen": progress.tokens_seen,
         "wall_s": progress.elapsed_s,
         "s_per_step": progress.elapsed_s / s.max_steps,
@@ -353,7 +384,9 @@ def format_summary(summary: dict) -> str:
         f"trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,} "
         f"({100 * summary['trainable_share']:.2f}%) in {summary['wrapped_modules']} modules with "
         f"{summary['adapter_kind']} adapters",
-        f"steps: {summary['steps']}, tokens seen: {summary['tokens_seen']:,}, wall time: {summary['wall_s']:.1f} s "
+        f"steps: {summary['steps']} of {summary['global_batch']} examples"
+        + (f" ({summary['processes']} processes)" if summary["processes"] > 1 else "")
+        + f", tokens seen: {summary['tokens_seen']:,}, wall time: {summary['wall_s']:.1f} s "
         f"({summary['s_per_step']:.2f} s/step)",
         f"loss: {summary['first_loss']:.4f} at the first step, {summary['last_loss']:.4f} at the last"
         + ("" if summary["eval_loss"] is None

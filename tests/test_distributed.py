@@ -1,0 +1,148 @@
+"""Two processes under `accelerate launch` (gloo on the CPU) train as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from qadapt.run_dir import ADAPTER_DIR, ADAPTER_WEIGHTS
+
+
+def launch(processes: int, recipe: Path, *args: str) -> str:
+    """`python -m qadapt train` for one process, `accelerate launch --multi_gpu` (torchrun) for more."""
+    command = [sys.executable, "-m", "qadapt", "train", str(recipe), *args]
+    if processes > 1:
+        with socket.socket() as probe:  # a free port, so that parallel runs never collide
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--main_process_port", str(port), "-m", "qadapt", "train", str(recipe), *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=recipe.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def write_recipe(folder: Path, model: str, compute_dtype: str, **train) -> Path:
+    recipe = {
+        "model": {"name": model, "quant": "nf4", "compute_dtype": compute_dtype},
+        "adapter": {"rank": 4, "alpha": 8, "dropout": 0.0},  # each process draws its own dropout masks
+        "data": {"max_examples": 64, "val_size": 4, "cutoff_len": 96},
+        "train": {"lr": 1e-2, "warmup_steps": 1, "eval_every": 0, "save_every": 0, **train},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def compare_one_and_two_processes(tmp_path: Path, model: str, compute_dtype: str, steps: int) -> tuple:
+    one = write_recipe(tmp_path, model, compute_dtype, max_steps=steps, micro_batch_size=2, grad_accum=4)
+    launch(1, one, f"output_dir={tmp_path / 'one'}")
+    # The same global batch of 8: 2 processes x 2 micro-batches of 2.
+    two = write_recipe(tmp_path, model, compute_dtype, max_steps=steps, micro_batch_size=2, grad_accum=2)
+    output = launch(2, two, f"output_dir={tmp_path / 'two'}")
+    assert "steps: %d of 8 examples (2 processes)" % steps in output
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch"] == 8
+    adapters = [load_file(tmp_path / run / ADAPTER_DIR / ADAPTER_WEIGHTS) for run in ("one", "two")]
+    return losses(tmp_path / "one"), losses(tmp_path / "two"), adapters
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_on_a_tiny_model_and_resume(tiny_llama_dir, tmp_path):
+    one, two, (adapter_one, adapter_two) = compare_one_and_two_processes(tmp_path, str(tiny_llama_dir), "fp32", 4)
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=1e-6)
+    assert adapter_one.keys() == adapter_two.keys()
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
+
+    # Resume with the same number of processes: drop what the run did after its step-2 checkpoint.
+    run = tmp_path / "resumed"
+    recipe = write_recipe(tmp_path, str(tiny_llama_dir), "fp32", max_steps=4, micro_batch_size=2, grad_accum=2,
+                          save_every=2)
+    launch(2, recipe, f"output_dir={run}")
+    first = losses(run)
+    shutil.rmtree(run / ADAPTER_DIR)
+    (run / "summary.json").unlink()
+    output = launch(2, recipe, f"output_dir={run}", "--resume")
+    assert "resume: continuing from" in output
+    assert losses(run) == pytest.approx(first, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_on_the_embedded_model_in_nf4(tmp_path):
+    # fp32 compute: in bf16 the gradients' other summation order (two halves, then all-reduce) moves the
+    # adapters by float noise, which bf16 activations round into loss differences of ~0.3% by step 3.
+    one, two, (adapter_one, adapter_two) = compare_one_and_two_processes(tmp_path, "smollm2-135m", "fp32", 3)
+    assert two == pytest.approx(one, rel=2e-5)  # measured: 5e-6
+    # Adam's first steps move each weight by about lr whatever the gradient's size, so a gradient within
+    # float noise of zero can go either way: measured 93 of 1,221,120 weights off by more than 1e-4.
+    total = sum(t.numel() for t in adapter_one.values())
+    off = sum(int(((adapter_two[n] - adapter_one[n]).abs() > 1e-4).sum()) for n in adapter_one)
+    assert adapter_one.keys() == adapter_two.keys() and off < total * 1e-3
+    worst = max(float((adapter_two[n] - adapter_one[n]).norm() / adapter_one[n].norm()) for n in adapter_one)
+    assert worst < 1e-2  # measured: 3.6e-3, in the least-trained matrix
+
+
+def launch_worker(processes: int, model_dir: Path, out: Path, kind: str) -> dict:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+               str(port), str(Path(__file__).parent / "fsdp_worker.py"), str(model_dir), str(out), kind]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dora", "series"])
+def test_fsdp_sharded_4bit_base_trains_as_one_process(tiny_llama_dir, tmp_path, kind):
+    """FSDP + QLoRA with qadapt's storage dtype and wrap policy, on 2 CPU processes (see fsdp_worker.py)."""
+    one = launch_worker(1, tiny_llama_dir, tmp_path / "one", kind)
+    two = launch_worker(2, tiny_llama_dir, tmp_path / "two", kind)
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)
+    assert two["reloaded_equal"] and two["optimizer_states"] == one["optimizer_states"] > 0
+    adapter_one, adapter_two = (load_file(tmp_path / run / "adapter.safetensors") for run in ("one", "two"))
+    assert adapter_one.keys() == adapter_two.keys()
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "series", "parallel"])
+def test_every_fsdp_unit_is_all_frozen_or_all_trained(load_tiny, kind):
+    from qadapt.adapters import AdapterConfig, attach_adapters
+    from qadapt.distributed import fsdp_units
+
+    model = load_tiny("nf4")
+    attach_adapters(model, AdapterConfig(kind=kind, rank=4, bottleneck_size=8, scale="learned"))
+    units = fsdp_units(model) | {id(model)}  # FSDP always wraps the root
+
+    def own_parameters(unit):  # what FSDP flattens into this unit: its subtree minus nested units
+        found = list(unit.parameters(recurse=False))
+        for child in unit.children():
+            if id(child) not in units:
+                found += own_parameters(child)
+        return found
+
+    trained_units = 0
+    for module in model.modules():
+        if id(module) in units:
+            flags = {p.requires_grad for p in own_parameters(module)}
+            assert len(flags) <= 1, f"{type(module).__name__} mixes frozen and trained parameters"
+            trained_units += flags == {True}
+    assert trained_units > 0
