@@ -85,14 +85,17 @@ def plan(
     recipe: Path = RecipeArg,
     overrides: Optional[list[str]] = OverridesArg,
     gpu_memory: float = typer.Option(24.0, help="The GPU's memory in GiB."),
+    fsdp_gpus: int = typer.Option(1, help="Plan for FSDP sharding the base over this many GPUs (per GPU)."),
 ) -> None:
     """Predict a recipe's peak training memory from the model's config (no weights), and whether it fits."""
     from qadapt.plan import format_plan, plan_memory
     from qadapt.recipe import load_recipe
 
     with _user_errors():
+        if fsdp_gpus < 1:
+            raise QadaptError(f"--fsdp-gpus must be at least 1, got {fsdp_gpus}")
         loaded = load_recipe(recipe, overrides or [])
-        typer.echo(format_plan(plan_memory(loaded, gpu_memory), loaded))
+        typer.echo(format_plan(plan_memory(loaded, gpu_memory, fsdp_gpus=fsdp_gpus), loaded))
 
 
 TargetArg = typer.Argument(..., help="A run directory, or a bare model: smollm2-135m, a hub id, a folder.",

@@ -50,8 +50,14 @@ class MemoryPlan:
         return self.needed <= self.gpu_memory_gib * GIB
 
 
-def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_bytes: int = 2) -> MemoryPlan:
-    """The memory `recipe` needs at its peak, part by part (compute dtype auto counts as 16-bit)."""
+def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_bytes: int = 2,
+                fsdp_gpus: int = 1) -> MemoryPlan:
+    """The memory `recipe` needs at its peak on one GPU, part by part (compute dtype auto counts as 16-bit).
+
+    `fsdp_gpus` > 1: FSDP FULL_SHARD over that many GPUs. Base weights, adapter weights, gradients and
+    optimizer state are split; each GPU also holds the decoder layers gathered whole at a time (the one
+    running and the one prefetched); activations are per GPU, as before.
+    """
     from qadapt.adapters import attach_adapters, is_linear
     from qadapt.peft_format import meta_model
     from qadapt.train import LOSS_CHUNK_TOKENS
@@ -74,16 +80,21 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     else:
         activations = layers * per_layer
     chunk = min(tokens, LOSS_CHUNK_TOKENS)
+    base = quantized * _bytes_per_quantized_weight(recipe, dtype_bytes) + other * dtype_bytes
+    embeddings = sum(p.numel() for m in (model.get_input_embeddings(), head) for p in m.parameters())
+    layer_weights = (base - embeddings * dtype_bytes) / layers
     parts = {
-        "base weights": quantized * _bytes_per_quantized_weight(recipe, dtype_bytes) + other * dtype_bytes,
-        "adapter weights + gradients": trainable * 8,
-        "optimizer state": trainable * OPTIMIZER_BYTES_PER_WEIGHT[recipe.train.optimizer],
+        "base weights": base / fsdp_gpus,
+        "adapter weights + gradients": trainable * 8 / fsdp_gpus,
+        "optimizer state": trainable * OPTIMIZER_BYTES_PER_WEIGHT[recipe.train.optimizer] / fsdp_gpus,
         "activations": activations,
         # A backward pass holds about as much again in gradients of one layer's activations.
         "backward of one layer": per_layer,
         # Logits of a chunk in the compute dtype and fp32, log-softmax and their gradients; hidden-state grads.
         "logits and loss": chunk * vocab * (2 * dtype_bytes + 12) + 2 * tokens * hidden * dtype_bytes,
     }
+    if fsdp_gpus > 1:
+        parts["layers gathered by FSDP"] = 2 * layer_weights
     return MemoryPlan(parts, gpu_memory_gib)
 
 

@@ -63,3 +63,19 @@ def test_checkpointing_and_batch_move_the_activations(llama2_7b_config):
     with_checkpointing = activations()
     assert activations("train.gradient_checkpointing=false") > 10 * with_checkpointing
     assert activations("train.micro_batch_size=8") == pytest.approx(2 * with_checkpointing, rel=0.01)
+
+
+LLAMA2_70B = {**LLAMA2_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8}  # the published LLaMA-2-70B config
+
+
+def test_fsdp_splits_the_70b_base_over_gpus(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_70B))
+    recipe = load_recipe("recipes/llama2-70b-fsdp-qlora.yaml", [f"model.name={tmp_path}"])
+    alone, two, four = (plan_memory(recipe, 24, fsdp_gpus=n) for n in (1, 2, 4))
+    assert 33 * GIB < alone.parts["base weights"] < 35 * GIB and not alone.fits
+    assert two.parts["base weights"] == pytest.approx(alone.parts["base weights"] / 2)
+    assert two.parts["optimizer state"] == pytest.approx(alone.parts["optimizer state"] / 2)
+    assert two.parts["activations"] == alone.parts["activations"]  # each GPU runs its own micro-batch
+    assert 0.5 * GIB < two.parts["layers gathered by FSDP"] < 1.0 * GIB  # two NF4 decoder layers
+    assert two.fits and four.needed < two.needed

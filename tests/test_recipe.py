@@ -10,7 +10,8 @@ from conftest import REPO
 from qadapt.errors import QadaptError
 from qadapt.recipe import load_recipe, recipe_from_dict
 
-SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))  # for `accelerate launch`
+SHIPPED = sorted(set((REPO / "recipes").rglob("*.yaml")) - set(ACCELERATE_CONFIGS))
 
 
 def test_recipes_are_shipped():
@@ -22,7 +23,20 @@ def test_recipes_are_shipped():
 def test_every_shipped_recipe_loads_and_names_its_command(path: Path):
     recipe = load_recipe(path)
     assert recipe.output_dir
-    assert path.read_text().splitlines()[0] == f"# qadapt train {path.relative_to(REPO)}"
+    first = path.read_text().splitlines()[0]  # the command, plain or under `accelerate launch ... -m`
+    assert first == f"# qadapt train {path.relative_to(REPO)}" or (
+        first.startswith("# accelerate launch --config_file recipes/accelerate/")
+        and first.endswith(f" -m qadapt train {path.relative_to(REPO)}"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_launch_without_their_own_mixed_precision(path: Path):
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    assert config["distributed_type"] in ("MULTI_GPU", "FSDP") and config["mixed_precision"] == "no"
+    if config["distributed_type"] == "FSDP":  # qadapt's wrap policy needs flat parameters of one requires_grad
+        assert config["fsdp_config"]["fsdp_use_orig_params"] is False
 
 
 def test_unknown_key_names_it_the_valid_keys_and_a_near_miss():
