@@ -142,7 +142,8 @@ def load_tensors(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0]
-        raise QadaptError(f"{path} holds more than tensors and numbers; refusing to unpickle it ({first_line})") from None
+        raise QadaptError(f"{path} holds more than tensors and numbers; refusing to unpickle it "
+                          f"({first_line})") from None
 
 
 def rng_state() -> dict:

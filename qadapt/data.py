@@ -138,9 +138,11 @@ def _to_record(row) -> tuple[dict | None, str | None]:
         return gsm8k_record(row["question"], row["answer"]), None
     if isinstance(row, dict) and "instruction" in row and "output" in row:
         answer = row.get("answer", "")
-        if not (_is_text(row["instruction"]) and isinstance(row["output"], str) and isinstance(row.get("input") or "", str)
-                and (isinstance(answer, (str, int, float)) and not isinstance(answer, bool))):
-            return None, "fields instruction, input and output must be text (instruction not empty), answer text or a number"
+        given_input = row.get("input") or ""  # null or absent: no input
+        texts = _is_text(row["instruction"]) and isinstance(row["output"], str) and isinstance(given_input, str)
+        if not (texts and isinstance(answer, (str, int, float)) and not isinstance(answer, bool)):
+            return None, ("fields instruction, input and output must be text (instruction not empty), answer text "
+                          "or a number")
         return {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"],
                 "answer": str(answer)}, None
     keys = sorted(map(str, row)) if isinstance(row, dict) else f"a JSON {type(row).__name__}"

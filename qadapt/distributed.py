@@ -43,9 +43,13 @@ def fsdp_units(model: nn.Module) -> set[int]:
             units.add(id(module))
         if isinstance(module, Adapter):
             units.add(id(module))
-            units.update(id(child) for child in module.children()
-                         if any(True for _ in child.parameters()) and not any(p.requires_grad for p in child.parameters()))
+            units.update(id(child) for child in module.children() if _all_frozen(child))
     return units
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def wrap_adapters_apart(accelerator, model: nn.Module) -> None:

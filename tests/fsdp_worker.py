@@ -53,7 +53,8 @@ def main(model_dir: str, out: Path, kind: str) -> None:
     losses = []
     for step in range(STEPS):
         mine = rows[step * GLOBAL_BATCH:][accelerator.process_index * share:][:share]
-        micro_batches = [D.collate(mine[i:i + MICRO_BATCH], tokenizer.pad_token_id) for i in range(0, share, MICRO_BATCH)]
+        micro_batches = [D.collate(mine[i:i + MICRO_BATCH], tokenizer.pad_token_id)
+                         for i in range(0, share, MICRO_BATCH)]
         losses.append(accumulate_gradients(model, micro_batches, accelerator))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -143,4 +143,5 @@ def test_training_inputs_that_cannot_work_fail_before_training(tiny_llama_dir, t
     (tmp_path / "empty.jsonl").write_text("\n\n")
     overrides = [o.replace("EMPTY", str(tmp_path / "empty.jsonl")) for o in overrides]
     with pytest.raises(QadaptError, match=message):
-        train(recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "output_dir": str(tmp_path / "run")}, overrides))
+        train(recipe_from_dict({"model": {"name": str(tiny_llama_dir)}, "output_dir": str(tmp_path / "run")},
+                               overrides))

@@ -54,7 +54,8 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path, name, content, error)
 
 def test_bad_rows_can_be_skipped_and_counted(tmp_path, capsys):
     path = tmp_path / "mixed.jsonl"
-    path.write_text('{"question": "a", "answer": "#### 1"}\n{"question": \n[1, 2]\n{"question": "b", "answer": "#### 2"}\n')
+    path.write_text('{"question": "a", "answer": "#### 1"}\n{"question": \n[1, 2]\n'
+                    '{"question": "b", "answer": "#### 2"}\n')
     assert [r["answer"] for r in D.load_examples(str(path), bad_rows="skip")] == ["1", "2"]
     assert "skipped 2 malformed rows of 4 in" in capsys.readouterr().out
     path.write_text('{"question": \n')

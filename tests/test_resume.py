@@ -150,7 +150,7 @@ def test_resuming_with_a_changed_recipe_names_the_changes_and_needs_permission(r
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, tiny_llama_dir, tmp_path):
     run = copy_unfinished(reference[0], tmp_path / "run")
     recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir), ["train.lr=1e30"])
-    with pytest.raises(QadaptError, match=r"training diverged at step \d+: the loss is (nan|inf).*step-000008.*train.lr"):
+    with pytest.raises(QadaptError, match=r"diverged at step \d+: the loss is (nan|inf).*step-000008.*train.lr"):
         train(recipe, resume="latest", allow_recipe_changes=True)
     assert latest_checkpoint(run) == run / "checkpoints" / "step-000008"
     assert not (run / "adapter").exists()
@@ -280,5 +280,5 @@ def test_a_changed_data_file_is_noticed_on_resume(tiny_llama_dir, tmp_path):
     shutil.rmtree(tmp_path / "run" / "adapter")  # as if it had crashed after its step-2 checkpoint
     (tmp_path / "run" / "summary.json").unlink()
     data.write_text(data.read_text().replace("What is 3 + 3?", "What is three plus three?"))
-    with pytest.raises(QadaptError, match="the training data differs from what checkpoint .*step-000002 was trained on"):
+    with pytest.raises(QadaptError, match="the training data differs from what checkpoint .*step-000002 was"):
         train(recipe, resume="latest")
