@@ -20,13 +20,13 @@ import json
 import pickle
 import random
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, human_size, write_errors_reported
 from qadapt.recipe import Recipe, recipe_from_dict, save_recipe
@@ -112,7 +112,7 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
         if problem is None:
             return folder
         if warn:
-            print(f"warning: skipping checkpoint {folder}: {problem}", file=sys.stderr)
+            say(f"skipping checkpoint {folder}: {problem}", warning=True)
     return None
 
 

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from qadapt import arithmetic
+from qadapt.console import say
 from qadapt.errors import QadaptError
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
@@ -84,7 +85,7 @@ def load_examples(path: str, split: str = "train", bad_rows: str = "fail") -> li
             records.append(record)
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        print(f"data: skipped {len(bad)} malformed rows of {len(rows)} in {source} (lines {shown})")
+        say(f"data: skipped {len(bad)} malformed rows of {len(rows)} in {source} (lines {shown})")
     if not records:
         raise QadaptError(f"no usable examples in {source}: all {len(rows)} rows are malformed")
     return records

@@ -60,7 +60,7 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     """
     from qadapt.adapters import attach_adapters, is_linear
     from qadapt.peft_format import meta_model
-    from qadapt.train import LOSS_CHUNK_TOKENS
+    from qadapt.loss import LOSS_CHUNK_TOKENS
 
     dtype_bytes = _DTYPE_BYTES.get(recipe.model.compute_dtype, compute_dtype_bytes)
     model = meta_model(recipe.model)

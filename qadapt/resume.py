@@ -26,6 +26,7 @@ from qadapt.checkpoint import (
     read_recipe,
     set_rng_state,
 )
+from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.recipe import Recipe, recipe_differences
 from qadapt.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, load_adapter
@@ -56,7 +57,7 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
                           "--overwrite to train it again, or choose another output_dir")
     found = latest_checkpoint(run_dir)
     if found is None:
-        print(f"resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR} yet; starting from step 0")
+        say(f"resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR} yet; starting from step 0")
     return found
 
 
@@ -70,7 +71,7 @@ def check_recipe(folder: Path, recipe: Recipe, allow_changes: bool) -> None:
                           + "\n".join(lines) + "\nresuming would not continue the same run; undo the changes, or "
                           "pass --allow-recipe-changes to continue with the new values")
     if changes:
-        print(f"resume: recipe changes since {folder.name}:\n" + "\n".join(lines))
+        say(f"resume: recipe changes since {folder.name}:\n" + "\n".join(lines))
 
 
 def restore(folder: Path, model, optimizer, base: dict, train_rows: list[dict], accelerator,
@@ -95,7 +96,7 @@ def restore(folder: Path, model, optimizer, base: dict, train_rows: list[dict], 
     if accelerator.process_index < len(rng_states):
         set_rng_state(rng_states[accelerator.process_index])
     progress.data_sha256, progress.num_processes = data_sha256, accelerator.num_processes
-    print(f"resume: continuing from {folder} (step {progress.step})")
+    say(f"resume: continuing from {folder} (step {progress.step})")
     return progress
 
 

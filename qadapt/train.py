@@ -1,9 +1,6 @@
 """One training loop for every adapter kind: setup → loop (accumulate, backward, clip, step, log,
-eval, save) → finish.
-
-The loss of an optimizer step is the mean over all its target tokens: each micro-batch contributes
-its summed token losses divided by the step's total target-token count (summed over processes
-under `accelerate launch`), so gradient accumulation gives the gradient of one large batch.
+eval, checkpoint) → finish. A run resumes from its checkpoints (qadapt.resume) and stops cleanly on
+Ctrl-C / SIGTERM (qadapt.stop_signals); the loss of a step is qadapt.loss's.
 """
 
 from __future__ import annotations
@@ -12,19 +9,15 @@ import json
 import math
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
 
 from qadapt import data as data_lib
 from qadapt import distributed
-from qadapt.adapters import FAMILIES, attach_adapters, count_parameters
+from qadapt.adapters import attach_adapters, count_parameters
 from qadapt.base_identity import base_identity
 from qadapt.checkpoint import (
     Progress,
@@ -36,9 +29,11 @@ from qadapt.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from qadapt.console import say
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.evaluate import load_eval_set, run_eval
 from qadapt.files import atomic_file, write_errors_reported
+from qadapt.loss import accumulate_gradients, eval_loss, to_device
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
@@ -57,72 +52,6 @@ def lr_at(step: int, max_steps: int, warmup_steps: int, peak_lr: float, schedule
     if schedule == "linear":
         return peak_lr * (1.0 - progress)
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-LOSS_CHUNK_TOKENS = 128  # positions whose logits exist at once: 128 × a 49k vocabulary is 25 MB in fp32
-
-
-def summed_token_loss(model, batch: dict) -> torch.Tensor:
-    """Cross-entropy summed over target tokens (next-token prediction), computed in fp32.
-
-    A model of a known family computes its logits a chunk of positions at a time, each chunk checkpointed,
-    so the (tokens × vocabulary) logits, their fp32 copy and their gradient never exist whole. A model
-    wrapped for several processes (DDP/FSDP) runs its plain forward, which its gradient hooks need.
-    """
-    labels = batch["labels"][:, 1:].flatten()
-    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAMILIES:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels,
-                               ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    hidden, head = hidden[:, :-1].flatten(0, 1), model.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, labels.numel(), LOSS_CHUNK_TOKENS):
-        rows = slice(start, start + LOSS_CHUNK_TOKENS)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, head, hidden[rows], labels[rows], use_reentrant=False)
-        else:
-            total = total + _chunk_loss(head, hidden[rows], labels[rows])
-    return total
-
-
-def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
-
-
-def target_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
-
-
-def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> float:
-    """Backward over one optimizer step's micro-batches; returns the step's mean token loss."""
-    local_tokens = torch.tensor(sum(target_tokens(b) for b in micro_batches), device=accelerator.device)
-    step_tokens = accelerator.reduce(local_tokens, "sum").item()
-    # DDP averages gradients over processes; scaling by their number turns that into a sum.
-    scale = accelerator.num_processes / step_tokens
-    loss_sum = 0.0
-    for index, batch in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        with nullcontext() if last else accelerator.no_sync(model):
-            loss = summed_token_loss(model, batch)
-            accelerator.backward(loss * scale)
-        loss_sum += loss.item()
-    total = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
-    return total / step_tokens
-
-
-@torch.no_grad()
-def eval_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, device) -> float:
-    """Mean token loss on held-out rows; the model is left in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens = 0.0, 0
-    for start in range(0, len(rows), micro_batch_size):
-        batch = _to(data_lib.collate(rows[start:start + micro_batch_size], pad_id), device)
-        loss_sum += summed_token_loss(model, batch).item()
-        tokens += target_tokens(batch)
-    model.train(was_training)
-    return loss_sum / max(tokens, 1)
 
 
 @dataclass
@@ -213,7 +142,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict]]:
         train_rows = train_rows[:d.max_examples]
     if not train_rows:
         raise QadaptError(f"no training examples left in {d.path} after holding out {len(val_rows)}")
-    print(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; "
+    say(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; "
           f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} dropped (no response left)")
     return train_rows, val_rows
 
@@ -280,7 +209,8 @@ def _next_micro_batches(s: Setup, size: int, count: int, order) -> list[dict]:
     share = size * count
     step_rows = [next(order) for _ in range(share * acc.num_processes)]
     mine = step_rows[acc.process_index * share:(acc.process_index + 1) * share]
-    return [_to(data_lib.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id), acc.device)
+    return [to_device(data_lib.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id),
+                      acc.device)
             for k in range(0, share, size)]
 
 
@@ -419,10 +349,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _to(batch: dict, device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
 
 
 def _float(value) -> float | None:

@@ -28,7 +28,7 @@ from qadapt.adapters import adapter_state_dict, attach_adapters
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import prepare_for_kbit_training
 from qadapt.recipe import AdapterConfig, ModelConfig
-from qadapt.train import accumulate_gradients
+from qadapt.loss import accumulate_gradients
 
 GLOBAL_BATCH, MICRO_BATCH, STEPS = 8, 2, 3
 

@@ -24,7 +24,7 @@ from qadapt.adapters import (
     load_adapter_state_dict,
 )
 from qadapt.recipe import AdapterConfig
-from qadapt.train import summed_token_loss
+from qadapt.loss import summed_token_loss
 
 KINDS = ["lora", "dora", "series", "parallel"]
 QUANTS = ["nf4", "int8", "none"]

@@ -12,7 +12,8 @@ from conftest import REPO
 
 from qadapt.recipe import load_recipe
 from qadapt.run_dir import load_trained_model
-from qadapt.train import eval_loss, prepare_data
+from qadapt.loss import eval_loss
+from qadapt.train import prepare_data
 
 
 def qadapt(*args: str, timeout: int = 600, stdin: str | None = None,

@@ -12,7 +12,8 @@ from qadapt import data as D
 from qadapt.adapters import adapter_params, attach_adapters
 from qadapt.recipe import AdapterConfig, recipe_from_dict
 from qadapt.run_dir import load_trained_model
-from qadapt.train import accumulate_gradients, eval_loss, lr_at, prepare_data, train
+from qadapt.loss import accumulate_gradients, eval_loss
+from qadapt.train import lr_at, prepare_data, train
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

@@ -72,7 +72,7 @@ def qadapt_trainer(model: nn.Module):
     from qadapt.adapters import attach_adapters
     from qadapt.quant import optimizer_class, prepare_for_kbit_training
     from qadapt.recipe import AdapterConfig
-    from qadapt.train import accumulate_gradients
+    from qadapt.loss import accumulate_gradients
 
     prepare_for_kbit_training(model, gradient_checkpointing=True)
     attach_adapters(model, AdapterConfig(kind="lora", rank=16, alpha=32, dropout=0.05, targets=TARGETS))
