@@ -169,6 +169,12 @@ def test_an_output_dir_with_a_run_is_not_overwritten_silently(reference, tiny_ll
         train(load_recipe(write_recipe(tmp_path, tiny_llama_dir), [f"output_dir={unfinished}"]))
     with pytest.raises(QadaptError, match="pass one of them"):
         train(recipe, resume="latest", overwrite=True)
+    (finished / "checkpoints" / "step-000999").mkdir()  # something only the old run had
+    train(recipe, overwrite=True)
+    assert not (finished / "checkpoints" / "step-000999").exists()
+    assert_same_curve(finished, reference[1])
+    rows = (finished / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss"' in row for row in rows) == STEPS  # one fresh run's rows, not two runs' appended
 
 
 def test_low_disk_space_is_found_before_training(tiny_llama_dir, tmp_path, monkeypatch):
