@@ -62,16 +62,18 @@ def save_checkpoint(folder: Path, model, optimizer_state: dict, progress: Progre
 
     `weights`: the adapter's weights when the model does not hold them whole (FSDP), else taken from it.
     """
-    latest = latest_checkpoint(folder.parent.parent, warn=False)
-    advice = f"nothing half-written was left; the last complete checkpoint is {latest or 'none'}"
-    with write_errors_reported(folder, advice), atomic_folder(folder) as tmp:
-        write_adapter_files(tmp, model, recipe, wrapped, base, weights)
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        torch.save(rng_states, tmp / RNG_FILE)
-        save_recipe(recipe, tmp / RECIPE_FILE)
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(f)} for f in sorted(tmp.iterdir())}
-        state = {**dataclasses.asdict(progress), "files": files}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    try:
+        with write_errors_reported(folder, "nothing half-written was left"), atomic_folder(folder) as tmp:
+            write_adapter_files(tmp, model, recipe, wrapped, base, weights)
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            torch.save(rng_states, tmp / RNG_FILE)
+            save_recipe(recipe, tmp / RECIPE_FILE)
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(f)} for f in sorted(tmp.iterdir())}
+            state = {**dataclasses.asdict(progress), "files": files}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    except QadaptError as error:  # only now look for the last good one: that hashes its files
+        latest = latest_checkpoint(folder.parent.parent, warn=False)
+        raise QadaptError(f"{error}; the last complete checkpoint is {latest or 'none'}") from None
     return folder
 
 
