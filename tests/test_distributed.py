@@ -97,13 +97,24 @@ def test_two_processes_match_one_on_the_embedded_model_in_nf4(tmp_path):
     assert worst < 1e-2  # measured over 3 steps: 3.6e-3, in the least-trained matrix
 
 
+GLOO_TRANSPORT_FLAKE = "Received data size doesn't match expected size"
+
+
 def launch_worker(processes: int, model_dir: Path, out: Path, kind: str) -> dict:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-               str(port), str(Path(__file__).parent / "fsdp_worker.py"), str(model_dir), str(out), kind]
-    result = subprocess.run(command, capture_output=True, text=True)
+    def run_once():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(port), str(Path(__file__).parent / "fsdp_worker.py"), str(model_dir),
+                   str(out), kind]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    result = run_once()
+    if result.returncode != 0 and GLOO_TRANSPORT_FLAKE in result.stderr:
+        # Seen once in ~20 CI runs, never in dozens here: gloo's TCP transport (2 cores, busy) delivered one
+        # op's bytes to another's buffer. A real collective mismatch in our code repeats; this did not.
+        result = run_once()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
