@@ -16,20 +16,32 @@ from qadapt.adapters.base import (
 from qadapt.adapters.bottleneck import Bottleneck, ParallelAdapter, SeriesAdapter
 from qadapt.adapters.dora import DoRALinear
 from qadapt.adapters.families import FAMILIES, Family, family_of
-from qadapt.adapters.inject import inject_adapters, is_linear, linear_layer_names, wrap_modules
+from qadapt.adapters.head import TOKEN_CLASSIFIER, TrainedHead
+from qadapt.adapters.inject import detach_adapters, inject_adapters, is_linear, linear_layer_names, wrap_modules
 from qadapt.adapters.lora import LoRALinear
 from qadapt.adapters.placement import plan_adapters
 from qadapt.recipe import AdapterConfig
 
 
 def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Attach the adapters `cfg` describes to `model` in place; return the wrapped module names."""
-    return wrap_modules(model, plan_adapters(model, cfg))
+    """Attach the adapters `cfg` describes to `model` in place; return the wrapped module names.
+
+    A token-classification model's new head is trained whole beside them (qadapt.adapters.head).
+    """
+    plan = plan_adapters(model, cfg)
+    if has_token_classifier(model):
+        plan[TOKEN_CLASSIFIER] = TrainedHead
+    return wrap_modules(model, plan)
+
+
+def has_token_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForTokenClassification")
 
 
 __all__ = [
     "Adapter", "Bottleneck", "DoRALinear", "FAMILIES", "Family", "LoRALinear", "ParallelAdapter",
-    "SeriesAdapter", "adapter_params", "adapter_state_dict", "attach_adapters", "count_parameters",
-    "family_of", "inject_adapters", "is_linear", "layer_dims", "linear_layer_names",
-    "load_adapter_state_dict", "mark_only_adapters_trainable", "plan_adapters",
+    "SeriesAdapter", "TrainedHead", "adapter_params", "adapter_state_dict", "attach_adapters",
+    "count_parameters", "detach_adapters", "family_of", "has_token_classifier", "inject_adapters", "is_linear",
+    "layer_dims", "linear_layer_names", "load_adapter_state_dict", "mark_only_adapters_trainable",
+    "plan_adapters",
 ]

@@ -13,7 +13,9 @@ from qadapt.errors import QadaptError
 
 
 class Adapter(nn.Module):
-    """Base class of the adapter family."""
+    """Base class of the adapter family. `self.base` is the module it wraps (put back by detaching)."""
+
+    base: nn.Module
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """Trainable parameters, by name relative to this module."""

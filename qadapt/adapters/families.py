@@ -1,7 +1,8 @@
 """Where adapters go in each model family, keyed on `config.model_type` (never on a model's name).
 
-Names are module-name suffixes inside a decoder layer. Where two modules share a last name (GPT-2's
-`attn.c_proj` and `mlp.c_proj`) the suffix carries its parent. A family not in the table still works
+Names are module-name suffixes inside a decoder (or encoder) layer. Where two modules share a last name
+(GPT-2's `attn.c_proj` and `mlp.c_proj`) the suffix carries its parent; where they share every suffix
+(BERT's two `output.dense`) a `^` regex names the whole path. A family not in the table still works
 with explicit `adapter.targets` and `placement: linears`.
 """
 
@@ -37,6 +38,25 @@ _LLAMA = Family(
     mlp_inputs=("gate_proj", "up_proj"), mlp_output="down_proj",
 )
 
+# BERT-style encoders: layer.N.attention.output.dense ends the attention, layer.N.output.dense the FFN.
+_BERT_FFN_OUTPUT = r"^.*layer\.\d+\.output\.dense"
+
+
+def _bert_like(query: str, key: str, value: str, attention_output: str) -> Family:
+    """An encoder layer: attention (ending in its output projection + LayerNorm), then intermediate → output.
+
+    Its FFN is two sibling modules, not one block, so a parallel adapter sits beside the attention
+    or beside named linears (placement `linears`), not beside an `mlp`.
+    """
+    return Family(
+        linears=(query, key, value, attention_output, "intermediate.dense", _BERT_FFN_OUTPUT),
+        attention="attention", mlp=None, attention_output=attention_output,
+        mlp_inputs=("intermediate.dense",), mlp_output=_BERT_FFN_OUTPUT,
+    )
+
+
+_BERT = _bert_like("query", "key", "value", "attention.output.dense")
+
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -64,6 +84,16 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         linears=("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"),
         attention="attn", mlp="mlp", attention_output="attn.c_proj", mlp_inputs=("c_fc",), mlp_output="mlp.c_proj",
+    ),
+    # Encoders, for token classification.
+    "bert": _BERT,
+    "roberta": _BERT,
+    "electra": _BERT,
+    "mpnet": _bert_like("attn.q", "attn.k", "attn.v", "attn.o"),
+    "deberta-v2": _bert_like("query_proj", "key_proj", "value_proj", "attention.output.dense"),
+    "distilbert": Family(
+        linears=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+        attention="attention", mlp="ffn", attention_output="out_lin", mlp_inputs=("lin1",), mlp_output="lin2",
     ),
 }
 

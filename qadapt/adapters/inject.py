@@ -1,7 +1,14 @@
-"""Attach adapters to a model in place: match module names, wrap them on their parent, report the names."""
+"""Attach adapters to a model in place: match module names, wrap them on their parent, report the names.
+
+A target is a module-name suffix of whole name parts (`q_proj`, `attn.c_proj`), or, starting with `^`,
+a regular expression the whole name must match: BERT's FFN output `layer.0.output.dense` and its
+attention output `layer.0.attention.output.dense` share every suffix, so the table names the first as
+`^.*layer\.\d+\.output\.dense`.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from torch import nn
@@ -23,8 +30,11 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_linear(m)})
 
 
-def ends_with(name: str, suffix: str) -> bool:
-    return name == suffix or name.endswith("." + suffix)
+def ends_with(name: str, target: str) -> bool:
+    """Whether module `name` is what `target` names: a suffix of whole name parts, or a `^` regex."""
+    if target.startswith("^"):
+        return re.fullmatch(target, name) is not None
+    return name == target or name.endswith("." + target)
 
 
 def match_linears(model: nn.Module, targets: list[str]) -> list[str]:
@@ -60,3 +70,12 @@ def wrap_modules(model: nn.Module, plan: dict[str, Wrap]) -> list[str]:
 def inject_adapters(model: nn.Module, targets: list[str], wrap: Wrap) -> list[str]:
     """Wrap every linear layer whose name ends with a target; return their names."""
     return wrap_modules(model, {name: wrap for name in match_linears(model, targets)})
+
+
+def detach_adapters(model: nn.Module) -> None:
+    """Put every wrapped module back in its adapter's place: the base as it was before attaching."""
+    names = [name for name, m in model.named_modules() if isinstance(m, Adapter)]
+    for name in reversed(names):  # inner first: an adapter's base may hold adapters of its own
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, getattr(parent, child).base)
