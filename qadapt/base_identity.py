@@ -65,9 +65,17 @@ def _describe(identity: dict) -> str:
 
 
 def _layer_shapes(model: nn.Module) -> list:
-    """(name, in, out) of every linear and embedding layer; quantized linears report their logical shape."""
+    """(name, in, out) of every linear and embedding layer; quantized linears report their logical shape.
+
+    A token classifier's head is not part of the base: it is new, sized by the task's labels, and trained.
+    """
+    from qadapt.adapters import TOKEN_CLASSIFIER, has_token_classifier
+
+    head = TOKEN_CLASSIFIER if has_token_classifier(model) else None
     shapes = []
     for name, module in model.named_modules():
+        if name == head:
+            continue
         if isinstance(module, nn.Linear):
             shapes.append([name, module.in_features, module.out_features])
         elif isinstance(module, nn.Embedding):

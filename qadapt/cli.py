@@ -111,7 +111,8 @@ DTypeOption = typer.Option(None, help="Override the compute dtype (auto, bf16, f
 def eval_command(
     target: str = TargetArg,
     data: Optional[list[str]] = typer.Option(None, "--data", help="A set: GSM8K .jsonl, LLM-Adapters .json, a hub id "
-                                             "or builtin:arithmetic. Repeat for more sets."),
+                                             "or builtin:arithmetic; for a token-classification run a CoNLL "
+                                             "file. Repeat for more sets."),
     limit: Optional[int] = typer.Option(None, help="Only the first N problems of each set."),
     batch_size: int = typer.Option(64, help="Problems decoded together (lower it if memory runs short)."),
     max_new_tokens: int = MaxNewTokensOption,
@@ -121,7 +122,7 @@ def eval_command(
     template: Optional[str] = TemplateOption,
     compute_dtype: Optional[str] = DTypeOption,
 ) -> None:
-    """Accuracy on math sets, scored as the LLM-Adapters paper scores them."""
+    """Accuracy on math sets, scored as the LLM-Adapters paper scores them; entity F1 for a tagging run."""
     from qadapt.evaluate import run_eval
 
     with _user_errors():

@@ -1,4 +1,4 @@
-"""Token-classification data in CoNLL format, and its labels aligned to sub-word tokens.
+"""Token-classification data in CoNLL format (or a datasets-hub id), and its labels aligned to sub-word tokens.
 
 A CoNLL file has one token per line, its tag in the last column (columns separated by tabs, or else by
 spaces), and a blank line between sentences; `-DOCSTART-` lines separate documents. Tags may be IOB1
@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from qadapt.data import IGNORE_INDEX  # a sub-token with no label: all but a word's first piece, specials
 from qadapt.errors import QadaptError
 
-IGNORE_INDEX = -100  # a sub-token that carries no label: all but the first piece of a word, specials
 DOCSTART = "-DOCSTART-"
 
 
@@ -21,6 +21,38 @@ DOCSTART = "-DOCSTART-"
 class Sentence:
     tokens: list[str]
     tags: list[str]  # IOB2
+
+
+def load_sentences(spec: str, split: str = "train") -> list[Sentence]:
+    """The sentences of a CoNLL file, or of a hub dataset with `tokens` and `ner_tags` columns (`id[:config]`)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return read_conll(path)
+    if spec.startswith("builtin:"):
+        raise QadaptError(f"data {spec!r} is a set of math problems; token classification reads a CoNLL file "
+                          "(word ... tag per line) or a hub dataset with tokens and ner_tags")
+    if spec.startswith((".", "/", "~")) or path.suffix or spec.count("/") > 1:
+        raise QadaptError(f"data file not found: {path}")
+    return _hub_sentences(spec, split)
+
+
+def _hub_sentences(spec: str, split: str) -> list[Sentence]:
+    import datasets
+
+    name, _, config = spec.partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:  # the hub client raises many types; the user needs one line
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QadaptError(f"cannot load dataset {spec!r} (not a local file): {first_line}; offline, use a "
+                          "CoNLL file") from None
+    column = next((c for c in ("ner_tags", "tags") if c in rows.column_names), None)
+    if "tokens" not in rows.column_names or column is None:
+        raise QadaptError(f"dataset {spec!r} has columns {rows.column_names}; token classification needs "
+                          "tokens and ner_tags")
+    names = getattr(rows.features[column].feature, "names", None)  # a ClassLabel: ids stand for tag names
+    return [Sentence(list(row["tokens"]), iob2([names[t] if names else t for t in row[column]], f"{spec}[{i}]"))
+            for i, row in enumerate(rows) if row["tokens"]]
 
 
 def read_conll(path: str | Path) -> list[Sentence]:

@@ -111,6 +111,14 @@ def format_table(sets: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def run_task(target: str) -> str:
+    """The task a run directory was trained for; a bare model is evaluated as a causal LM."""
+    from qadapt.run_dir import RECIPE_FILE, load_run_recipe
+
+    path = Path(target).expanduser()
+    return load_run_recipe(path).task if (path / RECIPE_FILE).is_file() else "causal-lm"
+
+
 def load_target(target: str, quant: str = "nf4", template: str | None = None, compute_dtype: str | None = None):
     """(model, tokenizer, template, default output folder) of a run directory or a bare model.
 
@@ -129,6 +137,9 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
     if (path / RECIPE_FILE).is_file():
         if not (path / ADAPTER_DIR).is_dir():
             raise QadaptError(f"run directory {path} has no {ADAPTER_DIR}/ yet: the run has not finished")
+        if run_task(target) != "causal-lm":
+            raise QadaptError(f"{path} is a {run_task(target)} run: it tags words and does not answer prompts; "
+                              "score it with qadapt eval RUN_DIR --data CONLL_FILE")
         model, tokenizer, recipe = load_trained_model(path, compute_dtype=compute_dtype)
         return model, tokenizer, template or recipe.data.template, path / "eval"
     cfg = ModelConfig(name=target, quant=quant, compute_dtype=compute_dtype or "auto")
@@ -142,9 +153,16 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
 def run_eval(target: str, data: list[str], limit: int | None = None, batch_size: int = 64,
              max_new_tokens: int = 256, strict: bool = False, out: Path | None = None, quant: str = "nf4",
              template: str | None = None, compute_dtype: str | None = None, loaded=None) -> dict:
-    """Evaluate `target` on every set in `data`; print the table; write metrics and predictions."""
+    """Evaluate `target` on every set in `data`; print the table; write metrics and predictions.
+
+    A token-classification run is scored by entity F1 instead (qadapt.tagging_eval).
+    """
     from tqdm import tqdm
 
+    if loaded is None and run_task(target) == "token-classification":
+        from qadapt.tagging_eval import run_tagging_eval
+
+        return run_tagging_eval(target, data, limit, batch_size, out, compute_dtype)
     if not data:
         raise QadaptError("name at least one evaluation set with --data (a .json/.jsonl file, a hub id, or "
                           f"{BUILTIN_ARITHMETIC})")

@@ -31,7 +31,7 @@ MIN_TOP1_AGREEMENT = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.9}
 
 
 def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", base: str = "dequantized") -> dict:
-    from qadapt.merge import merge_run, refuse_non_linear
+    from qadapt.merge import merge_run, refuse_unmergeable
     from qadapt.peft_format import meta_model
     from qadapt.run_dir import load_run_recipe
 
@@ -39,7 +39,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", ba
         raise QadaptError(f"--type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     run_dir, out = Path(run_dir), Path(out)
     recipe = load_run_recipe(run_dir)
-    refuse_non_linear(recipe.adapter.kind, "export to GGUF")
+    refuse_unmergeable(recipe, "export to GGUF")
     refuse_existing(out)
     model_type = meta_model(recipe.model).config.model_type
     if model_type not in GGUF_ARCHITECTURES:
@@ -64,9 +64,9 @@ def tokenizer_pre(model_name: str) -> str:
     """llama.cpp's pre-tokenizer name: the source GGUF's when the base came from one, else 'default'."""
     import gguf
 
-    from qadapt.models import EMBEDDED_MODELS, embedded_gguf
+    from qadapt.models import EMBEDDED_MODELS, embedded_model
 
-    source = embedded_gguf(model_name) if model_name in EMBEDDED_MODELS else Path(model_name)
+    source = embedded_model(model_name) if model_name in EMBEDDED_MODELS else Path(model_name)
     if source.suffix != ".gguf" or not source.is_file():
         return "default"
     field = gguf.GGUFReader(source).get_field(gguf.Keys.Tokenizer.PRE)

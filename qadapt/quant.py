@@ -32,10 +32,11 @@ def fast_bf16_available() -> bool:
 
 
 def quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype,
-                        storage: torch.dtype | None = None):
+                        storage: torch.dtype | None = None, skip: list[str] | None = None):
     """transformers' BitsAndBytesConfig for `quant` (nf4 | fp4 | int8), or None for `none`.
 
     `storage`: the dtype that holds 4-bit codes (default uint8; FSDP needs the compute dtype).
+    `skip`: modules left unquantized (a new head that trains); None lets transformers pick (the LM head).
     """
     if quant == "none":
         return None
@@ -43,9 +44,10 @@ def quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dty
     from transformers import BitsAndBytesConfig
 
     if quant == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        llm_int8_skip_modules=skip,
         bnb_4bit_quant_type=quant,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,

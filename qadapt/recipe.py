@@ -21,12 +21,14 @@ Quant = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 Template = Literal["alpaca", "chat"]
+Task = Literal["causal-lm", "token-classification"]
 
 
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"
-    """`smollm2-135m` (embedded, offline), a hub id, a local model folder or a `.gguf` file."""
+    """`smollm2-135m` or (an encoder) `all-minilm-l6-v2`, both embedded and offline; a hub id, a local
+    model folder or a `.gguf` file."""
     quant: Quant = "nf4"
     """How the frozen base is stored: 4-bit `nf4`/`fp4`, 8-bit `int8`, or `none` (compute dtype)."""
     double_quant: bool = True
@@ -72,7 +74,8 @@ class AdapterConfig:
 @dataclass
 class DataConfig:
     path: str = "builtin:arithmetic"
-    """`builtin:arithmetic`, a GSM8K .jsonl, an LLM-Adapters .json, or a datasets-hub id."""
+    """`builtin:arithmetic`, a GSM8K .jsonl, an LLM-Adapters .json, or a datasets-hub id; for token
+    classification a CoNLL file (word ... tag per line) or a hub id with `tokens` and `ner_tags`."""
     split: str = "train"
     """Split of a hub dataset or of the built-in problems."""
     template: Template = "alpaca"
@@ -131,7 +134,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     sets: list[str] = field(default_factory=list)
-    """Sets to score when training ends, as for `qadapt eval --data`; empty: none."""
+    """Sets to score when training ends, as for `qadapt eval --data` (math sets, or CoNLL files for
+    token classification); empty: none."""
     limit: Optional[int] = None
     """Only the first N problems of each set."""
     batch_size: int = 64
@@ -144,6 +148,9 @@ class EvalConfig:
 
 @dataclass
 class Recipe:
+    task: Task = "causal-lm"
+    """`causal-lm` (instruction tuning a decoder) or `token-classification` (tagging words, e.g. NER,
+    with an encoder such as BERT; the head is trained with the adapters)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -29,7 +29,8 @@ def read_run(run_dir: Path) -> dict:
         "summary": json.loads((run_dir / SUMMARY_FILE).read_text()),
         "losses": [(r["step"], r["loss"]) for r in rows if "loss" in r],
         "eval_losses": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
-        "accuracy": {name: row["accuracy"] for name, row in sets.items()},
+        # A math set's accuracy, or a tagging set's entity F1: each run's one score per set.
+        "accuracy": {name: row["accuracy"] if "accuracy" in row else row["f1"] for name, row in sets.items()},
     }
 
 

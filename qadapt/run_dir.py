@@ -3,8 +3,8 @@
     <output_dir>/
       recipe.yaml                      the resolved recipe (overrides applied)
       adapter/                         the final adapter
-        adapter.safetensors            adapter weights only, fp32, named as in the model
-        adapter_config.json            kind, options, wrapped modules, base model
+        adapter.safetensors            adapter weights only, fp32, named as in the model (and a trained head)
+        adapter_config.json            kind, options, wrapped modules, base model (and the head's labels)
       checkpoints/step-000100/         a full checkpoint every train.save_every steps (qadapt.checkpoint)
       metrics.jsonl                    one JSON row per logged step / eval
       summary.json                     the run's figures, written when it finishes
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qadapt.adapters import adapter_state_dict, attach_adapters, load_adapter_state_dict
+from qadapt.adapters import adapter_state_dict, attach_adapters, has_token_classifier, load_adapter_state_dict
 from qadapt.base_identity import base_identity, check_same_base
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, write_errors_reported
@@ -86,7 +86,10 @@ def write_adapter_files(folder: Path, model: nn.Module, recipe: Recipe, wrapped:
         "base_model": recipe.model.name,
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "base_identity": base,
+        "task": recipe.task,
     }
+    if has_token_classifier(model):  # the head's outputs, in order: what each logit means
+        config["labels"] = [model.config.id2label[i] for i in range(model.config.num_labels)]
     save_file(adapter_state_dict(model) if state is None else state, folder / ADAPTER_WEIGHTS)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -114,6 +117,23 @@ def load_adapter(model: nn.Module, folder: Path, base: dict | None = None) -> No
     load_adapter_state_dict(model, load_file(weights))
 
 
+def read_adapter_config(folder: Path) -> dict:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise QadaptError(f"no adapter config at {path}")
+    return json.loads(path.read_text())
+
+
+def adapter_labels(folder: Path) -> list[str] | None:
+    """The labels of a token-classification adapter's head, in logit order; None for a causal-LM adapter."""
+    config = read_adapter_config(folder)
+    if config.get("task", "causal-lm") != "token-classification":
+        return None
+    if not config.get("labels"):
+        raise QadaptError(f"{folder / ADAPTER_CONFIG} is a token-classification adapter without its labels")
+    return config["labels"]
+
+
 def load_run_recipe(run_dir: Path) -> Recipe:
     """The recipe of a finished run; a clear error for a folder that is not one."""
     if not (run_dir / RECIPE_FILE).is_file():
@@ -133,11 +153,12 @@ def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_
 
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = load_tokenizer(recipe.model, recipe.task)
     model_cfg = recipe.model
     if compute_dtype and model_cfg.quant == "none":  # no quantized codes to keep: load straight in the dtype
         model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
-    model = load_base(model_cfg)  # quantized from the dtype it was trained in: the same 4-bit codes
+    # Quantized from the dtype it was trained in: the same 4-bit codes.
+    model = load_base(model_cfg, labels=adapter_labels(run_dir / adapter))
     base = base_identity(model, recipe.model.name)
     disable_cpu_weight_repacking(model)  # the same kernels, so the same numbers, as in training
     if compute_dtype:

@@ -29,17 +29,19 @@ from qadapt.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from qadapt.conll import label_names, load_sentences
 from qadapt.console import say
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.evaluate import load_eval_set, run_eval
 from qadapt.files import atomic_file, write_errors_reported
-from qadapt.loss import accumulate_gradients, eval_loss, to_device
+from qadapt.loss import TASK_LOSSES, TaskLoss, accumulate_gradients, eval_loss, to_device
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
 from qadapt.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
 from qadapt.run_dir import ADAPTER_DIR, SUMMARY_FILE, MetricsLog, create_run_dir, save_adapter
 from qadapt.stop_signals import EXIT_CODES, StopSignals
+from qadapt.token_classification import tokenize_sentences
 
 
 def lr_at(step: int, max_steps: int, warmup_steps: int, peak_lr: float, schedule: str) -> float:
@@ -62,6 +64,7 @@ class Setup:
     tokenizer: object
     train_rows: list[dict]
     val_rows: list[dict]
+    loss: TaskLoss  # what the task's loss sums over
     wrapped: list[str]
     base: dict  # the base model's identity, recorded with every adapter saved
     run_dir: Path
@@ -79,10 +82,10 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     accelerator = _accelerator()
     run_dir, metrics = _open_run_dir(recipe, accelerator, resume_step, overwrite)
     set_seed(recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model)
-    train_rows, val_rows = prepare_data(recipe, tokenizer)
+    tokenizer = load_tokenizer(recipe.model, recipe.task)
+    data = prepare_data(recipe, tokenizer)
     sharded = distributed.is_fsdp(accelerator)
-    model = load_base(recipe.model, accelerator.device, quant_storage_like_compute=sharded)
+    model = load_base(recipe.model, accelerator.device, quant_storage_like_compute=sharded, labels=data.labels)
     base = base_identity(model, recipe.model.name)
     prepare_for_kbit_training(model, recipe.train.gradient_checkpointing)
     wrapped = attach_adapters(model, recipe.adapter)
@@ -96,9 +99,9 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     examples_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
-    max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(train_rows) / examples_per_step))
-    return Setup(model, optimizer, accelerator, tokenizer, train_rows, val_rows, wrapped, base, run_dir, metrics,
-                 max_steps)
+    max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train_rows) / examples_per_step))
+    return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, TASK_LOSSES[recipe.task],
+                 wrapped, base, run_dir, metrics, max_steps)
 
 
 def _accelerator():
@@ -128,23 +131,40 @@ def _open_run_dir(recipe: Recipe, accelerator, resume_step: int | None, overwrit
     return run_dir, metrics
 
 
-def prepare_data(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict]]:
+@dataclass
+class TrainingData:
+    train_rows: list[dict]
+    val_rows: list[dict]  # held out for the eval loss
+    labels: list[str] | None  # token classification: the tags found in the data, the head's outputs
+
+
+def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
     d = recipe.data
+    tagging = recipe.task == "token-classification"
     for spec in recipe.eval.sets:  # a wrong eval set fails now, not after training
-        load_eval_set(spec, recipe.eval.limit)
-    records = data_lib.load_examples(d.path, d.split, d.bad_rows)
-    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
-    if not tokenized.rows:
-        raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {d.path}: no example "
-                          "keeps a response token to learn from; raise data.cutoff_len")
-    train_rows, val_rows = data_lib.split_held_out(tokenized.rows, d.val_size, seed=recipe.train.seed)
+        load_sentences(spec, "test") if tagging else load_eval_set(spec, recipe.eval.limit)
+    labels = None
+    if tagging:
+        sentences = load_sentences(d.path, d.split)
+        labels = label_names(sentences)
+        tagged = tokenize_sentences(sentences, tokenizer, labels, d.cutoff_len)
+        rows, cut = tagged.rows, f"{tagged.truncated} with words cut off at {d.cutoff_len} tokens"
+    else:
+        records = data_lib.load_examples(d.path, d.split, d.bad_rows)
+        tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
+        if not tokenized.rows:
+            raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {d.path}: no "
+                              "example keeps a response token to learn from; raise data.cutoff_len")
+        rows = tokenized.rows
+        cut = f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} dropped (no response left)"
+    train_rows, val_rows = data_lib.split_held_out(rows, d.val_size, seed=recipe.train.seed)
     if d.max_examples:
         train_rows = train_rows[:d.max_examples]
     if not train_rows:
         raise QadaptError(f"no training examples left in {d.path} after holding out {len(val_rows)}")
-    say(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; "
-          f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} dropped (no response left)")
-    return train_rows, val_rows
+    say(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; {cut}"
+        + (f"; {len(labels)} labels: {', '.join(labels)}" if labels else ""))
+    return TrainingData(train_rows, val_rows, labels)
 
 
 @dataclass
@@ -188,7 +208,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = _next_micro_batches(s, t.micro_batch_size, t.grad_accum, order)
-            loss = accumulate_gradients(s.model, micro_batches, acc)
+            loss = accumulate_gradients(s.model, micro_batches, acc, s.loss)
             grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
             _refuse_divergence(s, recipe, step + 1, loss, grad_norm)
             s.optimizer.step()
@@ -300,7 +320,7 @@ def finish(s: Setup, recipe: Recipe, progress: Progress) -> dict:
         "adapter": str(adapter),
     }
     if recipe.eval.sets and s.accelerator.is_main_process:
-        summary["accuracy"] = _final_accuracy(s, recipe)
+        summary["entity_f1" if recipe.task == "token-classification" else "accuracy"] = _final_scores(s, recipe)
     if s.accelerator.is_main_process:
         with atomic_file(s.run_dir / SUMMARY_FILE) as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
@@ -326,18 +346,28 @@ def format_summary(summary: dict) -> str:
     ])
 
 
-def _final_accuracy(s: Setup, recipe: Recipe) -> dict[str, float]:
-    """Score the trained model on the recipe's eval sets, in memory; results under RUN/eval."""
+def _final_scores(s: Setup, recipe: Recipe) -> dict[str, float]:
+    """Score the trained model on the recipe's eval sets, in memory: accuracy, or entity F1 for tagging.
+
+    Results (metrics.json, predictions.jsonl) go under RUN/eval.
+    """
+    from qadapt.tagging_eval import run_tagging_eval
+
     model = s.accelerator.unwrap_model(s.model)
     model.eval()
     e = recipe.eval
+    if recipe.task == "token-classification":
+        metrics = run_tagging_eval(str(s.run_dir), e.sets, e.limit, e.batch_size,
+                                   loaded=(model, s.tokenizer, recipe.data.cutoff_len, s.run_dir / "eval"))
+        return {name: row["f1"] for name, row in metrics["sets"].items()}
     metrics = run_eval(str(s.run_dir), e.sets, e.limit, e.batch_size, e.max_new_tokens, e.strict,
                        loaded=(model, s.tokenizer, recipe.data.template, s.run_dir / "eval"))
     return {name: row["accuracy"] for name, row in metrics["sets"].items()}
 
 
 def _log_eval(s: Setup, recipe: Recipe, step: int, write=print) -> float:
-    val = eval_loss(s.model, s.val_rows, recipe.train.micro_batch_size, s.tokenizer.pad_token_id, s.accelerator.device)
+    val = eval_loss(s.model, s.val_rows, recipe.train.micro_batch_size, s.tokenizer.pad_token_id, s.accelerator.device,
+                    s.loss)
     if s.accelerator.is_main_process:
         write(f"step {step}: eval loss {val:.4f}")
         s.metrics.log({"step": step, "eval_loss": val})

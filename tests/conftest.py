@@ -120,3 +120,58 @@ def load_family(tiny_family_dir):
         return model
 
     return load
+
+
+def _tiny_encoder_config(family: str, vocab_size: int = TINY_VOCAB):
+    """A 2-layer, 64-wide random encoder config of `family` (config.model_type)."""
+    import transformers as t
+
+    bert_like = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=128)
+    configs = {
+        "bert": lambda: t.BertConfig(**bert_like),
+        "roberta": lambda: t.RobertaConfig(**bert_like, pad_token_id=1),
+        "electra": lambda: t.ElectraConfig(**bert_like, embedding_size=64),
+        "mpnet": lambda: t.MPNetConfig(**bert_like),
+        "deberta-v2": lambda: t.DebertaV2Config(**bert_like),
+        "distilbert": lambda: t.DistilBertConfig(vocab_size=vocab_size, dim=64, hidden_dim=128, n_layers=2,
+                                                 n_heads=2, max_position_embeddings=128),
+    }
+    return configs[family]()
+
+
+ENCODER_FAMILIES = ("bert", "roberta", "electra", "mpnet", "deberta-v2", "distilbert")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    """tiny_encoder_dir(family) -> a folder with a tiny random encoder of that family (made once, seed 0)."""
+    from transformers import AutoModel
+
+    folders: dict[str, Path] = {}
+
+    def folder_for(family: str) -> Path:
+        if family not in folders:
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            AutoModel.from_config(_tiny_encoder_config(family)).save_pretrained(folder)
+            folders[family] = folder
+        return folders[family]
+
+    return folder_for
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer random BERT with the embedded MiniLM's (uncased WordPiece) tokenizer, as a model folder."""
+    from transformers import AutoModel
+
+    from qadapt.models import load_tokenizer
+    from qadapt.recipe import ModelConfig
+
+    tokenizer = load_tokenizer(ModelConfig(name="all-minilm-l6-v2"), "token-classification")
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    AutoModel.from_config(_tiny_encoder_config("bert", len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

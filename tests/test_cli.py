@@ -115,7 +115,7 @@ def test_real_smollm2_nf4_trains_through_the_cli_and_reloads(tmp_path):
     # A fresh base with the saved adapter reproduces the trained model's held-out loss.
     model, tokenizer, recipe = load_trained_model(run)
     assert recipe == load_recipe(run / "recipe.yaml") and recipe.model.quant == "nf4"
-    _, val_rows = prepare_data(recipe, tokenizer)
+    val_rows = prepare_data(recipe, tokenizer).val_rows
     reloaded = eval_loss(model, val_rows, recipe.train.micro_batch_size, tokenizer.pad_token_id, model.device)
     assert reloaded == pytest.approx(logged_eval[-1], rel=1e-6)
 

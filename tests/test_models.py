@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qadapt.errors import QadaptError
-from qadapt.models import embedded_gguf, resolve_compute_dtype, resolve_model_path
+from qadapt.models import embedded_model, resolve_compute_dtype, resolve_model_path
 
 
 def test_hub_ids_pass_through_and_paths_must_exist(tmp_path):
@@ -21,7 +21,7 @@ def test_hub_ids_pass_through_and_paths_must_exist(tmp_path):
 def test_embedded_model_is_converted_once_to_a_safetensors_folder(smol_tokenizer):
     from pathlib import Path
 
-    assert embedded_gguf("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert embedded_model("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     folder = Path(resolve_model_path("smollm2-135m"))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert resolve_model_path("smollm2-135m") == str(folder)  # cached: same folder, no second conversion

@@ -80,7 +80,7 @@ def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama
 
     reloaded, tokenizer, saved_recipe = load_trained_model(run)
     assert saved_recipe == recipe
-    _, val_rows = prepare_data(saved_recipe, tokenizer)
+    val_rows = prepare_data(saved_recipe, tokenizer).val_rows
     assert eval_loss(reloaded, val_rows, 2, tokenizer.pad_token_id, reloaded.device) == pytest.approx(
         summary["eval_loss"], rel=1e-6)
     assert not reloaded.training  # eval_loss leaves the mode as it found it
