@@ -31,15 +31,19 @@ UNSUPPORTED_OPTIONS = {
 }
 
 
-def meta_model(model_cfg) -> nn.Module:
-    """The base's module tree without weights (on the meta device): names and layer types only."""
-    from transformers import AutoModelForCausalLM
+def meta_model(model_cfg, task: str = "causal-lm") -> nn.Module:
+    """The base's module tree without weights (on the meta device): names and layer types only.
+
+    A token classifier gets a head of the config's default label count (the data decides the real one).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     from qadapt.models import load_config
 
     config = load_config(model_cfg)
+    auto_class = AutoModelForTokenClassification if task == "token-classification" else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 
 
 def compact_targets(model: nn.Module, wrapped: list[str]) -> list[str]:

@@ -63,9 +63,10 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     from qadapt.loss import LOSS_CHUNK_TOKENS
 
     dtype_bytes = _DTYPE_BYTES.get(recipe.model.compute_dtype, compute_dtype_bytes)
-    model = meta_model(recipe.model)
+    model = meta_model(recipe.model, recipe.task)
     model.requires_grad_(False)
-    head = model.get_output_embeddings()
+    tagging = recipe.task == "token-classification"
+    head = model.classifier if tagging else model.get_output_embeddings()
     quantized = sum(m.weight.numel() for m in model.modules() if is_linear(m) and m is not head)
     other = sum(p.numel() for p in model.parameters()) - quantized
     attach_adapters(model, recipe.adapter)
@@ -73,7 +74,8 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
 
     tokens = recipe.train.micro_batch_size * recipe.data.cutoff_len
     config = model.config
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    vocab = config.num_labels if tagging else config.vocab_size  # the width of the logits
     per_layer = saved_bytes_per_layer(model, recipe.train.micro_batch_size, recipe.data.cutoff_len, dtype_bytes)
     if recipe.train.gradient_checkpointing:
         activations = layers * tokens * hidden * dtype_bytes + per_layer

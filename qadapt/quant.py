@@ -66,6 +66,9 @@ def prepare_for_kbit_training(model: torch.nn.Module, gradient_checkpointing: bo
     # 4. Non-reentrant checkpointing propagates gradients to the adapters inside each checkpointed
     #    layer even though the (frozen) embedding output does not require grad, so no input hook.
     if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            raise QadaptError(f"{type(model).__name__} does not support gradient checkpointing in transformers; "
+                              "set train.gradient_checkpointing: false (more memory, less compute)")
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # Unlike peft's prepare_model_for_kbit_training we do not upcast the frozen norms, embeddings and
     # head to fp32: they stay in the compute dtype (RMSNorm computes in fp32 internally) and the loss

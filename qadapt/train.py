@@ -143,20 +143,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
     tagging = recipe.task == "token-classification"
     for spec in recipe.eval.sets:  # a wrong eval set fails now, not after training
         load_sentences(spec, "test") if tagging else load_eval_set(spec, recipe.eval.limit)
-    labels = None
-    if tagging:
-        sentences = load_sentences(d.path, d.split)
-        labels = label_names(sentences)
-        tagged = tokenize_sentences(sentences, tokenizer, labels, d.cutoff_len)
-        rows, cut = tagged.rows, f"{tagged.truncated} with words cut off at {d.cutoff_len} tokens"
-    else:
-        records = data_lib.load_examples(d.path, d.split, d.bad_rows)
-        tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
-        if not tokenized.rows:
-            raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {d.path}: no "
-                              "example keeps a response token to learn from; raise data.cutoff_len")
-        rows = tokenized.rows
-        cut = f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} dropped (no response left)"
+    rows, labels, cut = _tagged_rows(recipe, tokenizer) if tagging else _instruction_rows(recipe, tokenizer)
     train_rows, val_rows = data_lib.split_held_out(rows, d.val_size, seed=recipe.train.seed)
     if d.max_examples:
         train_rows = train_rows[:d.max_examples]
@@ -165,6 +152,27 @@ def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
     say(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; {cut}"
         + (f"; {len(labels)} labels: {', '.join(labels)}" if labels else ""))
     return TrainingData(train_rows, val_rows, labels)
+
+
+def _instruction_rows(recipe: Recipe, tokenizer) -> tuple[list[dict], None, str]:
+    """(rows, no labels, what was cut) of templated instruction data."""
+    d = recipe.data
+    records = data_lib.load_examples(d.path, d.split, d.bad_rows)
+    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
+    if not tokenized.rows:
+        raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {d.path}: no example "
+                          "keeps a response token to learn from; raise data.cutoff_len")
+    return tokenized.rows, None, (f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} "
+                                  "dropped (no response left)")
+
+
+def _tagged_rows(recipe: Recipe, tokenizer) -> tuple[list[dict], list[str], str]:
+    """(rows, the label set found in the data, what was cut) of token-classification data."""
+    d = recipe.data
+    sentences = load_sentences(d.path, d.split)
+    labels = label_names(sentences)
+    tagged = tokenize_sentences(sentences, tokenizer, labels, d.cutoff_len)
+    return tagged.rows, labels, f"{tagged.truncated} with words cut off at {d.cutoff_len} tokens"
 
 
 @dataclass

@@ -108,15 +108,21 @@ def tiny_family_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def load_family(tiny_family_dir):
-    """load_family(family, quant): a tiny random model of that family, frozen and quantized by qadapt."""
+def load_family(tiny_family_dir, tiny_encoder_dir):
+    """load_family(family, quant): a tiny random model of that family, frozen and quantized by qadapt
+    (a decoder with its LM head, or an encoder with a token-classification head for TINY_TAGS)."""
     from qadapt.models import load_base
     from qadapt.quant import prepare_for_kbit_training
     from qadapt.recipe import ModelConfig
 
     def load(family: str, quant: str):
-        model = load_base(ModelConfig(name=str(tiny_family_dir(family)), quant=quant, compute_dtype="fp32"))
-        prepare_for_kbit_training(model, gradient_checkpointing=True)
+        if family in ENCODER_FAMILIES:  # a token classifier with a new 3-label head
+            model = load_base(ModelConfig(name=str(tiny_encoder_dir(family)), quant=quant, compute_dtype="fp32"),
+                              labels=list(TINY_TAGS))
+        else:
+            model = load_base(ModelConfig(name=str(tiny_family_dir(family)), quant=quant, compute_dtype="fp32"))
+        # transformers' MPNet cannot checkpoint; prepare_for_kbit_training says so (tested in test_token_...).
+        prepare_for_kbit_training(model, gradient_checkpointing=model.supports_gradient_checkpointing)
         return model
 
     return load
@@ -141,6 +147,7 @@ def _tiny_encoder_config(family: str, vocab_size: int = TINY_VOCAB):
 
 
 ENCODER_FAMILIES = ("bert", "roberta", "electra", "mpnet", "deberta-v2", "distilbert")
+TINY_TAGS = ("O", "B-X", "I-X")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_VOCAB, token_batch
+from conftest import ENCODER_FAMILIES, TINY_TAGS, TINY_VOCAB, token_batch
 
 from qadapt.adapters import (
     FAMILIES,
@@ -16,6 +16,7 @@ from qadapt.adapters import (
     LoRALinear,
     ParallelAdapter,
     SeriesAdapter,
+    TrainedHead,
     adapter_params,
     adapter_state_dict,
     attach_adapters,
@@ -24,7 +25,7 @@ from qadapt.adapters import (
     load_adapter_state_dict,
 )
 from qadapt.recipe import AdapterConfig
-from qadapt.loss import summed_token_loss
+from qadapt.loss import summed_tag_loss, summed_token_loss
 
 KINDS = ["lora", "dora", "series", "parallel"]
 QUANTS = ["nf4", "int8", "none"]
@@ -47,6 +48,9 @@ def expected_trainable(model, wrapped: list[str], cfg: AdapterConfig) -> int:
     total = 0
     for name in wrapped:
         module = model.get_submodule(name)
+        if isinstance(module, TrainedHead):  # an encoder's token classifier: trained whole
+            total += module.base.weight.numel() + module.base.bias.numel()
+            continue
         if isinstance(module, ParallelAdapter) and not isinstance(module.base, torch.nn.Linear):
             in_features = out_features = model.config.hidden_size  # beside a whole block
         else:
@@ -88,7 +92,11 @@ def test_training_moves_only_adapters_and_round_trips(load_family, kind, quant, 
     optimizer = torch.optim.AdamW(list(adapter_params(model).values()), lr=1e-2)
     model.train()
     for step in range(2):  # two steps: a factor that starts at zero lets its partner move on the second
-        summed_token_loss(model, token_batch(seed=step, vocab=TINY_VOCAB)).backward()
+        batch = token_batch(seed=step, vocab=TINY_VOCAB)
+        if family in ENCODER_FAMILIES:
+            summed_tag_loss(model, {**batch, "labels": batch["labels"] % len(TINY_TAGS)}).backward()
+        else:
+            summed_token_loss(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad()
     for name, tensor in model.state_dict().items():

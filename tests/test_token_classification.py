@@ -67,6 +67,14 @@ def test_parallel_adapter_beside_each_encoder_attention(tiny_encoder_dir):
         attach_adapters(load_encoder(tiny_encoder_dir("bert")), AdapterConfig(kind="parallel", placement="mlp"))
 
 
+def test_an_encoder_that_cannot_checkpoint_says_which_key_to_change(tiny_encoder_dir):
+    from qadapt.quant import prepare_for_kbit_training
+
+    with pytest.raises(QadaptError, match="MPNetForTokenClassification does not support gradient checkpointing.*"
+                                          "train.gradient_checkpointing: false"):
+        prepare_for_kbit_training(load_encoder(tiny_encoder_dir("mpnet")), gradient_checkpointing=True)
+
+
 def test_int8_encoder_keeps_its_head_unquantized(tiny_encoder_dir):
     import bitsandbytes as bnb
 

@@ -79,7 +79,7 @@ def main() -> None:
 def print_report(report: dict) -> None:
     set_names = list(report["untrained"])
     print(f"base {report['base']} ({report['quant']}): loaded and quantized in {report['base_load_s']:.2f} s")
-    header = ["adapter", "kind", "trainable params", "file MB", "load s", "switch s", "train s",
+    header = ["adapter", "kind", "trainable params", "file MB", "load ms", "switch ms", "train s",
               *[f"{n} P / R / F1" for n in set_names]]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
 
@@ -89,8 +89,8 @@ def print_report(report: dict) -> None:
 
     print("| untrained head | | | | | | | " + " | ".join(cells(report["untrained"])) + " |")
     for name, a in report["adapters"].items():
-        print(f"| {name} | {a['kind']} | {a['trainable_params']:,} | {a['file_mb']:.2f} | {a['load_s']:.3f} | "
-              f"{a['switch_s']:.3f} | {a['train_wall_s']:.0f} | " + " | ".join(cells(a["sets"])) + " |")
+        print(f"| {name} | {a['kind']} | {a['trainable_params']:,} | {a['file_mb']:.2f} | {1e3 * a['load_s']:.1f} | "
+              f"{1e3 * a['switch_s']:.1f} | {a['train_wall_s']:.0f} | " + " | ".join(cells(a["sets"])) + " |")
 
 
 if __name__ == "__main__":
