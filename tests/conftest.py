@@ -89,22 +89,27 @@ def _tiny_config(family: str):
     return configs[family]()
 
 
-@pytest.fixture(scope="session")
-def tiny_family_dir(tmp_path_factory):
-    """tiny_family_dir(family) -> a folder with a tiny random model of that family (made once, seed 0)."""
-    from transformers import AutoModelForCausalLM
-
+def _model_folders(tmp_path_factory, build):
+    """folder_for(family): a folder holding `build(family)` saved (built once per family, seed 0)."""
     folders: dict[str, Path] = {}
 
     def folder_for(family: str) -> Path:
         if family not in folders:
             torch.manual_seed(0)
             folder = tmp_path_factory.mktemp(f"tiny-{family}")
-            AutoModelForCausalLM.from_config(_tiny_config(family)).save_pretrained(folder)
+            build(family).save_pretrained(folder)
             folders[family] = folder
         return folders[family]
 
     return folder_for
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """tiny_family_dir(family) -> a folder with a tiny random decoder of that family (made once, seed 0)."""
+    from transformers import AutoModelForCausalLM
+
+    return _model_folders(tmp_path_factory, lambda family: AutoModelForCausalLM.from_config(_tiny_config(family)))
 
 
 @pytest.fixture
@@ -155,17 +160,7 @@ def tiny_encoder_dir(tmp_path_factory):
     """tiny_encoder_dir(family) -> a folder with a tiny random encoder of that family (made once, seed 0)."""
     from transformers import AutoModel
 
-    folders: dict[str, Path] = {}
-
-    def folder_for(family: str) -> Path:
-        if family not in folders:
-            torch.manual_seed(0)
-            folder = tmp_path_factory.mktemp(f"tiny-{family}")
-            AutoModel.from_config(_tiny_encoder_config(family)).save_pretrained(folder)
-            folders[family] = folder
-        return folders[family]
-
-    return folder_for
+    return _model_folders(tmp_path_factory, lambda family: AutoModel.from_config(_tiny_encoder_config(family)))
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,10 @@ from qadapt.loss import summed_tag_loss, summed_token_loss
 
 KINDS = ["lora", "dora", "series", "parallel"]
 QUANTS = ["nf4", "int8", "none"]
+# Every decoder, and BERT, in every storage; the other encoders share BERT's code paths but their own
+# module names, so they run in NF4 only (test_token_classification.py loads one in int8 too).
+FAMILY_QUANTS = [(family, quant) for family in FAMILIES for quant in QUANTS
+                 if family not in ENCODER_FAMILIES or family == "bert" or quant == "nf4"]
 
 
 def adapter_config(kind: str, family: str, **options) -> AdapterConfig:
@@ -66,8 +70,7 @@ def expected_trainable(model, wrapped: list[str], cfg: AdapterConfig) -> int:
     return total
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("family, quant", FAMILY_QUANTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_starts_as_the_base_model(load_family, kind, quant, family):
     """LoRA and DoRA always, bottlenecks with init `zero`: exactly the base model's output."""
@@ -77,8 +80,7 @@ def test_starts_as_the_base_model(load_family, kind, quant, family):
     assert torch.equal(logits(model), before)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("family, quant", FAMILY_QUANTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_moves_only_adapters_and_round_trips(load_family, kind, quant, family):
     model = load_family(family, quant)
