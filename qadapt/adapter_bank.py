@@ -54,6 +54,7 @@ class AdapterBank:
         self.base = base
         self.adapters: dict[str, LoadedAdapter] = {}
         self.active: str | None = None
+        self.base_load_s: float | None = None  # set by from_runs, which loads the base itself
         self._layout: tuple | None = None
 
     @classmethod
