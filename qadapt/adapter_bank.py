@@ -13,7 +13,6 @@ first detaches the attached modules and attaches its own. The base stays loaded 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 
 from qadapt.adapters import LoRALinear, TrainedHead, attach_adapters, detach_adapters, load_adapter_state_dict
 from qadapt.adapters.head import TOKEN_CLASSIFIER
+from qadapt.adapters.lora import lora_scale
 from qadapt.base_identity import base_identity, check_same_base
 from qadapt.errors import QadaptError
 from qadapt.recipe import AdapterConfig
@@ -192,8 +192,7 @@ def _module_weights(adapter: LoadedAdapter, module_name: str) -> dict:
         return {"weight": w[f"{module_name}.linear.weight"], "bias": w.get(f"{module_name}.linear.bias")}
     cfg = adapter.config
     a, b = w[f"{module_name}.lora_a.weight"], w[f"{module_name}.lora_b.weight"]
-    rank = a.shape[0]
-    return {"a": a, "b": b, "scale": cfg.alpha / (math.sqrt(rank) if cfg.rslora else rank)}
+    return {"a": a, "b": b, "scale": lora_scale(cfg.alpha, a.shape[0], cfg.rslora)}
 
 
 def _new_head(model: nn.Module, labels: list[str]) -> None:

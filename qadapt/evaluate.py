@@ -137,8 +137,9 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
     if (path / RECIPE_FILE).is_file():
         if not (path / ADAPTER_DIR).is_dir():
             raise QadaptError(f"run directory {path} has no {ADAPTER_DIR}/ yet: the run has not finished")
-        if run_task(target) != "causal-lm":
-            raise QadaptError(f"{path} is a {run_task(target)} run: it tags words and does not answer prompts; "
+        task = run_task(target)
+        if task != "causal-lm":
+            raise QadaptError(f"{path} is a {task} run: it tags words and does not answer prompts; "
                               "score it with qadapt eval RUN_DIR --data CONLL_FILE")
         model, tokenizer, recipe = load_trained_model(path, compute_dtype=compute_dtype)
         return model, tokenizer, template or recipe.data.template, path / "eval"

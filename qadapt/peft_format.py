@@ -62,13 +62,13 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
 
     from qadapt.merge import refuse_unmergeable
     from qadapt.models import resolve_model_path
-    from qadapt.run_dir import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, load_run_recipe
+    from qadapt.run_dir import ADAPTER_DIR, ADAPTER_WEIGHTS, load_run_recipe, read_adapter_config
 
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
     refuse_unmergeable(recipe, "export to PEFT (which has no bottleneck adapters)")
     refuse_existing(Path(out))
-    wrapped = json.loads((run_dir / ADAPTER_DIR / ADAPTER_CONFIG).read_text())["wrapped_modules"]
+    wrapped = read_adapter_config(run_dir / ADAPTER_DIR)["wrapped_modules"]
     weights = load_file(run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS)
     model = meta_model(recipe.model)
     base = resolve_model_path(recipe.model.name)

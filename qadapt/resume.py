@@ -29,7 +29,14 @@ from qadapt.checkpoint import (
 from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.recipe import Recipe, recipe_differences
-from qadapt.run_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, load_adapter
+from qadapt.run_dir import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    load_adapter,
+    read_adapter_config,
+)
 
 LATEST = "latest"
 # Keys that change what is logged, saved or scored, never a number the training computes.
@@ -87,7 +94,7 @@ def restore(folder: Path, model, optimizer, base: dict, train_rows: list[dict], 
                           f"{accelerator.num_processes}: the data order would differ; pass --allow-recipe-changes "
                           "to continue anyway")
     if distributed.is_sharded(model):
-        check_same_base(json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_identity"), base, str(folder))
+        check_same_base(read_adapter_config(folder).get("base_identity"), base, str(folder))
         distributed.load_adapter_weights(model, load_file(folder / ADAPTER_WEIGHTS))
     else:
         load_adapter(accelerator.unwrap_model(model), folder, base)

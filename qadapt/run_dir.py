@@ -113,7 +113,7 @@ def load_adapter(model: nn.Module, folder: Path, base: dict | None = None) -> No
     if not weights.is_file():
         raise QadaptError(f"no adapter weights at {weights}")
     if base is not None and (folder / ADAPTER_CONFIG).is_file():
-        check_same_base(json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_identity"), base, str(folder))
+        check_same_base(read_adapter_config(folder).get("base_identity"), base, str(folder))
     load_adapter_state_dict(model, load_file(weights))
 
 
@@ -125,8 +125,9 @@ def read_adapter_config(folder: Path) -> dict:
 
 
 def adapter_labels(folder: Path) -> list[str] | None:
-    """The labels of a token-classification adapter's head, in logit order; None for a causal-LM adapter."""
-    config = read_adapter_config(folder)
+    """The labels of a token-classification adapter's head, in logit order; None for a causal-LM adapter
+    (and for a bare weights file without a config, as causal-LM adapters once were written)."""
+    config = read_adapter_config(folder) if (folder / ADAPTER_CONFIG).is_file() else {}
     if config.get("task", "causal-lm") != "token-classification":
         return None
     if not config.get("labels"):

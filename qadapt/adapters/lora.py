@@ -20,12 +20,17 @@ from qadapt.adapters.base import Adapter, layer_dims
 from qadapt.adapters.dropout import AdapterDropout
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 class LoRALinear(Adapter):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.base = base
         self.rank = rank
-        self.scale = alpha / (math.sqrt(rank) if rslora else rank)
+        self.scale = lora_scale(alpha, rank, rslora)
         self.dropout = AdapterDropout(dropout)
         in_features, out_features = layer_dims(base)
         device = base.weight.device
