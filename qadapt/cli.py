@@ -33,6 +33,8 @@ def with_resume_value(args: list[str]) -> list[str]:
     The word after `--resume` is its value unless it is an option, an override (`key=value`) or a recipe.
     """
     args = list(args)
+    if not args or args[0] != "train":  # `qadapt eval --resume` is a plain flag
+        return args
     for index, arg in enumerate(args):
         if arg != "--resume":
             continue
@@ -98,6 +100,27 @@ def plan(
         typer.echo(format_plan(plan_memory(loaded, gpu_memory, fsdp_gpus=fsdp_gpus), loaded))
 
 
+@app.command()
+def sweep(
+    recipe: Path = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    grid: Optional[list[str]] = typer.Option(
+        None, "--grid", metavar="KEY=V1,V2",
+        help="Values to try for a recipe key; repeat for more keys (the runs are the cross product). A value may "
+             "be a mapping setting several keys of a section: 'adapter={kind: lora},{kind: series}'."),
+    out: Optional[Path] = typer.Option(None, help="The sweep's folder (default: runs/sweep-RECIPE)."),
+    baseline: bool = typer.Option(False, help="Also score the untrained base on the eval sets (DIR/base)."),
+    eval_dtype: str = typer.Option("fp32", help="Compute dtype when scoring (fp32: answers independent of the "
+                                                "batch)."),
+) -> None:
+    """Train and score many runs of one recipe; the same command continues a stopped sweep."""
+    from qadapt.sweep import sweep as run_sweep
+
+    with _user_errors():
+        run_sweep(recipe, grid or [], overrides or [], out or Path("runs") / f"sweep-{recipe.stem}", baseline,
+                  eval_dtype)
+
+
 TargetArg = typer.Argument(..., help="A run directory, or a bare model: smollm2-135m, a hub id, a folder.",
                            show_default=False)
 QuantOption = typer.Option("nf4", help="How a bare model is loaded: nf4, fp4, int8 or none (a run: as trained).")
@@ -121,12 +144,15 @@ def eval_command(
     quant: str = QuantOption,
     template: Optional[str] = TemplateOption,
     compute_dtype: Optional[str] = DTypeOption,
+    resume: bool = typer.Option(False, "--resume", help="Keep the sets already scored in the output folder with "
+                                "the same settings; score only the others."),
 ) -> None:
     """Accuracy on math sets, scored as the LLM-Adapters paper scores them; entity F1 for a tagging run."""
     from qadapt.evaluate import run_eval
 
     with _user_errors():
-        run_eval(target, data or [], limit, batch_size, max_new_tokens, strict, out, quant, template, compute_dtype)
+        run_eval(target, data or [], limit, batch_size, max_new_tokens, strict, out, quant, template, compute_dtype,
+                 resume=resume)
 
 
 @app.command()
@@ -167,12 +193,13 @@ def report(
     runs: list[Path] = typer.Argument(..., help="Run directories to compare.", show_default=False),
     out: Optional[Path] = typer.Option(None, help="Also write the markdown table to this file."),
     plot: Optional[Path] = typer.Option(None, help="Draw loss curves and accuracies to this PNG (needs matplotlib)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON to this file."),
 ) -> None:
-    """Compare runs: kind, size, steps, time, loss and accuracy per set, as a markdown table."""
+    """Compare runs: kind, size, steps, time, loss and accuracy per set (with 95% intervals), as a markdown table."""
     from qadapt.report import report as make_report
 
     with _user_errors():
-        typer.echo(make_report(runs, out, plot))
+        typer.echo(make_report(runs, out, plot, json_out))
 
 
 RunArg = typer.Argument(..., help="A finished run directory (it has recipe.yaml and adapter/).", show_default=False)

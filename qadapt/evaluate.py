@@ -94,13 +94,14 @@ def evaluate_set(model, tokenizer, template: str, eval_set: EvalSet, batch_size:
 
 
 def write_results(out_dir: Path, metrics: dict, predictions: list[dict]) -> None:
-    """metrics.json and predictions.jsonl, each written to a temporary name then renamed into place."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in [(METRICS_FILE, json.dumps(metrics, indent=2)),
-                       (PREDICTIONS_FILE, "".join(json.dumps(p) + "\n" for p in predictions))]:
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out_dir / name)
+    """metrics.json and predictions.jsonl, each written to a temporary name then renamed into place
+    (predictions first: metrics.json never names a set whose predictions are missing)."""
+    from qadapt.files import atomic_file
+
+    for name, text in [(PREDICTIONS_FILE, "".join(json.dumps(p) + "\n" for p in predictions)),
+                       (METRICS_FILE, json.dumps(metrics, indent=2))]:
+        with atomic_file(out_dir / name) as tmp:
+            tmp.write_text(text)
 
 
 def format_table(sets: dict[str, dict]) -> str:
@@ -153,9 +154,12 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
 
 def run_eval(target: str, data: list[str], limit: int | None = None, batch_size: int = 64,
              max_new_tokens: int = 256, strict: bool = False, out: Path | None = None, quant: str = "nf4",
-             template: str | None = None, compute_dtype: str | None = None, loaded=None) -> dict:
+             template: str | None = None, compute_dtype: str | None = None, loaded=None,
+             resume: bool = False) -> dict:
     """Evaluate `target` on every set in `data`; print the table; write metrics and predictions.
 
+    Results are written after each set. `resume` keeps the sets already scored in the output folder
+    with the same settings and scores only the others, so an interrupted evaluation continues.
     A token-classification run is scored by entity F1 instead (qadapt.tagging_eval).
     """
     from tqdm import tqdm
@@ -168,19 +172,37 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
         raise QadaptError("name at least one evaluation set with --data (a .json/.jsonl file, a hub id, or "
                           f"{BUILTIN_ARITHMETIC})")
     sets = [load_eval_set(spec, limit) for spec in data]  # read every set before loading the model
-    model, tokenizer, template, default_out = loaded or load_target(target, quant, template, compute_dtype)
-    out_dir = Path(out) if out else default_out
-    results, predictions = {}, []
-    with tqdm(total=sum(len(s.records) for s in sets), desc="eval", unit="problem") as bar:
-        for eval_set in sets:
-            bar.set_postfix_str(eval_set.name)
-            row, rows = evaluate_set(model, tokenizer, template, eval_set, batch_size, max_new_tokens, strict,
-                                     on_done=bar.update)
-            results[eval_set.name] = row
-            predictions += rows
-    metrics = {"target": target, "template": template, "strict": strict, "max_new_tokens": max_new_tokens,
-               "sets": results}
-    write_results(out_dir, metrics, predictions)
+    settings = {"strict": strict, "max_new_tokens": max_new_tokens, "compute_dtype": compute_dtype}
+    out_dir = Path(out) if out else None
+    results, predictions = _earlier_results(out_dir, settings, limit) if resume and out_dir else ({}, [])
+    todo = [s for s in sets if s.name not in results]
+    if not todo:
+        print(f"every set is already scored in {out_dir}")
+    else:
+        model, tokenizer, template, default_out = loaded or load_target(target, quant, template, compute_dtype)
+        out_dir = out_dir or default_out
+        with tqdm(total=sum(len(s.records) for s in todo), desc="eval", unit="problem") as bar:
+            for eval_set in todo:
+                bar.set_postfix_str(eval_set.name)
+                row, rows = evaluate_set(model, tokenizer, template, eval_set, batch_size, max_new_tokens, strict,
+                                         on_done=bar.update)
+                results[eval_set.name] = row
+                predictions += rows
+                metrics = {"target": target, "template": template, **settings, "limit": limit, "sets": results}
+                write_results(out_dir, metrics, predictions)
+    metrics = json.loads((out_dir / METRICS_FILE).read_text())
     print(format_table(results))
     print(f"metrics and predictions: {out_dir}")
     return metrics
+
+
+def _earlier_results(out_dir: Path, settings: dict, limit: int | None) -> tuple[dict, list[dict]]:
+    """(set rows, predictions) already in `out_dir` from an evaluation with the same settings."""
+    metrics_file, predictions_file = out_dir / METRICS_FILE, out_dir / PREDICTIONS_FILE
+    if not (metrics_file.is_file() and predictions_file.is_file()):
+        return {}, []
+    earlier = json.loads(metrics_file.read_text())
+    if any(earlier.get(key) != value for key, value in {**settings, "limit": limit}.items()):
+        return {}, []  # scored differently: score again
+    rows = [json.loads(line) for line in predictions_file.read_text().splitlines() if line.strip()]
+    return earlier["sets"], rows

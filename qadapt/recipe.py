@@ -222,9 +222,13 @@ def _apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> di
                 break
         else:
             try:
-                node[leaf] = yaml.safe_load(text) if text.strip() else None
+                value = yaml.safe_load(text) if text.strip() else None
             except yaml.YAMLError:
                 problems.append(f"override {item!r}: the value is not valid YAML")
+                continue
+            # A mapping given for a section (`adapter={kind: series, placement: mlp}`) sets those keys in it.
+            both_mappings = isinstance(value, dict) and isinstance(node.get(leaf), dict)
+            node[leaf] = {**node[leaf], **value} if both_mappings else value
     return raw
 
 

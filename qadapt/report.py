@@ -1,11 +1,18 @@
-"""`qadapt report`: runs side by side, as a markdown table and (with matplotlib) a picture.
+"""`qadapt report`: runs side by side, as a markdown table, JSON and (with matplotlib) a picture.
 
 Everything comes from the run directories: recipe.yaml, summary.json, metrics.jsonl, eval/metrics.json.
+A folder holding only `eval/metrics.json` (an untrained base scored by `qadapt sweep`) is a row too.
+
+Each accuracy is shown with the number of problems and its 95% Wilson score interval, so a reader sees
+when two runs do not differ: on 100 problems, 5% and 10% overlap. The sets derived from MAWPS (AddSub,
+MultiArith, SingleEq) share problems with MAWPS-derived training data (`math_data.json`, the paper's
+math_10k), so the table keeps them apart from GSM8K, SVAMP and AQuA.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from qadapt.errors import QadaptError
@@ -13,44 +20,113 @@ from qadapt.evaluate import METRICS_FILE as EVAL_METRICS_FILE
 from qadapt.recipe import load_recipe
 from qadapt.run_dir import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE
 
+Z_95 = 1.959964  # two-sided 95% normal quantile
+HELD_OUT_SETS = ("gsm8k", "svamp", "aqua")  # no MAWPS-derived training problem shares their text
+MAWPS_SETS = ("addsub", "multiarith", "singleeq", "mawps")  # overlap MAWPS-derived training data
+
+
+def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (good at 0 and at small n, unlike p ± z·se)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
 
 def read_run(run_dir: Path) -> dict:
-    """What a report shows of one run: its recipe, summary, loss curve and eval accuracy."""
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise QadaptError(f"{run_dir} is not a run directory (no {RECIPE_FILE})")
-    if not (run_dir / SUMMARY_FILE).is_file():
-        raise QadaptError(f"run {run_dir} has not finished (no {SUMMARY_FILE})")
-    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    """What a report shows of one run: its recipe, summary, loss curve and scores per set."""
+    run_dir = Path(run_dir)
     eval_file = run_dir / "eval" / EVAL_METRICS_FILE
+    trained = (run_dir / RECIPE_FILE).is_file()
+    if not trained and not eval_file.is_file():
+        raise QadaptError(f"{run_dir} is not a run directory (no {RECIPE_FILE}) nor an evaluated model "
+                          f"(no eval/{EVAL_METRICS_FILE})")
+    if trained and not (run_dir / SUMMARY_FILE).is_file():
+        raise QadaptError(f"run {run_dir} has not finished (no {SUMMARY_FILE})")
+    metrics_file = run_dir / METRICS_FILE
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if trained else []
     sets = json.loads(eval_file.read_text())["sets"] if eval_file.is_file() else {}
     return {
         "name": run_dir.name,
-        "recipe": load_recipe(run_dir / RECIPE_FILE),
-        "summary": json.loads((run_dir / SUMMARY_FILE).read_text()),
+        "recipe": load_recipe(run_dir / RECIPE_FILE) if trained else None,
+        "summary": json.loads((run_dir / SUMMARY_FILE).read_text()) if trained else None,
         "losses": [(r["step"], r["loss"]) for r in rows if "loss" in r],
         "eval_losses": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
-        # A math set's accuracy, or a tagging set's entity F1: each run's one score per set.
-        "accuracy": {name: row["accuracy"] if "accuracy" in row else row["f1"] for name, row in sets.items()},
+        "scores": {name: _score(row) for name, row in sets.items()},
     }
 
 
+def _score(row: dict) -> dict:
+    """A math set's accuracy with its count and interval, or a tagging set's entity F1 (no interval)."""
+    if "accuracy" not in row:
+        return {"score": row["f1"]}
+    low, high = wilson_interval(row["correct"], row["total"])
+    return {"score": row["accuracy"], "correct": row["correct"], "total": row["total"], "low": low, "high": high}
+
+
+def ordered_sets(runs: list[dict]) -> list[str]:
+    """Set names: the held-out math sets first, then the MAWPS-derived ones, then any others."""
+    names = {name for run in runs for name in run["scores"]}
+
+    order = HELD_OUT_SETS + MAWPS_SETS
+
+    def group(name: str) -> tuple[int, int, str]:
+        key = name.lower()
+        return (0 if key in HELD_OUT_SETS else 1 if key in MAWPS_SETS else 2), \
+            order.index(key) if key in order else 0, key
+
+    return sorted(names, key=group)
+
+
 def markdown_table(runs: list[dict]) -> str:
-    set_names = sorted({name for run in runs for name in run["accuracy"]})
+    set_names = ordered_sets(runs)
+    totals = {n: {run["scores"][n].get("total") for run in runs if n in run["scores"]} for n in set_names}
+    set_headers = [f"{n} (n={next(iter(totals[n]))})" if len(totals[n]) == 1 and None not in totals[n] else n
+                   for n in set_names]
+    if any(n.lower() in MAWPS_SETS for n in set_names):
+        set_headers = [f"{h} ¹" if n.lower() in MAWPS_SETS else h for n, h in zip(set_names, set_headers)]
     header = ["run", "kind", "trainable params", "steps", "tokens", "wall time", "final loss", "held-out loss",
-              *set_names]
+              *set_headers]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         s = run["summary"]
-        held_out = "" if s.get("eval_loss") is None else f"{s['eval_loss']:.4f}"
-        cells = [run["name"], run["recipe"].adapter.kind, f"{s['trainable_params']:,}", str(s["steps"]),
-                 f"{s['tokens_seen']:,}", f"{s['wall_s']:.0f} s", f"{s['last_loss']:.4f}", held_out]
-        cells += [f"{100 * run['accuracy'][n]:.1f}%" if n in run["accuracy"] else "" for n in set_names]
+        if s is None:
+            cells = [run["name"], "base (untrained)", "0", "", "", "", "", ""]
+        else:
+            held_out = "" if s.get("eval_loss") is None else f"{s['eval_loss']:.4f}"
+            cells = [run["name"], run["recipe"].adapter.kind, f"{s['trainable_params']:,}", str(s["steps"]),
+                     f"{s['tokens_seen']:,}", f"{s['wall_s']:.0f} s", f"{s['last_loss']:.4f}", held_out]
+        cells += [_cell(run["scores"][n], len(totals[n]) > 1) if n in run["scores"] else "" for n in set_names]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = ["Accuracy in %, with its 95% Wilson interval."]
+    if any(n.lower() in MAWPS_SETS for n in set_names):
+        notes.append("¹ derived from MAWPS, like part of math_data.json / math_10k: training data may share "
+                     "their problems (see the data line on overlap), so they are not held-out tests.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def _cell(score: dict, with_total: bool) -> str:
+    if "total" not in score:
+        return f"{100 * score['score']:.1f}"
+    text = f"{100 * score['score']:.1f} ({100 * score['low']:.1f}–{100 * score['high']:.1f})"
+    return text + (f" n={score['total']}" if with_total else "")
+
+
+def report_json(runs: list[dict]) -> dict:
+    """The figures behind the table, for scripts: per run its settings, summary and scores."""
+    return {"runs": [{
+        "name": run["name"],
+        "kind": run["recipe"].adapter.kind if run["recipe"] else "base",
+        "recipe": run["recipe"].to_dict() if run["recipe"] else None,
+        "summary": run["summary"],
+        "scores": run["scores"],
+    } for run in runs], "sets": ordered_sets(runs)}
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Training and held-out loss curves on the left, accuracy per set on the right."""
+    """Training and held-out loss curves on the left, scores per set (with intervals) on the right."""
     try:
         import matplotlib
 
@@ -58,10 +134,12 @@ def plot(runs: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise QadaptError("a plot needs matplotlib: pip install 'qadapt[plot]'") from None
-    set_names = sorted({name for run in runs for name in run["accuracy"]})
+    set_names = ordered_sets(runs)
     fig, axes = plt.subplots(1, 2 if set_names else 1, figsize=(12 if set_names else 6.5, 4.5), squeeze=False)
     loss_ax = axes[0][0]
     for run in runs:
+        if not run["losses"]:
+            continue
         steps, losses = zip(*run["losses"])
         line, = loss_ax.plot(steps, _running_mean(losses, 8), label=f"{run['name']} train (mean of 8)")
         if run["eval_losses"]:
@@ -72,9 +150,13 @@ def plot(runs: list[dict], path: Path) -> None:
         acc_ax, width = axes[0][1], 0.8 / len(runs)
         for i, run in enumerate(runs):
             xs = [j + i * width for j in range(len(set_names))]
-            acc_ax.bar(xs, [100 * run["accuracy"].get(n, 0) for n in set_names], width, label=run["name"])
+            scores = [run["scores"].get(n, {"score": 0}) for n in set_names]
+            heights = [100 * s["score"] for s in scores]
+            errors = [[100 * (s["score"] - s.get("low", s["score"])) for s in scores],
+                      [100 * (s.get("high", s["score"]) - s["score"]) for s in scores]]
+            acc_ax.bar(xs, heights, width, yerr=errors, capsize=2, label=run["name"])
         acc_ax.set_xticks([j + 0.4 - width / 2 for j in range(len(set_names))], set_names)
-        acc_ax.set(ylabel="accuracy %", title="accuracy")
+        acc_ax.set(ylabel="score % (95% interval)", title="accuracy")
         acc_ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -86,13 +168,18 @@ def _running_mean(values: tuple[float, ...], window: int) -> list[float]:
     return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
-def report(run_dirs: list[Path], out: Path | None = None, plot_path: Path | None = None) -> str:
+def report(run_dirs: list[Path], out: Path | None = None, plot_path: Path | None = None,
+           json_path: Path | None = None) -> str:
+    from qadapt.files import atomic_file
+
     if not run_dirs:
         raise QadaptError("name at least one run directory")
     runs = [read_run(Path(d)) for d in run_dirs]
     table = markdown_table(runs)
-    if out:
-        out.write_text(table + "\n")
+    for path, text in [(out, table + "\n"), (json_path, json.dumps(report_json(runs), indent=2) + "\n")]:
+        if path:
+            with atomic_file(Path(path)) as tmp:
+                tmp.write_text(text)
     if plot_path:
         plot(runs, plot_path)
     return table

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from qadapt.errors import QadaptError
 from qadapt.recipe import recipe_from_dict
-from qadapt.report import report
+from qadapt.report import markdown_table, report, wilson_interval
 from qadapt.train import train
 
 
@@ -28,13 +31,35 @@ def two_runs(tiny_llama_dir, tmp_path_factory):
 
 
 def test_the_table_compares_kind_size_loss_and_accuracy(two_runs, tmp_path):
-    out = tmp_path / "report.md"
-    table = report(two_runs, out=out)
+    out, json_out = tmp_path / "report.md", tmp_path / "report.json"
+    table = report(two_runs, out=out, json_path=json_out)
     assert out.read_text() == table + "\n"
-    header, _, lora, series = table.splitlines()
-    assert header.startswith("| run | kind | trainable params |") and header.endswith("| arithmetic |")
+    header, _, lora, series, _, note = table.splitlines()
+    assert header.startswith("| run | kind | trainable params |") and header.endswith("| arithmetic (n=2) |")
     assert lora.startswith("| lora | lora |") and series.startswith("| series | series |")
-    assert lora.endswith("% |") and "| 3 |" in lora  # accuracy column, 3 steps
+    assert "| 3 |" in lora and re.search(r"\| \d+\.\d \(\d+\.\d–\d+\.\d\) \|$", lora)  # accuracy (interval)
+    assert "95% Wilson interval" in note
+    figures = json.loads(json_out.read_text())
+    assert [r["kind"] for r in figures["runs"]] == ["lora", "series"]
+    assert figures["runs"][0]["scores"]["arithmetic"]["total"] == 2
+
+
+def test_wilson_intervals_match_known_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(1319, 1319)[1] == 1.0
+
+
+def test_mawps_derived_sets_stand_apart_after_the_held_out_ones():
+    def run(name):
+        return {"name": name, "summary": None, "recipe": None, "scores": {
+            s: {"score": 0.5, "correct": 5, "total": 10, "low": 0.24, "high": 0.76}
+            for s in ["AddSub", "gsm8k", "SingleEq", "AQuA", "custom"]}}
+
+    header = markdown_table([run("base")]).splitlines()[0]
+    assert header.index("gsm8k") < header.index("AQuA") < header.index("AddSub (n=10) ¹") < header.index("SingleEq")
+    assert header.index("SingleEq") < header.index("custom")
+    assert "derived from MAWPS" in markdown_table([run("base")])
 
 
 def test_the_plot_is_a_png(two_runs, tmp_path):

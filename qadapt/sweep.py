@@ -1,0 +1,318 @@
+"""`qadapt sweep`: many runs of one recipe, one after another, each an ordinary run directory.
+
+    qadapt sweep RECIPE --grid KEY=V1,V2 [--grid ...] [overrides] [--out DIR]
+
+The runs are the cross product of the grids (the first grid varies slowest). A value may be a YAML
+mapping that sets several keys of a section at once, `--grid 'adapter={kind: lora},{kind: series,
+placement: mlp}'`, so one sweep can compare settings that are not a product. Each run trains in its
+own process (`qadapt train ... --resume`) into DIR/<name>, named after its grid values, and is then
+scored on the recipe's eval sets (`qadapt eval ... --resume`, fp32 compute by default, so that answers
+do not depend on the batch). With `--baseline` the untrained base is scored too, into DIR/base.
+
+Nothing is lost when a sweep is stopped, killed or moved to another machine: the same command skips
+the finished runs and sets, resumes the interrupted run from its last checkpoint, and retries the runs
+that failed. A run that fails is recorded with its one-line error in DIR/sweep.json and the sweep goes
+on. It ends with `qadapt report` over every run in DIR: report.md, report.json and report.png.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from qadapt.errors import QadaptError, TrainingStopped
+from qadapt.evaluate import METRICS_FILE as EVAL_METRICS_FILE
+from qadapt.evaluate import set_name
+from qadapt.files import atomic_file
+from qadapt.recipe import load_recipe
+from qadapt.run_dir import RECIPE_FILE, SUMMARY_FILE
+
+SWEEP_FILE = "sweep.json"
+LOGS_DIR = "logs"
+BASELINE = "base"
+STOP_CODES = (130, 143)  # the run was stopped by Ctrl-C / SIGTERM: stop the sweep too
+
+
+@dataclass
+class SweepRun:
+    name: str
+    overrides: list[str]  # the grid's values for this run
+    status: str = "pending"  # pending, trained, done or failed
+    error: str | None = None
+    train_s: float | None = None
+    eval_s: float | None = None
+
+
+@dataclass
+class SweepState:
+    recipe: str
+    grids: list[str]
+    overrides: list[str]
+    runs: list[SweepRun] = field(default_factory=list)
+
+
+def split_values(text: str) -> list[str]:
+    """`a,b,[c,d],{k: v, j: w}` -> ['a', 'b', '[c,d]', '{k: v, j: w}']: commas inside brackets stay."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    return values
+
+
+def expand_grids(grids: list[str]) -> list[list[str]]:
+    """The cross product of `KEY=V1,V2` grids, as lists of `KEY=V` overrides."""
+    axes = []
+    for grid in grids:
+        key, sep, values = grid.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise QadaptError(f"--grid {grid!r} is not of the form section.key=value1,value2")
+        choices = split_values(values)
+        if any(not c for c in choices):
+            raise QadaptError(f"--grid {grid!r} has an empty value")
+        axes.append([f"{key.strip()}={c}" for c in choices])
+    return [list(combination) for combination in itertools.product(*axes)] if axes else [[]]
+
+
+def run_name(overrides: list[str]) -> str:
+    """A folder name from a run's grid values: `adapter.kind=dora train.lr=1e-3` -> `kind-dora_lr-1e-3`."""
+    leaves = [item.partition("=")[0].split(".")[-1] for item in overrides]
+    parts = []
+    for item, leaf in zip(overrides, leaves):
+        key, _, value = item.partition("=")
+        label = leaf if leaves.count(leaf) == 1 else key
+        parsed = yaml.safe_load(value) if value.strip() else value
+        if isinstance(parsed, dict):  # {kind: series, placement: mlp} -> series-mlp
+            value = "-".join(str(v) for v in parsed.values())
+            parts.append(_safe(value))
+        else:
+            parts.append(f"{_safe(label)}-{_safe(value)}")
+    return "_".join(parts) or "run"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "x"
+
+
+def plan_sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path) -> SweepState:
+    """Every run's recipe checked before anything trains (a typo fails now, not after hours); names unique."""
+    state = SweepState(str(recipe), list(grids), list(overrides))
+    for combination in expand_grids(grids):
+        load_recipe(recipe, [*overrides, *combination])
+        name = run_name(combination)
+        taken = {r.name for r in state.runs}
+        if name in taken or name == BASELINE:
+            name = f"{name}-{len(state.runs) + 1}"
+        state.runs.append(SweepRun(name, combination))
+    earlier = _read_state(out)
+    if earlier and (earlier.recipe, earlier.grids, earlier.overrides) == (state.recipe, state.grids, state.overrides):
+        by_name = {r.name: r for r in earlier.runs}
+        state.runs = [by_name.get(r.name, r) for r in state.runs]  # keep the times and errors recorded
+    return state
+
+
+def _read_state(out: Path) -> SweepState | None:
+    path = out / SWEEP_FILE
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    return SweepState(raw["recipe"], raw["grids"], raw["overrides"], [SweepRun(**r) for r in raw["runs"]])
+
+
+def _save_state(out: Path, state: SweepState) -> None:
+    with atomic_file(out / SWEEP_FILE) as tmp:
+        tmp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+
+
+def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, baseline: bool = False,
+          eval_dtype: str = "fp32") -> str:
+    """Train and score every run of the sweep that is not done yet; return the report's table."""
+    from qadapt.report import report
+
+    state = plan_sweep(recipe, grids, overrides, out)
+    sweep_recipe = load_recipe(recipe, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_state(out, state)
+    eval_args = _eval_args(sweep_recipe, eval_dtype)
+    if baseline and eval_args:
+        _score_baseline(sweep_recipe, eval_args, out)
+    timer = _Eta(len(state.runs))
+    for index, run in enumerate(state.runs, 1):
+        run_dir = out / run.name
+        if _finished(run_dir, sweep_recipe):
+            run.status, run.error = "done", None
+            timer.skip()
+            continue
+        print(f"sweep: run {index} of {len(state.runs)}: {run.name} ({' '.join(run.overrides) or 'the recipe'})"
+              f"{timer.eta()}", flush=True)
+        started = time.perf_counter()
+        error = _train(recipe, [*overrides, *run.overrides], run_dir, out, run)
+        if error is None and eval_args:
+            error = _evaluate(run_dir, eval_args, out / LOGS_DIR / f"{run.name}.eval.log", run)
+        run.status, run.error = ("failed", error) if error else ("done", None)
+        if error:
+            print(f"sweep: {run.name} failed: {error}", flush=True)
+        _save_state(out, state)
+        timer.done(time.perf_counter() - started)
+    finished = [out / BASELINE] if (out / BASELINE / "eval" / EVAL_METRICS_FILE).is_file() else []
+    finished += sorted(p.parent for p in out.glob(f"*/{SUMMARY_FILE}") if p.parent.name != BASELINE)
+    failed = [r for r in state.runs if r.status == "failed"]
+    print(f"sweep: {len(state.runs) - len(failed)} of {len(state.runs)} runs done"
+          + (f"; failed: {', '.join(f'{r.name} ({r.error})' for r in failed)}" if failed else ""), flush=True)
+    if not finished:
+        return ""
+    plot = out / "report.png" if _has_matplotlib() else None
+    table = report(finished, out=out / "report.md", plot_path=plot, json_path=out / "report.json")
+    print(table)
+    print(f"report: {out / 'report.md'}, {out / 'report.json'}" + (f", {plot}" if plot else ""))
+    return table
+
+
+def _finished(run_dir: Path, sweep_recipe) -> bool:
+    """Trained (summary.json) and scored on every eval set of the recipe."""
+    if not (run_dir / SUMMARY_FILE).is_file():
+        return False
+    metrics = run_dir / "eval" / EVAL_METRICS_FILE
+    wanted = {set_name(spec) for spec in sweep_recipe.eval.sets}
+    scored = set(json.loads(metrics.read_text())["sets"]) if metrics.is_file() else set()
+    return wanted <= scored
+
+
+def _eval_args(recipe, eval_dtype: str) -> list[str]:
+    e = recipe.eval
+    if not e.sets:
+        return []
+    args = [arg for spec in e.sets for arg in ("--data", spec)]
+    args += ["--batch-size", str(e.batch_size), "--max-new-tokens", str(e.max_new_tokens),
+             "--compute-dtype", eval_dtype, "--resume"]
+    return args + (["--limit", str(e.limit)] if e.limit else []) + (["--strict"] if e.strict else [])
+
+
+def _train(recipe: Path, overrides: list[str], run_dir: Path, out: Path, run: SweepRun) -> str | None:
+    """Train one run (resuming it if it was interrupted); None, or the one-line error it failed with."""
+    if (run_dir / SUMMARY_FILE).is_file():
+        return None
+    # Scoring is the sweep's own step (resumable set by set), so training scores nothing.
+    command = ["train", str(recipe), *overrides, f"output_dir={run_dir}", "eval.sets=[]"]
+    if run_dir.exists():  # interrupted: continue from its last checkpoint (or from step 0 if it has none)
+        command.append("--resume")
+    started = time.perf_counter()
+    error = _qadapt(command, out / LOGS_DIR / f"{run.name}.train.log")
+    run.train_s = (run.train_s or 0) + time.perf_counter() - started
+    return error
+
+
+def _evaluate(target_dir: Path, eval_args: list[str], log: Path, run: SweepRun | None,
+              target: str | None = None, extra: list[str] = ()) -> str | None:
+    started = time.perf_counter()
+    command = ["eval", target or str(target_dir), *eval_args, *extra, "--out", str(target_dir / "eval")]
+    error = _qadapt(command, log)
+    if run is not None:
+        run.eval_s = (run.eval_s or 0) + time.perf_counter() - started
+    return error
+
+
+def _score_baseline(recipe, eval_args: list[str], out: Path) -> None:
+    """The untrained base, loaded as the runs load it, on the same sets: the row every run is compared to."""
+    base_dir = out / BASELINE
+    metrics = base_dir / "eval" / EVAL_METRICS_FILE
+    wanted = {set_name(spec) for spec in recipe.eval.sets}
+    if metrics.is_file() and wanted <= set(json.loads(metrics.read_text())["sets"]):
+        return
+    print(f"sweep: scoring the untrained base {recipe.model.name} ({recipe.model.quant})", flush=True)
+    extra = ["--quant", recipe.model.quant, "--template", recipe.data.template]
+    error = _evaluate(base_dir, eval_args, out / LOGS_DIR / f"{BASELINE}.eval.log", None, recipe.model.name, extra)
+    if error:
+        print(f"sweep: scoring the base failed: {error}", flush=True)
+
+
+def _qadapt(args: list[str], log: Path) -> str | None:
+    """Run `python -m qadapt ARGS`, its output shown and kept in `log`; None, or its one-line error.
+
+    The command runs in a session of its own, and a Ctrl-C or SIGTERM the sweep gets is passed on to it
+    once, so the run saves a checkpoint and stops; then the sweep stops too, saying how to go on.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as kept:
+        kept.write(f"\n$ qadapt {' '.join(args)}\n".encode())
+        kept.flush()
+        process = subprocess.Popen([sys.executable, "-m", "qadapt", *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        tail = b""
+        try:
+            for chunk in iter(lambda: os.read(process.stdout.fileno(), 65536), b""):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                kept.write(chunk)
+                tail = (tail + chunk)[-8192:]
+            code = process.wait()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+    if code in STOP_CODES:
+        raise TrainingStopped(f"the sweep was stopped (qadapt {args[0]} exited {code}); run the same qadapt sweep "
+                              "command again to continue where it stopped", code)
+    return None if code == 0 else _error_line(tail.decode(errors="replace"), code)
+
+
+def _error_line(output: str, code: int) -> str:
+    """The `error: ...` line of a failed command, else the last line it printed (a traceback's exception)."""
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1][len("error: "):]
+    boxed = [line.strip("│ ") for line in lines if line.startswith("│")]  # a usage error, in typer's box
+    if boxed:
+        return " ".join(boxed)
+    return lines[-1] if lines else f"exited with code {code}"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Eta:
+    """The time left, from the mean time of the runs this sweep has trained and scored so far."""
+
+    def __init__(self, count: int):
+        self.left, self.times = count, []
+
+    def skip(self) -> None:
+        self.left -= 1
+
+    def done(self, seconds: float) -> None:
+        self.left -= 1
+        self.times.append(seconds)
+
+    def eta(self) -> str:
+        if not self.times:
+            return ""
+        seconds = sum(self.times) / len(self.times) * self.left
+        return f"; about {_duration(seconds)} left"
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"

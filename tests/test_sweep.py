@@ -1,0 +1,105 @@
+"""`qadapt sweep`: grids, names, and a real tiny sweep that is stopped, continued, fails a run and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from qadapt.errors import QadaptError
+from qadapt.recipe import load_recipe
+from qadapt.sweep import expand_grids, run_name, split_values, sweep
+
+
+def test_grids_expand_to_their_cross_product_first_grid_slowest():
+    assert expand_grids(["adapter.kind=lora,dora", "train.lr=1e-3,3e-4"]) == [
+        ["adapter.kind=lora", "train.lr=1e-3"], ["adapter.kind=lora", "train.lr=3e-4"],
+        ["adapter.kind=dora", "train.lr=1e-3"], ["adapter.kind=dora", "train.lr=3e-4"],
+    ]
+    assert expand_grids([]) == [[]]
+    with pytest.raises(QadaptError, match="not of the form"):
+        expand_grids(["adapter.kind"])
+
+
+def test_commas_inside_lists_and_mappings_stay_in_one_value():
+    assert split_values("[q_proj,v_proj],{kind: series, placement: mlp},3") == [
+        "[q_proj,v_proj]", "{kind: series, placement: mlp}", "3"]
+
+
+def test_run_names_come_from_the_grid_values():
+    assert run_name(["adapter.kind=dora", "train.lr=1e-3"]) == "kind-dora_lr-1e-3"
+    assert run_name(["adapter.targets=[q_proj,v_proj]"]) == "targets-q_proj-v_proj"
+    assert run_name(["adapter={kind: series, placement: attention}"]) == "series-attention"
+    assert run_name(["adapter.dropout=0.1", "train.dropout=0.2"]) == "adapter.dropout-0.1_train.dropout-0.2"
+
+
+def test_a_mapping_override_sets_keys_of_its_section_and_keeps_the_others(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"adapter": {"kind": "lora", "rank": 4, "bottleneck_size": 8}}))
+    recipe = load_recipe(path, ["adapter={kind: series, placement: attention}"])
+    assert (recipe.adapter.kind, recipe.adapter.placement, recipe.adapter.rank, recipe.adapter.bottleneck_size) == (
+        "series", "attention", 4, 8)
+
+
+def test_a_typo_in_any_run_fails_before_anything_trains(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("adapter: {kind: lora}\n")
+    with pytest.raises(QadaptError, match="adapter.kind"):
+        sweep(path, ["adapter.kind=lora,lorra"], [], tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, tmp_path):
+    """Two runs on a tiny NF4 LLaMA (the second diverges) and the untrained base, scored on 2 problems.
+
+    The sweep is stopped by SIGTERM after the first run's first checkpoint; the same command resumes
+    that run from it, records the failure and writes the report; a third call does nothing.
+    """
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_llama_dir), "quant": "nf4", "compute_dtype": "fp32"},
+        "adapter": {"kind": "lora", "rank": 4},
+        "data": {"max_examples": 32, "val_size": 4},
+        "train": {"max_steps": 6, "micro_batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "eval_every": 0,
+                  "save_every": 2, "lr": 1e-3},
+        "eval": {"sets": ["builtin:arithmetic"], "limit": 2, "max_new_tokens": 4},
+    }))
+    out = tmp_path / "sweep"
+    args = [str(recipe), "--grid", "train.lr=1e-3,1e30", "--out", str(out), "--baseline"]
+    first = subprocess.Popen([sys.executable, "-m", "qadapt", "sweep", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoint = out / "lr-1e-3" / "checkpoints" / "step-000002" / "trainer_state.json"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.is_file(), first.communicate()[0].decode()[-3000:]
+    os.killpg(first.pid, signal.SIGTERM)  # as a cluster's time limit would: the sweep and its run
+    output = first.communicate(timeout=120)[0].decode()
+    assert first.returncode == 143 and "run the same qadapt sweep command again" in output, output[-3000:]
+    assert not (out / "lr-1e-3" / "summary.json").exists()
+
+    sweep(recipe, ["train.lr=1e-3,1e30"], [], out, baseline=True)
+    state = json.loads((out / "sweep.json").read_text())
+    runs = {r["name"]: r for r in state["runs"]}
+    assert runs["lr-1e-3"]["status"] == "done"
+    assert runs["lr-1e30"]["status"] == "failed" and "training diverged" in runs["lr-1e30"]["error"]
+    train_log = (out / "logs" / "lr-1e-3.train.log").read_text()
+    assert "resume: continuing from" in train_log and "(step " in train_log
+    losses = [json.loads(line) for line in (out / "lr-1e-3" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in losses if "loss" in row] == [1, 2, 3, 4, 5, 6]  # none lost, none twice
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["base", "lr-1e-3"]
+    score = report["runs"][1]["scores"]["arithmetic"]
+    assert score["total"] == 2 and score["low"] <= score["score"] <= score["high"]
+    assert "base (untrained)" in (out / "report.md").read_text()
+
+    logs = {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()}
+    sweep(recipe, ["train.lr=1e-3"], [], out)  # another grid into the same folder: its run is done already
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
