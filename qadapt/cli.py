@@ -59,6 +59,8 @@ def train(
              "the run continues as if never interrupted."),
     allow_recipe_changes: bool = typer.Option(False, help="Resume even though the recipe or data changed."),
     overwrite: bool = typer.Option(False, help="Replace the run already in output_dir."),
+    skip_eval: bool = typer.Option(False, help="Do not score the recipe's eval sets at the end (score later with "
+                                               "qadapt eval RUN --resume)."),
 ) -> None:
     """Train the adapter a recipe describes; writes a self-describing run directory."""
     import shlex
@@ -68,7 +70,8 @@ def train(
 
     resume_command = shlex.join(["qadapt", "train", str(recipe), *(overrides or []), "--resume"])
     with _user_errors():
-        run_training(load_recipe(recipe, overrides or []), resume, allow_recipe_changes, overwrite, resume_command)
+        run_training(load_recipe(recipe, overrides or []), resume, allow_recipe_changes, overwrite, resume_command,
+                     score=not skip_eval)
 
 
 @app.command()

@@ -162,6 +162,31 @@ def gsm8k_record(question: str, answer: str) -> dict:
     return {"instruction": question, "input": "", "output": f"{rationale}\nThe answer is {final}.", "answer": final}
 
 
+def normalized_question(record: dict) -> str:
+    """A record's question as compared across data sets: lower case, words and numbers only."""
+    text = f"{record['instruction']} {record.get('input') or ''}".lower()
+    return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text))
+
+
+def eval_overlap(records: list[dict], eval_records: dict[str, list[dict]], exclude: bool) -> list[dict]:
+    """Say how many training questions also appear in each eval set; drop them when `exclude`."""
+    seen = {name: {normalized_question(r) for r in rows} for name, rows in eval_records.items()}
+    shared = [i for i, r in enumerate(records) if any(normalized_question(r) in q for q in seen.values())]
+    if not shared:
+        say(f"data: none of the {len(records):,} training questions appears in the eval sets")
+        return records
+    per_set = {name: sum(normalized_question(records[i]) in questions for i in shared)
+               for name, questions in seen.items()}
+    counts = ", ".join(f"{name} {count}" for name, count in per_set.items() if count)
+    action = "dropped (data.exclude_eval_overlap)" if exclude else "kept; data.exclude_eval_overlap=true drops them"
+    say(f"data: {len(shared):,} of {len(records):,} training questions also appear in the eval sets ({counts}): "
+        f"{action}")
+    if not exclude:
+        return records
+    dropped = set(shared)
+    return [r for i, r in enumerate(records) if i not in dropped]
+
+
 def prompt_text(record: dict, template: str, tokenizer) -> str:
     """The prompt up to where the response starts, as the model sees it in training and evaluation."""
     if template == "alpaca":

@@ -53,6 +53,9 @@ class AdapterConfig:
     """Dropout on the adapter's input (every kind)."""
     rslora: bool = False
     """lora/dora: rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    lr_ratio: float = 1.0
+    """lora/dora: B's learning rate is lr_ratio × A's (LoRA+, Hayou et al. 2024, arXiv 2402.12354; they
+    suggest 16); 1: plain LoRA."""
     targets: Optional[list[str]] = None
     """Module-name suffixes to wrap, e.g. [q_proj, v_proj]; null: the model family's default.
     lora/dora always; series/parallel with placement `linears` (series: `name:input` / `name:output`
@@ -88,6 +91,9 @@ class DataConfig:
     """Use only the first N examples (after the held-out slice is taken)."""
     val_size: int = 64
     """Examples held out for the periodic eval loss (0: none)."""
+    exclude_eval_overlap: bool = False
+    """Drop training examples whose question (normalised text) is also in one of `eval.sets`; the count is
+    reported either way."""
     bad_rows: Literal["fail", "skip"] = "fail"
     """A malformed row (bad JSON, unknown fields): `fail` names its file and line; `skip` counts and drops it."""
 
@@ -314,6 +320,9 @@ def _range_problems(r: Recipe) -> list[str]:
          or r.adapter.placement == "linears",
          f"apply to lora, dora and placement: linears, not to a {r.adapter.kind} adapter with placement: "
          f"{r.adapter.placement}"),
+        ("adapter.lr_ratio", r.adapter.lr_ratio > 0, "must be positive"),
+        ("adapter.lr_ratio", r.adapter.lr_ratio == 1 or r.adapter.kind in ("lora", "dora"),
+         f"applies to lora and dora (B's learning rate), not to a {r.adapter.kind} adapter"),
         ("adapter.bottleneck_size", r.adapter.bottleneck_size >= 1, "must be at least 1"),
         ("adapter.scale", r.adapter.scale == "learned" or r.adapter.scale > 0, "must be positive, or learned"),
         ("data.cutoff_len", r.data.cutoff_len >= 8, "must be at least 8 tokens"),

@@ -209,7 +209,7 @@ def _train(recipe: Path, overrides: list[str], run_dir: Path, out: Path, run: Sw
     if (run_dir / SUMMARY_FILE).is_file():
         return None
     # Scoring is the sweep's own step (resumable set by set), so training scores nothing.
-    command = ["train", str(recipe), *overrides, f"output_dir={run_dir}", "eval.sets=[]"]
+    command = ["train", str(recipe), *overrides, f"output_dir={run_dir}", "--skip-eval"]
     if run_dir.exists():  # interrupted: continue from its last checkpoint (or from step 0 if it has none)
         command.append("--resume")
     started = time.perf_counter()

@@ -95,13 +95,27 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
                        t.keep_checkpoints, saving=t.save_every > 0)
     if sharded:
         distributed.wrap_adapters_apart(accelerator, model)
-    optimizer = optimizer_class(t.optimizer)(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = optimizer_class(t.optimizer)(param_groups(model, recipe.adapter.lr_ratio), lr=t.lr,
+                                             weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     examples_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train_rows) / examples_per_step))
     return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, TASK_LOSSES[recipe.task],
                  wrapped, base, run_dir, metrics, max_steps)
+
+
+def param_groups(model: torch.nn.Module, lr_ratio: float) -> list[dict]:
+    """The optimizer's parameter groups: one, or with LoRA+ the B matrices apart at lr_ratio × the lr.
+
+    `lr_scale` is each group's multiple of the scheduled learning rate.
+    """
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if lr_ratio == 1:
+        return [{"params": [p for _, p in trained], "lr_scale": 1.0}]
+    b = [p for name, p in trained if ".lora_b." in name]
+    rest = [p for name, p in trained if ".lora_b." not in name]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": lr_ratio}]
 
 
 def _accelerator():
@@ -141,9 +155,10 @@ class TrainingData:
 def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
     d = recipe.data
     tagging = recipe.task == "token-classification"
-    for spec in recipe.eval.sets:  # a wrong eval set fails now, not after training
-        load_sentences(spec, "test") if tagging else load_eval_set(spec, recipe.eval.limit)
-    rows, labels, cut = _tagged_rows(recipe, tokenizer) if tagging else _instruction_rows(recipe, tokenizer)
+    # A wrong eval set fails now, not after training.
+    eval_sets = [load_sentences(spec, "test") if tagging else load_eval_set(spec) for spec in recipe.eval.sets]
+    rows, labels, cut = (_tagged_rows(recipe, tokenizer) if tagging
+                         else _instruction_rows(recipe, tokenizer, {s.name: s.records for s in eval_sets}))
     train_rows, val_rows = data_lib.split_held_out(rows, d.val_size, seed=recipe.train.seed)
     if d.max_examples:
         train_rows = train_rows[:d.max_examples]
@@ -154,10 +169,13 @@ def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
     return TrainingData(train_rows, val_rows, labels)
 
 
-def _instruction_rows(recipe: Recipe, tokenizer) -> tuple[list[dict], None, str]:
-    """(rows, no labels, what was cut) of templated instruction data."""
+def _instruction_rows(recipe: Recipe, tokenizer, eval_records: dict[str, list[dict]]) -> tuple[list[dict], None, str]:
+    """(rows, no labels, what was cut) of templated instruction data; the eval sets' questions are
+    counted in it (and dropped with data.exclude_eval_overlap)."""
     d = recipe.data
     records = data_lib.load_examples(d.path, d.split, d.bad_rows)
+    if eval_records:
+        records = data_lib.eval_overlap(records, eval_records, d.exclude_eval_overlap)
     tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
     if not tokenized.rows:
         raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {d.path}: no example "
@@ -182,8 +200,11 @@ class TrainResult:
 
 
 def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool = False, overwrite: bool = False,
-          resume_command: str = "qadapt train RECIPE --resume") -> TrainResult:
-    """Train `recipe` end to end; `resume` is `latest` or a checkpoint folder to continue from."""
+          resume_command: str = "qadapt train RECIPE --resume", score: bool = True) -> TrainResult:
+    """Train `recipe` end to end; `resume` is `latest` or a checkpoint folder to continue from.
+
+    `score=False` leaves the recipe's eval sets to a later `qadapt eval` (as `qadapt sweep` does).
+    """
     if resume and overwrite:
         raise QadaptError("--resume continues a run and --overwrite replaces it: pass one of them")
     checkpoint = find_checkpoint(Path(recipe.output_dir).expanduser(), resume) if resume else None
@@ -200,7 +221,7 @@ def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool 
             progress.eval_loss_before = progress.eval_loss = _log_eval(s, recipe, 0)
     with StopSignals() as stop:
         run_steps(s, recipe, progress, stop, resume_command)
-    summary = finish(s, recipe, progress)
+    summary = finish(s, recipe, progress, score)
     return TrainResult(summary, s.accelerator.unwrap_model(s.model))
 
 
@@ -214,7 +235,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
         for step in range(progress.step, s.max_steps):
             lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
             for group in s.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             micro_batches = _next_micro_batches(s, t.micro_batch_size, t.grad_accum, order)
             loss = accumulate_gradients(s.model, micro_batches, acc, s.loss)
             grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
@@ -301,7 +322,7 @@ def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> Path:
     return folder
 
 
-def finish(s: Setup, recipe: Recipe, progress: Progress) -> dict:
+def finish(s: Setup, recipe: Recipe, progress: Progress, score: bool = True) -> dict:
     trainable, total = count_parameters(s.model)
     adapter = s.run_dir / ADAPTER_DIR
     weights = distributed.adapter_weights(s.model)
@@ -327,7 +348,7 @@ def finish(s: Setup, recipe: Recipe, progress: Progress) -> dict:
         "peak_memory_mb": peak_memory_mb(s.accelerator.device),
         "adapter": str(adapter),
     }
-    if recipe.eval.sets and s.accelerator.is_main_process:
+    if recipe.eval.sets and score and s.accelerator.is_main_process:
         summary["entity_f1" if recipe.task == "token-classification" else "accuracy"] = _final_scores(s, recipe)
     if s.accelerator.is_main_process:
         with atomic_file(s.run_dir / SUMMARY_FILE) as tmp:

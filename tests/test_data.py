@@ -156,3 +156,29 @@ def test_builtin_arithmetic_loads_as_data():
     records = D.load_examples(D.BUILTIN_ARITHMETIC, "test")
     assert len(records) == D.BUILTIN_SIZES["test"] and set(records[0]) == {"instruction", "input", "output", "answer"}
     assert torch.tensor([len(r["output"]) for r in records]).min() > 20
+
+
+def test_training_questions_shared_with_eval_sets_are_counted_and_can_be_dropped(capsys):
+    def record(question):
+        return {"instruction": question, "input": "", "output": "x", "answer": "1"}
+
+    train = [record("Tom has 3.5 apples, and Ann has 2!"), record("A new question?"), record("  tom HAS 3.5 apples and ann has 2")]
+    evals = {"AddSub": [record("Tom has 3.5 apples and Ann has 2.")], "gsm8k": [record("Something else")]}
+    assert D.eval_overlap(train, evals, exclude=False) == train
+    assert "2 of 3 training questions also appear in the eval sets (AddSub 2): kept" in capsys.readouterr().out
+    assert D.eval_overlap(train, evals, exclude=True) == [train[1]]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "math-eval").is_dir(), reason="needs ../shared/data")
+def test_math_data_json_is_made_of_the_test_sets_and_gsm8k_train_is_not(capsys):
+    """LLM-Adapters' math_data.json holds the questions of the paper's test sets (80% of GSM8K's):
+    training on it and scoring those sets measures recall, not math."""
+    from qadapt.evaluate import load_eval_set
+
+    math = SHARED_DATA / "math-eval"
+    evals = {name: load_eval_set(str(math / name / "test.json")).records for name in ("gsm8k", "AQuA", "MultiArith")}
+    kept = D.eval_overlap(D.load_examples(str(math / "math_data.json")), evals, exclude=True)
+    assert "gsm8k 1055, AQuA 203, MultiArith 480" in capsys.readouterr().out
+    assert len(kept) == 3260 - 1055 - 203 - 480
+    gsm8k_train = D.load_examples(str(SHARED_DATA / "gsm8k" / "train.jsonl"))
+    assert D.eval_overlap(gsm8k_train, evals, exclude=True) == gsm8k_train

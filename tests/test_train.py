@@ -100,3 +100,34 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
         pytest.skip("tensorboard is installed here")
     with pytest.raises(QadaptError, match="pip install tensorboard"):
         MetricsLog(tmp_path, tensorboard=True)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_lora_plus_moves_b_at_lr_ratio_times_a(load_tiny, kind):
+    """LoRA+: B in its own group at lr_ratio × the lr. Adam's first step moves each weight by about its lr,
+    so B (zero at init) moves 16× as far as with one group; A is not in B's group."""
+    from qadapt.train import param_groups
+
+    def first_b_step(ratio: float) -> float:
+        torch.manual_seed(0)
+        model = load_tiny("nf4")
+        attach_adapters(model, AdapterConfig(kind=kind, rank=4, dropout=0.0))
+        groups = param_groups(model, ratio)
+        assert sum(len(g["params"]) for g in groups) == len(adapter_params(model))
+        optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * group["lr_scale"]
+        model.train()
+        loss = model(**token_batch()).loss
+        loss.backward()
+        optimizer.step()
+        return max(p.abs().max().item() for n, p in adapter_params(model).items() if "lora_b" in n)
+
+    assert first_b_step(16.0) == pytest.approx(16 * first_b_step(1.0), rel=1e-3)
+
+
+def test_lr_ratio_belongs_to_lora_and_dora():
+    from qadapt.errors import QadaptError
+
+    with pytest.raises(QadaptError, match="adapter.lr_ratio applies to lora and dora"):
+        recipe_from_dict({"adapter": {"kind": "series", "lr_ratio": 16}})
