@@ -120,6 +120,9 @@ class TrainConfig:
     """Clip the adapter gradients' global norm (0: off)."""
     optimizer: Optimizer = "adamw"
     """torch AdamW, or bitsandbytes 8-bit / paged AdamW (paged falls back to unpaged on a CPU)."""
+    group_by_length: bool = True
+    """Within each optimizer step, put rows of similar length in the same micro-batch: less padding, and
+    the same step (its loss is normalised over all the step's tokens). Helps when grad_accum > 1."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (non-reentrant): much less memory, ~30% more compute."""
     seed: int = 42

@@ -236,7 +236,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
             for group in s.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            micro_batches = _next_micro_batches(s, t.micro_batch_size, t.grad_accum, order)
+            micro_batches = _next_micro_batches(s, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
             loss = accumulate_gradients(s.model, micro_batches, acc, s.loss)
             grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
             _refuse_divergence(s, recipe, step + 1, loss, grad_norm)
@@ -248,7 +248,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
                 _checkpoint_or_stop(s, recipe, progress, stop.requested(acc), resume_command)
 
 
-def _next_micro_batches(s: Setup, size: int, count: int, order) -> list[dict]:
+def _next_micro_batches(s: Setup, size: int, count: int, order, group_by_length: bool = False) -> list[dict]:
     """This process's micro-batches for the next optimizer step.
 
     Every process walks the same seeded order; a step takes size × count × processes examples of it
@@ -258,6 +258,8 @@ def _next_micro_batches(s: Setup, size: int, count: int, order) -> list[dict]:
     share = size * count
     step_rows = [next(order) for _ in range(share * acc.num_processes)]
     mine = step_rows[acc.process_index * share:(acc.process_index + 1) * share]
+    if group_by_length:  # longest first, so the first micro-batch shows the step's peak memory at once
+        mine.sort(key=lambda i: len(s.train_rows[i]["input_ids"]), reverse=True)
     return [to_device(data_lib.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id),
                       acc.device)
             for k in range(0, share, size)]
@@ -268,8 +270,9 @@ def _record_step(s: Setup, recipe: Recipe, progress: Progress, micro_batches: li
     t, acc = recipe.train, s.accelerator
     progress.step += 1
     progress.examples_seen += t.micro_batch_size * t.grad_accum * acc.num_processes
-    local_tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro_batches), device=acc.device)
-    progress.tokens_seen += int(acc.reduce(local_tokens, "sum"))
+    real, computed = (sum(int(f(b["attention_mask"])) for b in micro_batches) for f in (torch.sum, torch.numel))
+    progress.tokens_seen += int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
+    row = {**row, "padding_share": 1 - real / computed}
     progress.losses.append(row["loss"])
     tokens_per_s = progress.tokens_seen / progress.elapsed_s
     bar.update(1)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import token_batch
+from conftest import SHARED_DATA, token_batch
 
 from qadapt import data as D
 from qadapt.adapters import adapter_params, attach_adapters
@@ -131,3 +131,28 @@ def test_lr_ratio_belongs_to_lora_and_dora():
 
     with pytest.raises(QadaptError, match="adapter.lr_ratio applies to lora and dora"):
         recipe_from_dict({"adapter": {"kind": "series", "lr_ratio": 16}})
+
+
+def test_grouping_rows_by_length_cuts_padding_and_keeps_every_step(tiny_llama_dir, tmp_path):
+    """Sorting a step's rows into micro-batches by length changes only the padding: the step's loss is
+    normalised over all its tokens, so the losses (and so the updates) stay the same."""
+    gsm8k = SHARED_DATA / "gsm8k" / "train.jsonl"
+    if not gsm8k.is_file():
+        pytest.skip("needs ../shared/data")
+    data = tmp_path / "gsm8k-60.jsonl"  # rationales of many lengths
+    data.write_text("".join(gsm8k.read_text().splitlines(keepends=True)[:60]))
+
+    def run(group: bool) -> list[dict]:
+        train(recipe_from_dict({
+            "model": {"name": str(tiny_llama_dir), "quant": "nf4", "compute_dtype": "fp32"},
+            "adapter": {"kind": "lora", "rank": 4, "dropout": 0.0},
+            "data": {"max_examples": 48, "val_size": 0, "path": str(data)},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 4, "lr": 1e-2, "eval_every": 0,
+                      "save_every": 0, "group_by_length": group},
+            "output_dir": str(tmp_path / str(group)),
+        }))
+        return [json.loads(line) for line in (tmp_path / str(group) / "metrics.jsonl").read_text().splitlines()]
+
+    plain, grouped = run(False), run(True)
+    assert [r["loss"] for r in grouped] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+    assert sum(r["padding_share"] for r in grouped) < 0.6 * sum(r["padding_share"] for r in plain)
