@@ -77,7 +77,7 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     hidden, layers = config.hidden_size, config.num_hidden_layers
     vocab = config.num_labels if tagging else config.vocab_size  # the width of the logits
     per_layer = saved_bytes_per_layer(model, recipe.train.micro_batch_size, recipe.data.cutoff_len, dtype_bytes)
-    if recipe.train.gradient_checkpointing:
+    if recipe.train.gradient_checkpointing is not False:  # auto is planned as the safe choice
         activations = layers * tokens * hidden * dtype_bytes + per_layer
     else:
         activations = layers * per_layer
@@ -98,6 +98,43 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     if fsdp_gpus > 1:
         parts["layers gathered by FSDP"] = 2 * layer_weights
     return MemoryPlan(parts, gpu_memory_gib)
+
+
+def choose_gradient_checkpointing(recipe: Recipe, device: torch.device) -> tuple[bool, str]:
+    """(checkpoint?, why) for `train.gradient_checkpointing`; `auto` checkpoints only when the plan without
+    it needs more than half the memory free on the device (a GPU's free memory, or the host's available RAM).
+    """
+    import dataclasses
+
+    setting = recipe.train.gradient_checkpointing
+    if setting != "auto":
+        return setting, "as the recipe says"
+    free = _free_memory(device)
+    without = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, gradient_checkpointing=False))
+    dtype_bytes = 4 if device.type == "cpu" and not _fast_16bit(recipe) else 2
+    need = plan_memory(without, compute_dtype_bytes=dtype_bytes).allocated
+    checkpoint = need > free / 2
+    why = (f"auto: without it the plan needs {need / GIB:.1f} GiB, "
+           f"{'more' if checkpoint else 'less'} than half the {free / GIB:.1f} GiB free")
+    return checkpoint, why
+
+
+def _fast_16bit(recipe: Recipe) -> bool:
+    from qadapt.models import resolve_compute_dtype
+
+    return resolve_compute_dtype(recipe.model.compute_dtype) != torch.float32
+
+
+def _free_memory(device: torch.device) -> float:
+    """Bytes free where training runs: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    from pathlib import Path
+
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024
+    return 8.0 * GIB  # no /proc: assume a modest machine
 
 
 def _bytes_per_quantized_weight(recipe: Recipe, dtype_bytes: int) -> float:
@@ -147,7 +184,7 @@ def _first_decoder_layer(model):
 def advice(plan: MemoryPlan, recipe: Recipe) -> list[str]:
     """What to change, biggest saving first, when the plan does not fit."""
     tips = []
-    if not recipe.train.gradient_checkpointing:
+    if recipe.train.gradient_checkpointing is False:
         tips.append("train.gradient_checkpointing=true (keeps one layer's activations instead of all)")
     if recipe.train.micro_batch_size > 1:
         tips.append(f"train.micro_batch_size={recipe.train.micro_batch_size // 2} with "

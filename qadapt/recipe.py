@@ -123,8 +123,9 @@ class TrainConfig:
     group_by_length: bool = True
     """Within each optimizer step, put rows of similar length in the same micro-batch: less padding, and
     the same step (its loss is normalised over all the step's tokens). Helps when grad_accum > 1."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in backward (non-reentrant): much less memory, ~30% more compute."""
+    gradient_checkpointing: Union[bool, Literal["auto"]] = True
+    """Recompute activations in backward (non-reentrant): much less memory, ~30% more compute. `auto`:
+    only when `qadapt plan` says the run would not fit in half the memory there is without it."""
     seed: int = 42
     """Seeds adapter init, dropout and data order."""
     log_every: int = 1

@@ -35,7 +35,9 @@ from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.evaluate import load_eval_set, run_eval
 from qadapt.files import atomic_file, write_errors_reported
 from qadapt.loss import TASK_LOSSES, TaskLoss, accumulate_gradients, eval_loss, to_device
+from qadapt.machine import describe as describe_machine
 from qadapt.models import load_base, load_tokenizer
+from qadapt.plan import choose_gradient_checkpointing
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
 from qadapt.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
@@ -87,7 +89,10 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     sharded = distributed.is_fsdp(accelerator)
     model = load_base(recipe.model, accelerator.device, quant_storage_like_compute=sharded, labels=data.labels)
     base = base_identity(model, recipe.model.name)
-    prepare_for_kbit_training(model, recipe.train.gradient_checkpointing)
+    checkpointing, why = choose_gradient_checkpointing(recipe, accelerator.device)
+    if recipe.train.gradient_checkpointing == "auto":
+        say(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
+    prepare_for_kbit_training(model, checkpointing)
     wrapped = attach_adapters(model, recipe.adapter)
     params = [p for p in model.parameters() if p.requires_grad]
     t = recipe.train
@@ -349,6 +354,7 @@ def finish(s: Setup, recipe: Recipe, progress: Progress, score: bool = True) -> 
         "eval_loss_before": progress.eval_loss_before,
         "eval_loss": progress.eval_loss,
         "peak_memory_mb": peak_memory_mb(s.accelerator.device),
+        "machine": describe_machine(),
         "adapter": str(adapter),
     }
     if recipe.eval.sets and score and s.accelerator.is_main_process:

@@ -79,3 +79,28 @@ def test_fsdp_splits_the_70b_base_over_gpus(tmp_path):
     assert two.parts["activations"] == alone.parts["activations"]  # each GPU runs its own micro-batch
     assert 0.5 * GIB < two.parts["layers gathered by FSDP"] < 1.0 * GIB  # two NF4 decoder layers
     assert two.fits and four.needed < two.needed
+
+
+def test_auto_checkpointing_is_off_when_the_run_fits_without_it_and_on_when_it_would_not(llama2_7b_config):
+    import torch
+
+    from qadapt.plan import choose_gradient_checkpointing
+
+    def choice(batch: int, length: int, setting="auto") -> tuple[bool, str]:
+        recipe = recipe_from_dict({"model": {"name": llama2_7b_config, "compute_dtype": "fp32"},
+                                   "data": {"cutoff_len": length},
+                                   "train": {"micro_batch_size": batch, "gradient_checkpointing": setting}})
+        return choose_gradient_checkpointing(recipe, torch.device("cpu"))
+
+    small, why = choice(1, 16)
+    assert small is False and why.startswith("auto: without it the plan needs")
+    assert choice(64, 4096)[0] is True  # terabytes of activations without checkpointing
+    assert choice(1, 16, True) == (True, "as the recipe says")
+
+
+def test_checkpointing_takes_true_false_or_auto():
+    from qadapt.errors import QadaptError
+
+    assert recipe_from_dict({"train": {"gradient_checkpointing": "auto"}}).train.gradient_checkpointing == "auto"
+    with pytest.raises(QadaptError, match="train.gradient_checkpointing"):
+        recipe_from_dict({"train": {"gradient_checkpointing": "sometimes"}})

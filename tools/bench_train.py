@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from qadapt.machine import describe, one_line
+
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,6 +69,7 @@ def qadapt_trainer(args):
     return qadapt_recipe_trainer(recipe_from_dict({
         "model": {"name": args.model, "quant": args.quant, "compute_dtype": args.compute_dtype},
         "adapter": {"kind": "lora", "rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.05, "targets": TARGETS},
+        "train": {"gradient_checkpointing": args.gradient_checkpointing == "on"},
     }))
 
 
@@ -116,7 +119,7 @@ def peft_trainer(args):
     device_map = {"": 0} if torch.cuda.is_available() else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
                                                  device_map=device_map)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing == "on")
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -192,7 +195,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8"])
-    parser.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                        help="auto: what qadapt's `auto` picks here (fp32 on a CPU without fast bf16)")
+    parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -202,6 +207,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--worker", choices=["qadapt", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compute_dtype == "auto":
+        from qadapt.models import resolve_compute_dtype
+
+        args.compute_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_compute_dtype("auto"), "fp32")
     if args.worker:
         print(json.dumps(worker(args)))
         return
@@ -229,12 +238,13 @@ def main() -> None:
         }
     report = {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "json")},
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} threads",
+        "machine": describe(),
         "matmul_peak_gflops": round(peak_gflops, 1),
         **sides,
         "step_time_ratio": round(sides["qadapt"]["step_time_s"] / sides["peft"]["step_time_s"], 3),
         "peak_memory_ratio": round(sides["qadapt"]["peak_memory_mb"] / sides["peft"]["peak_memory_mb"], 3),
     }
+    print(f"machine: {one_line(report['machine'])}")
     print(f"{'':8} {'s/step':>8} {'tokens/s':>9} {'peak MB':>8} {'MFU':>6}")
     for side in ("qadapt", "peft"):
         s = sides[side]
