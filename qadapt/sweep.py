@@ -40,6 +40,7 @@ from qadapt.run_dir import RECIPE_FILE, SUMMARY_FILE
 SWEEP_FILE = "sweep.json"
 LOGS_DIR = "logs"
 BASELINE = "base"
+BY_VALUE = ("kind", "placement")  # keys a run is named by their value alone (series-mlp)
 STOP_CODES = (130, 143)  # the run was stopped by Ctrl-C / SIGTERM: stop the sweep too
 
 
@@ -98,12 +99,17 @@ def run_name(overrides: list[str]) -> str:
         key, _, value = item.partition("=")
         label = leaf if leaves.count(leaf) == 1 else key
         parsed = yaml.safe_load(value) if value.strip() else value
-        if isinstance(parsed, dict):  # {kind: series, placement: mlp} -> series-mlp
-            value = "-".join(str(v) for v in parsed.values())
-            parts.append(_safe(value))
+        if isinstance(parsed, dict):  # {kind: series, placement: mlp, init: bert} -> series-mlp_init-bert
+            named = ["-".join(_safe(_text(v)) for k, v in parsed.items() if k in BY_VALUE)]
+            named += [f"{_safe(str(k))}-{_safe(_text(v))}" for k, v in parsed.items() if k not in BY_VALUE]
+            parts.append("_".join(n for n in named if n))
         else:
             parts.append(f"{_safe(label)}-{_safe(value)}")
     return "_".join(parts) or "run"
+
+
+def _text(value) -> str:
+    return "-".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _safe(text: str) -> str:

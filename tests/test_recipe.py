@@ -24,7 +24,8 @@ def test_every_shipped_recipe_loads_and_names_its_command(path: Path):
     recipe = load_recipe(path)
     assert recipe.output_dir
     first = path.read_text().splitlines()[0]  # the command, plain or under `accelerate launch ... -m`
-    assert first == f"# qadapt train {path.relative_to(REPO)}" or (
+    assert first == f"# qadapt train {path.relative_to(REPO)}" or first.startswith(
+        f"# qadapt sweep {path.relative_to(REPO)} ") or (
         first.startswith("# accelerate launch --config_file recipes/accelerate/")
         and first.endswith(f" -m qadapt train {path.relative_to(REPO)}"))
 
@@ -114,3 +115,17 @@ def test_bottleneck_options_are_checked():
         recipe_from_dict({"adapter": {"kind": "parallel", "placement": "mlp", "targets": ["up_proj"]}})
     with pytest.raises(QadaptError, match="adapter.activation: 'swish' is not one of tanh, relu, gelu, silu"):
         recipe_from_dict({"adapter": {"activation": "swish"}})
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.read_text().startswith("# qadapt sweep ")],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_a_shipped_sweep_command_names_runs_that_all_load(path: Path, tmp_path):
+    import shlex
+
+    from qadapt.sweep import plan_sweep
+
+    words = shlex.split(path.read_text().splitlines()[0][2:])
+    grids = [words[i + 1] for i, word in enumerate(words) if word == "--grid"]
+    state = plan_sweep(path, grids, [], tmp_path)  # loads every run's recipe
+    names = [run.name for run in state.runs]
+    assert len(names) == len(set(names)) >= 4 and names[:4] == ["lora", "dora", "series-mlp", "parallel-mlp"]

@@ -36,6 +36,7 @@ def test_run_names_come_from_the_grid_values():
     assert run_name(["adapter.kind=dora", "train.lr=1e-3"]) == "kind-dora_lr-1e-3"
     assert run_name(["adapter.targets=[q_proj,v_proj]"]) == "targets-q_proj-v_proj"
     assert run_name(["adapter={kind: series, placement: attention}"]) == "series-attention"
+    assert run_name(["adapter={kind: lora, rank: 32, targets: [q_proj, v_proj]}"]) == "lora_rank-32_targets-q_proj-v_proj"
     assert run_name(["adapter.dropout=0.1", "train.dropout=0.2"]) == "adapter.dropout-0.1_train.dropout-0.2"
 
 

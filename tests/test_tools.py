@@ -32,3 +32,43 @@ def test_gpu_check_trains_both_sides(side):
     result = gpu_check.run(side, args, torch.device("cpu"), batch=2, seq=32, steps=3)
     assert len(result["losses"]) == 3 and all(loss == loss for loss in result["losses"])
     assert result["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_peer_fidelity_trains_peft_at_the_recipes_budget_and_scores_it_as_a_run(tiny_llama_dir, tmp_path):
+    """PEFT + bitsandbytes on the recipe's rows and steps, continued after a stop, then a qadapt run directory
+    that qadapt eval and qadapt report read like any run."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from qadapt.report import read_run
+
+    pytest.importorskip("peft")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_llama_dir), "quant": "nf4", "compute_dtype": "fp32"},
+        "adapter": {"kind": "lora", "rank": 4, "dropout": 0.0},
+        "data": {"max_examples": 32, "val_size": 4},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "warmup_steps": 1, "save_every": 2},
+        "eval": {"sets": ["builtin:arithmetic"], "limit": 2, "max_new_tokens": 4},
+    }))
+    out = tmp_path / "sweep" / "peft-lora"
+    work = out.with_name("peft-lora.peft-train")
+    command = [sys.executable, str(REPO / "tools" / "peer_fidelity.py"), str(recipe), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = read_run(out)
+    assert run["summary"]["steps"] == 4 and run["summary"]["trainer"] == "peft + bitsandbytes"
+    assert run["recipe"].adapter.kind == "lora" and run["scores"]["arithmetic"]["total"] == 2
+    assert len(run["losses"]) == 4
+
+    # As if stopped after the step-2 checkpoint: the run continues from it and ends with the same adapter.
+    finished = (work / "adapter" / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(out)
+    shutil.rmtree(work / "adapter")
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 0 and "peft: continuing from step 2" in again.stdout, again.stderr[-2000:]
+    assert (work / "adapter" / "adapter_model.safetensors").read_bytes() == finished
+    assert [loss for _, loss in read_run(out)["losses"]] == [loss for _, loss in run["losses"]]
