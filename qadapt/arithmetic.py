@@ -19,15 +19,16 @@ SETTINGS = ("owner", "container", "money")
 TEST_SHARE = 10  # one problem in TEST_SHARE goes to the test split
 
 
-def problems(split: str, count: int, seed: int = 0) -> list[dict]:
-    """`count` distinct problems of `split` ("train" or "test")."""
+def problems(split: str, count: int, seed: int = 0, make=None) -> list[dict]:
+    """`count` distinct problems of `split` ("train" or "test"), made by `make(rng)` (default: this module's)."""
+    make = make or _problem
     if split not in ("train", "test"):
         raise ValueError(f"built-in arithmetic has splits train and test, not {split!r}")
     rng = random.Random(f"{seed}-{split}")
     seen: set[str] = set()
     out: list[dict] = []
     while len(out) < count:
-        record = _problem(rng)
+        record = make(rng)
         question = record["instruction"]
         if question in seen or _split_of(question) != split:
             continue

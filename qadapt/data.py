@@ -1,7 +1,8 @@
 """Training data: read, template, tokenize with a loss mask, batch.
 
 Every source becomes records in the LLM-Adapters format — instruction, input, output, answer:
-- `builtin:arithmetic`: generated word problems (qadapt.arithmetic), offline;
+- `builtin:arithmetic`: generated word problems told one way (qadapt.arithmetic), offline;
+- `builtin:word-problems`: generated everyday word problems of many kinds and phrasings (qadapt.word_problems);
 - a GSM8K JSONL file (`question`, `answer` ending "#### N"): the rationale without its calculator
   annotations, then "The answer is N.";
 - an LLM-Adapters / Alpaca JSON or JSONL file (`instruction`, `input`, `output`, `answer`);
@@ -19,11 +20,13 @@ from typing import Iterator
 
 import torch
 
-from qadapt import arithmetic
+from qadapt import arithmetic, word_problems
 from qadapt.console import say
 from qadapt.errors import QadaptError
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+BUILTIN_WORD_PROBLEMS = "builtin:word-problems"
+BUILTIN_SETS = {BUILTIN_ARITHMETIC: arithmetic.problems, BUILTIN_WORD_PROBLEMS: word_problems.problems}
 BUILTIN_SIZES = {"train": 4000, "test": 500}
 IGNORE_INDEX = -100  # label of a token that carries no loss
 
@@ -61,10 +64,12 @@ def load_examples(path: str, split: str = "train", bad_rows: str = "fail") -> li
     A malformed row (not JSON, not an object of a known format) is an error naming the file and line,
     or with `bad_rows="skip"` is dropped and counted.
     """
-    if path == BUILTIN_ARITHMETIC:
+    if path.startswith("builtin:"):
+        if path not in BUILTIN_SETS:
+            raise QadaptError(f"unknown built-in data {path!r}; choose one of {', '.join(BUILTIN_SETS)}")
         if split not in BUILTIN_SIZES:
             raise QadaptError(f"{path} has splits {', '.join(BUILTIN_SIZES)}, not {split!r}")
-        return arithmetic.problems(split, BUILTIN_SIZES[split])
+        return BUILTIN_SETS[path](split, BUILTIN_SIZES[split])
     file = Path(path).expanduser()
     if file.is_file():
         rows, source = _read_file(file), str(file)

@@ -35,8 +35,8 @@ class EvalSet:
 
 def set_name(spec: str) -> str:
     """'../math-eval/AQuA/test.json' -> 'AQuA'; 'gsm8k/test.jsonl' -> 'gsm8k'; 'builtin:arithmetic' -> 'arithmetic'."""
-    if spec == BUILTIN_ARITHMETIC:
-        return "arithmetic"
+    if spec.startswith("builtin:"):
+        return spec.partition(":")[2]
     path = Path(spec)
     if path.suffix in (".json", ".jsonl"):
         split_file = path.stem in ("test", "train", "dev", "validation") and path.parent.name

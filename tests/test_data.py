@@ -182,3 +182,24 @@ def test_math_data_json_is_made_of_the_test_sets_and_gsm8k_train_is_not(capsys):
     assert len(kept) == 3260 - 1055 - 203 - 480
     gsm8k_train = D.load_examples(str(SHARED_DATA / "gsm8k" / "train.jsonl"))
     assert D.eval_overlap(gsm8k_train, evals, exclude=True) == gsm8k_train
+
+
+def test_builtin_word_problems_are_varied_split_and_every_step_is_right():
+    from qadapt import word_problems
+
+    train, test = word_problems.problems("train", 1000), word_problems.problems("test", 200)
+    assert train == word_problems.problems("train", 1000)
+    assert not {p["instruction"] for p in train} & {p["instruction"] for p in test}
+    openings = {" ".join(p["instruction"].split()[1:3]) for p in train}
+    assert len(openings) > 100  # not one story told a hundred ways
+    for problem in train + test:
+        equations = re.findall(r"(\d+) ([-+*/]) (\d+) = \$?(\d+)", problem["output"])
+        assert equations, problem
+        for a, op, b, result in equations:
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
+            assert value == int(result), problem
+        assert problem["output"].endswith(f"The answer is {problem['answer']}.") and int(problem["answer"]) >= 0
+        assert int(equations[-1][3]) == int(problem["answer"])
+    assert D.load_examples(D.BUILTIN_WORD_PROBLEMS, "test") == word_problems.problems("test", 500)
+    with pytest.raises(QadaptError, match="unknown built-in data 'builtin:nope'; choose one of builtin:arithmetic"):
+        D.load_examples("builtin:nope")
