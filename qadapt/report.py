@@ -17,6 +17,8 @@ from pathlib import Path
 
 from qadapt.errors import QadaptError
 from qadapt.evaluate import METRICS_FILE as EVAL_METRICS_FILE
+from qadapt.files import atomic_file
+from qadapt.machine import one_line
 from qadapt.recipe import load_recipe
 from qadapt.run_dir import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE
 
@@ -101,6 +103,9 @@ def markdown_table(runs: list[dict]) -> str:
         cells += [_cell(run["scores"][n], len(totals[n]) > 1) if n in run["scores"] else "" for n in set_names]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["Accuracy in %, with its 95% Wilson interval."]
+    machines = sorted({one_line(r["summary"]["machine"]) for r in runs if r["summary"] and "machine" in r["summary"]})
+    if machines:  # wall times mean little without the machine that made them
+        notes.append(f"Wall times measured on: {'; '.join(machines)}.")
     if any(n.lower() in MAWPS_SETS for n in set_names):
         notes.append("¹ derived from MAWPS, like part of math_data.json / math_10k: training data may share "
                      "their problems (see the data line on overlap), so they are not held-out tests.")
@@ -170,8 +175,6 @@ def _running_mean(values: tuple[float, ...], window: int) -> list[float]:
 
 def report(run_dirs: list[Path], out: Path | None = None, plot_path: Path | None = None,
            json_path: Path | None = None) -> str:
-    from qadapt.files import atomic_file
-
     if not run_dirs:
         raise QadaptError("name at least one run directory")
     runs = [read_run(Path(d)) for d in run_dirs]

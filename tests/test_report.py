@@ -34,7 +34,8 @@ def test_the_table_compares_kind_size_loss_and_accuracy(two_runs, tmp_path):
     out, json_out = tmp_path / "report.md", tmp_path / "report.json"
     table = report(two_runs, out=out, json_path=json_out)
     assert out.read_text() == table + "\n"
-    header, _, lora, series, _, note = table.splitlines()
+    header, _, lora, series, _, note, machine = table.splitlines()
+    assert machine.startswith("Wall times measured on: ") and "threads)" in machine
     assert header.startswith("| run | kind | trainable params |") and header.endswith("| arithmetic (n=2) |")
     assert lora.startswith("| lora | lora |") and series.startswith("| series | series |")
     assert "| 3 |" in lora and re.search(r"\| \d+\.\d \(\d+\.\d–\d+\.\d\) \|$", lora)  # accuracy (interval)

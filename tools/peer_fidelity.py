@@ -6,11 +6,12 @@ PEFT trains the recipe's model, quantized as the recipe says (NF4, double quanti
 dtype `auto` picks), with LoRA of the recipe's rank, alpha, dropout and targets (the family's default
 targets when the recipe names none), on exactly the rows qadapt trains on (qadapt's own templating,
 masking, held-out slice and seeded order), for the recipe's steps, batch, learning rate, schedule and
-warmup, with AdamW and gradient clipping, the way PEFT's QLoRA docs write it: the model's own loss per
-micro-batch, divided by the accumulation steps. The adapter is then imported as a qadapt run directory
-(`qadapt import-peft`) with a summary.json, and scored with `qadapt eval` on the recipe's eval sets in
-fp32 like every sweep run, so `qadapt report` (or a sweep's report, with --out inside the sweep folder)
-shows it beside qadapt's runs. Interrupted, it continues from its last checkpoint.
+warmup, with AdamW, gradient clipping and the gradient checkpointing qadapt chooses for the recipe, the
+way PEFT's QLoRA docs write it: the model's own loss per micro-batch, divided by the accumulation
+steps. The adapter is then imported as a qadapt run directory (`qadapt import-peft`) with a
+summary.json, and scored with `qadapt eval` on the recipe's eval sets in fp32 like every sweep run, so
+`qadapt report` (or a sweep's report, with --out inside the sweep folder) shows it beside qadapt's
+runs. Interrupted, it continues from its last checkpoint.
 
 Needs peft (the test extra).
 """
@@ -36,6 +37,7 @@ def peft_model(recipe, targets: list[str]):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qadapt.models import resolve_compute_dtype, resolve_model_path
+    from qadapt.plan import choose_gradient_checkpointing
 
     m, a = recipe.model, recipe.adapter
     dtype = resolve_compute_dtype(m.compute_dtype)
@@ -45,8 +47,9 @@ def peft_model(recipe, targets: list[str]):
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(m.name), dtype=dtype,
                                                  quantization_config=quantization,
                                                  device_map={"": 0} if torch.cuda.is_available() else None)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing
-                                            is not False)
+    # The same choice qadapt makes (`auto` decided by qadapt plan), so both sides checkpoint alike.
+    checkpointing, _ = choose_gradient_checkpointing(recipe, model.device)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     return get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
                                             use_rslora=a.rslora, task_type="CAUSAL_LM"))
 
