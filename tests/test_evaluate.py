@@ -85,3 +85,16 @@ def test_training_with_an_eval_section_scores_the_run_and_eval_reproduces_it(tin
     reloaded = [json.loads(line) for line in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
     assert [p["output"] for p in reloaded] == [p["output"] for p in predictions]
     assert again["sets"] == metrics["sets"]
+
+    # --resume keeps the sets already scored with the same settings and scores only the new ones.
+    kept_file = tmp_path / "again" / "predictions.jsonl"
+    kept_file.write_text(kept_file.read_text().replace('"output": "', '"output": "KEPT ', 1))
+    both = run_eval(str(run), ["builtin:arithmetic", "builtin:word-problems"], limit=4, max_new_tokens=8,
+                    out=tmp_path / "again", resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
+    assert rows[0]["output"].startswith("KEPT ")  # read back, not decoded again
+    assert [p["set"] for p in rows] == ["arithmetic"] * 4 + ["word-problems"] * 4
+    assert both["sets"]["arithmetic"] == metrics["sets"]["arithmetic"] and both["sets"]["word-problems"]["total"] == 4
+    other = run_eval(str(run), ["builtin:word-problems"], limit=2, max_new_tokens=8, out=tmp_path / "again",
+                     resume=True)  # another limit: nothing kept
+    assert list(other["sets"]) == ["word-problems"] and other["sets"]["word-problems"]["total"] == 2
