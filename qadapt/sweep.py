@@ -158,7 +158,8 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
     eval_args = _eval_args(sweep_recipe, eval_dtype)
     if baseline and eval_args:
         _score_baseline(sweep_recipe, eval_args, out)
-    timer = _Eta(len(state.runs))
+    timer = _Eta(len(state.runs), [r.train_s + r.eval_s for r in state.runs if r.status == "done" and r.train_s
+                                    and r.eval_s])
     for index, run in enumerate(state.runs, 1):
         run_dir = out / run.name
         if _finished(run_dir, sweep_recipe):
@@ -300,10 +301,10 @@ def _has_matplotlib() -> bool:
 
 
 class _Eta:
-    """The time left, from the mean time of the runs this sweep has trained and scored so far."""
+    """The time left, from the mean time of the runs trained and scored so far (this call's and earlier ones')."""
 
-    def __init__(self, count: int):
-        self.left, self.times = count, []
+    def __init__(self, count: int, earlier: list[float]):
+        self.left, self.times = count, list(earlier)
 
     def skip(self) -> None:
         self.left -= 1
