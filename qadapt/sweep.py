@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
@@ -34,7 +35,7 @@ from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.evaluate import METRICS_FILE as EVAL_METRICS_FILE
 from qadapt.evaluate import set_name
 from qadapt.files import atomic_file
-from qadapt.recipe import load_recipe
+from qadapt.recipe import DType, load_recipe
 from qadapt.run_dir import RECIPE_FILE, SUMMARY_FILE
 
 SWEEP_FILE = "sweep.json"
@@ -151,6 +152,8 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
     """Train and score every run of the sweep that is not done yet; return the report's table."""
     from qadapt.report import report
 
+    if eval_dtype not in get_args(DType):
+        raise QadaptError(f"--eval-dtype {eval_dtype!r} is not one of {', '.join(get_args(DType))}")
     state = plan_sweep(recipe, grids, overrides, out)
     sweep_recipe = load_recipe(recipe, overrides)
     out.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,8 @@ def test_a_typo_in_any_run_fails_before_anything_trains(tmp_path):
     path.write_text("adapter: {kind: lora}\n")
     with pytest.raises(QadaptError, match="adapter.kind"):
         sweep(path, ["adapter.kind=lora,lorra"], [], tmp_path / "sweep")
+    with pytest.raises(QadaptError, match="--eval-dtype 'fp64' is not one of auto, bf16, fp16, fp32"):
+        sweep(path, ["adapter.kind=lora"], [], tmp_path / "sweep", eval_dtype="fp64")
     assert not (tmp_path / "sweep").exists()
 
 
