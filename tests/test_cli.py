@@ -126,7 +126,7 @@ def test_real_smollm2_trains_every_kind(tmp_path, kind, quant):
     """Each adapter kind learns on the real embedded model through the real quantized path."""
     run = tmp_path / "run"
     result = qadapt("train", "recipes/quickstart.yaml", f"adapter.kind={kind}", f"model.quant={quant}",
-                    "adapter.bottleneck_size=64", "train.max_steps=6", "train.eval_every=0", "data.val_size=8",
+                    "data.path=builtin:arithmetic", "adapter.bottleneck_size=64", "train.max_steps=6", "train.eval_every=0", "data.val_size=8",
                     f"output_dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"with {kind} adapters" in result.stdout
