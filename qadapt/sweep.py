@@ -264,7 +264,12 @@ def _qadapt(args: list[str], log: Path) -> str | None:
         kept.flush()
         process = subprocess.Popen([sys.executable, "-m", "qadapt", *args], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-        forward = lambda signum, frame: process.send_signal(signum)  # noqa: E731
+        received: list[int] = []
+
+        def forward(signum, frame):
+            received.append(signum)
+            process.send_signal(signum)
+
         previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         tail = b""
         try:
@@ -277,9 +282,11 @@ def _qadapt(args: list[str], log: Path) -> str | None:
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
-    if code in STOP_CODES:
+    # Stopped: it saved a checkpoint (130 / 143), or a signal ended it before it could (-2 / -15), or we passed one on.
+    if received or code in STOP_CODES or -code in (signal.SIGINT, signal.SIGTERM):
+        exit_code = 128 + (received[0] if received else -code if code < 0 else code - 128)
         raise TrainingStopped(f"the sweep was stopped (qadapt {args[0]} exited {code}); run the same qadapt sweep "
-                              "command again to continue where it stopped", code)
+                              "command again to continue where it stopped", exit_code)
     return None if code == 0 else _error_line(tail.decode(errors="replace"), code)
 
 
