@@ -176,12 +176,12 @@ def normalized_question(record: dict) -> str:
 def eval_overlap(records: list[dict], eval_records: dict[str, list[dict]], exclude: bool) -> list[dict]:
     """Say how many training questions also appear in each eval set; drop them when `exclude`."""
     seen = {name: {normalized_question(r) for r in rows} for name, rows in eval_records.items()}
-    shared = [i for i, r in enumerate(records) if any(normalized_question(r) in q for q in seen.values())]
+    questions = [normalized_question(r) for r in records]  # once each: thousands of rows, six sets
+    shared = [i for i, q in enumerate(questions) if any(q in s for s in seen.values())]
     if not shared:
         say(f"data: none of the {len(records):,} training questions appears in the eval sets")
         return records
-    per_set = {name: sum(normalized_question(records[i]) in questions for i in shared)
-               for name, questions in seen.items()}
+    per_set = {name: sum(questions[i] in eval_questions for i in shared) for name, eval_questions in seen.items()}
     counts = ", ".join(f"{name} {count}" for name, count in per_set.items() if count)
     action = "dropped (data.exclude_eval_overlap)" if exclude else "kept; data.exclude_eval_overlap=true drops them"
     say(f"data: {len(shared):,} of {len(records):,} training questions also appear in the eval sets ({counts}): "

@@ -49,7 +49,7 @@ STOP_CODES = (130, 143)  # the run was stopped by Ctrl-C / SIGTERM: stop the swe
 class SweepRun:
     name: str
     overrides: list[str]  # the grid's values for this run
-    status: str = "pending"  # pending, trained, done or failed
+    status: str = "pending"  # pending, done or failed
     error: str | None = None
     train_s: float | None = None
     eval_s: float | None = None
@@ -196,12 +196,14 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
 
 def _finished(run_dir: Path, sweep_recipe) -> bool:
     """Trained (summary.json) and scored on every eval set of the recipe."""
-    if not (run_dir / SUMMARY_FILE).is_file():
-        return False
-    metrics = run_dir / "eval" / EVAL_METRICS_FILE
-    wanted = {set_name(spec) for spec in sweep_recipe.eval.sets}
+    return (run_dir / SUMMARY_FILE).is_file() and _scored_all(run_dir, sweep_recipe)
+
+
+def _scored_all(folder: Path, recipe) -> bool:
+    """Whether folder/eval/metrics.json holds every eval set of the recipe."""
+    metrics = folder / "eval" / EVAL_METRICS_FILE
     scored = set(json.loads(metrics.read_text())["sets"]) if metrics.is_file() else set()
-    return wanted <= scored
+    return {set_name(spec) for spec in recipe.eval.sets} <= scored
 
 
 def _eval_args(recipe, eval_dtype: str) -> list[str]:
@@ -241,9 +243,7 @@ def _evaluate(target_dir: Path, eval_args: list[str], log: Path, run: SweepRun |
 def _score_baseline(recipe, eval_args: list[str], out: Path) -> None:
     """The untrained base, loaded as the runs load it, on the same sets: the row every run is compared to."""
     base_dir = out / BASELINE
-    metrics = base_dir / "eval" / EVAL_METRICS_FILE
-    wanted = {set_name(spec) for spec in recipe.eval.sets}
-    if metrics.is_file() and wanted <= set(json.loads(metrics.read_text())["sets"]):
+    if _scored_all(base_dir, recipe):
         return
     print(f"sweep: scoring the untrained base {recipe.model.name} ({recipe.model.quant})", flush=True)
     extra = ["--quant", recipe.model.quant, "--template", recipe.data.template]
