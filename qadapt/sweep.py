@@ -179,7 +179,8 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
         if error:
             print(f"sweep: {run.name} failed: {error}", flush=True)
         _save_state(out, state)
-        timer.done(time.perf_counter() - started)
+        # A run that failed at once would make the rest look quick: only finished runs set the pace.
+        timer.skip() if error else timer.done(time.perf_counter() - started)
     finished = [out / BASELINE] if (out / BASELINE / "eval" / EVAL_METRICS_FILE).is_file() else []
     finished += sorted(p.parent for p in out.glob(f"*/{SUMMARY_FILE}") if p.parent.name != BASELINE)
     failed = [r for r in state.runs if r.status == "failed"]
@@ -291,7 +292,17 @@ def _qadapt(args: list[str], log: Path) -> str | None:
 
 
 def _error_line(output: str, code: int) -> str:
-    """The `error: ...` line of a failed command, else the last line it printed (a traceback's exception)."""
+    """The `error: ...` line of a failed command, else the last line it printed (a traceback's exception).
+
+    A command killed by a signal printed nothing about it: its last line would be a mere progress line.
+    """
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
     lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
     if errors:

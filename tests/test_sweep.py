@@ -14,7 +14,7 @@ import yaml
 
 from qadapt.errors import QadaptError
 from qadapt.recipe import load_recipe
-from qadapt.sweep import expand_grids, run_name, split_values, sweep
+from qadapt.sweep import _error_line, expand_grids, run_name, split_values, sweep
 
 
 def test_grids_expand_to_their_cross_product_first_grid_slowest():
@@ -59,6 +59,14 @@ def test_a_typo_in_any_run_fails_before_anything_trains(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_command_killed_by_a_signal_is_recorded_as_killed_not_by_its_last_line():
+    progress = "train:  40%|████      | 72/180 [28:48<43:12, 24.0s/step]"
+    assert _error_line(progress, -signal.SIGKILL) == "killed by SIGKILL (the system may have run out of memory)"
+    assert _error_line(progress, -signal.SIGSEGV) == "killed by SIGSEGV"
+    assert _error_line("Traceback ...\nValueError: bad shape", 1) == "ValueError: bad shape"
+    assert _error_line("x\nerror: data: /no/such.json not found\ny", 1) == "data: /no/such.json not found"
+
+
 def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, tmp_path):
     """Two runs on a tiny NF4 LLaMA (the second diverges) and the untrained base, scored on 2 problems.
 
