@@ -67,12 +67,7 @@ def test_a_command_killed_by_a_signal_is_recorded_as_killed_not_by_its_last_line
     assert _error_line("x\nerror: data: /no/such.json not found\ny", 1) == "data: /no/such.json not found"
 
 
-def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, tmp_path):
-    """Two runs on a tiny NF4 LLaMA (the second diverges) and the untrained base, scored on 2 problems.
-
-    The sweep is stopped by SIGTERM after the first run's first checkpoint; the same command resumes
-    that run from it, records the failure and writes the report; a third call does nothing.
-    """
+def _tiny_recipe(tiny_llama_dir, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name": str(tiny_llama_dir), "quant": "nf4", "compute_dtype": "fp32"},
@@ -82,6 +77,38 @@ def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, t
                   "save_every": 2, "lr": 1e-3},
         "eval": {"sets": ["builtin:arithmetic"], "limit": 2, "max_new_tokens": 4},
     }))
+    return recipe
+
+
+def test_a_sweep_stopped_while_its_run_is_starting_stops_and_records_no_failure(tiny_llama_dir, tmp_path):
+    """SIGTERM reaches the run before it has installed its own handlers: it dies of the signal (-15).
+
+    That is a stop, not a failure: the sweep exits 143 and the run stays pending for the next call.
+    """
+    recipe = _tiny_recipe(tiny_llama_dir, tmp_path)
+    out = tmp_path / "sweep"
+    sweep_process = subprocess.Popen([sys.executable, "-m", "qadapt", "sweep", str(recipe), "--grid",
+                                      "train.lr=1e-3", "--out", str(out)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+    train_log = out / "logs" / "lr-1e-3.train.log"
+    deadline = time.monotonic() + 60
+    while not train_log.is_file() and sweep_process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert train_log.is_file(), sweep_process.communicate()[0].decode()[-3000:]
+    sweep_process.send_signal(signal.SIGTERM)  # the run is still importing torch
+    output = sweep_process.communicate(timeout=120)[0].decode()
+    assert sweep_process.returncode == 143 and "run the same qadapt sweep command again" in output, output[-3000:]
+    run = json.loads((out / "sweep.json").read_text())["runs"][0]
+    assert run["status"] == "pending" and run["error"] is None
+
+
+def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, tmp_path):
+    """Two runs on a tiny NF4 LLaMA (the second diverges) and the untrained base, scored on 2 problems.
+
+    The sweep is stopped by SIGTERM after the first run's first checkpoint; the same command resumes
+    that run from it, records the failure and writes the report; a third call does nothing.
+    """
+    recipe = _tiny_recipe(tiny_llama_dir, tmp_path)
     out = tmp_path / "sweep"
     args = [str(recipe), "--grid", "train.lr=1e-3,1e30", "--out", str(out), "--baseline"]
     first = subprocess.Popen([sys.executable, "-m", "qadapt", "sweep", *args], stdout=subprocess.PIPE,
