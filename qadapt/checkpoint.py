@@ -45,6 +45,7 @@ class Progress:
     examples_seen: int = 0  # per process: the position in the seeded data order
     tokens_seen: int = 0
     elapsed_s: float = 0.0
+    cpu_s: float = 0.0  # CPU time of the training loop (all threads): unlike wall time, not stretched by other work
     losses: list[float] = field(default_factory=list)
     eval_loss_before: float | None = None
     eval_loss: float | None = None

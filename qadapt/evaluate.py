@@ -9,6 +9,7 @@ Each set is decoded greedily in batches (qadapt.generation) and scored by qadapt
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -184,8 +185,10 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
         with tqdm(total=sum(len(s.records) for s in todo), desc="eval", unit="problem") as bar:
             for eval_set in todo:
                 bar.set_postfix_str(eval_set.name)
+                started, cpu_started = time.perf_counter(), time.process_time()
                 row, rows = evaluate_set(model, tokenizer, template, eval_set, batch_size, max_new_tokens, strict,
                                          on_done=bar.update)
+                row |= {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started}
                 results[eval_set.name] = row
                 predictions += rows
                 metrics = {"target": target, "template": template, **settings, "limit": limit, "sets": results}

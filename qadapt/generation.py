@@ -165,11 +165,17 @@ class _Decoder:
 
 
 def _with_room(cache):
-    """`cache` with its full-attention layers swapped for ones that append into spare room."""
-    from transformers.cache_utils import DynamicLayer
+    """`cache` with its layers swapped for ones that keep every column and append into spare room.
+
+    Sliding-window layers (Mistral's) become full ones too: the attention mask still applies the
+    window, and the decoder, which selects, trims and joins rows itself, cannot keep their bookkeeping
+    of dropped columns right (a 2-row batch of 3 prompts failed with a mask of the wrong width).
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     roomy = _roomy_layer_class()
-    cache.layers = [roomy() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    replaced = (DynamicLayer, DynamicSlidingWindowLayer)
+    cache.layers = [roomy() if type(layer) in replaced else layer for layer in cache.layers]
     return cache
 
 

@@ -57,7 +57,15 @@ def read_run(run_dir: Path) -> dict:
         "losses": [(r["step"], r["loss"]) for r in rows if "loss" in r],
         "eval_losses": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
         "scores": {name: _score(row) for name, row in sets.items()},
+        "scoring_s": _total(sets, "seconds"),
+        "scoring_cpu_s": _total(sets, "cpu_s"),
     }
+
+
+def _total(sets: dict, key: str) -> float | None:
+    """The sum of a per-set figure, when every set has it (evaluations before 2026-11-29 did not time sets)."""
+    values = [row.get(key) for row in sets.values()]
+    return sum(values) if values and None not in values else None
 
 
 def _score(row: dict) -> dict:
@@ -89,17 +97,18 @@ def markdown_table(runs: list[dict]) -> str:
                    for n in set_names]
     if any(n.lower() in MAWPS_SETS for n in set_names):
         set_headers = [f"{h} ¹" if n.lower() in MAWPS_SETS else h for n, h in zip(set_names, set_headers)]
-    header = ["run", "kind", "trainable params", "steps", "tokens", "wall time", "final loss", "held-out loss",
-              *set_headers]
+    header = ["run", "kind", "trainable params", "steps", "tokens", "training time", "scoring time", "final loss",
+              "held-out loss", *set_headers]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         s = run["summary"]
+        scoring = "" if run["scoring_s"] is None else _duration(run["scoring_s"])
         if s is None:
-            cells = [run["name"], "base (untrained)", "0", "", "", "", "", ""]
+            cells = [run["name"], "base (untrained)", "0", "", "", "", scoring, "", ""]
         else:
             held_out = "" if s.get("eval_loss") is None else f"{s['eval_loss']:.4f}"
             cells = [run["name"], run["recipe"].adapter.kind, f"{s['trainable_params']:,}", str(s["steps"]),
-                     f"{s['tokens_seen']:,}", f"{s['wall_s']:.0f} s", f"{s['last_loss']:.4f}", held_out]
+                     f"{s['tokens_seen']:,}", _duration(s["wall_s"]), scoring, f"{s['last_loss']:.4f}", held_out]
         cells += [_cell(run["scores"][n], len(totals[n]) > 1) if n in run["scores"] else "" for n in set_names]
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["Accuracy in %, with its 95% Wilson interval."]
@@ -110,6 +119,10 @@ def markdown_table(runs: list[dict]) -> str:
         notes.append("¹ derived from MAWPS, like part of math_data.json / math_10k: training data may share "
                      "their problems (see the data line on overlap), so they are not held-out tests.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
 
 
 def _cell(score: dict, with_total: bool) -> str:
@@ -127,6 +140,8 @@ def report_json(runs: list[dict]) -> dict:
         "recipe": run["recipe"].to_dict() if run["recipe"] else None,
         "summary": run["summary"],
         "scores": run["scores"],
+        "scoring_s": run["scoring_s"],
+        "scoring_cpu_s": run["scoring_cpu_s"],
     } for run in runs], "sets": ordered_sets(runs)}
 
 

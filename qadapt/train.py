@@ -235,6 +235,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
     t, acc = recipe.train, s.accelerator
     order = data_lib.example_order(len(s.train_rows), seed=t.seed, start=progress.examples_seen)
     started, elapsed_before = time.perf_counter(), progress.elapsed_s
+    cpu_started, cpu_before = time.process_time(), progress.cpu_s
     with tqdm(total=s.max_steps, initial=progress.step, desc="train", unit="step",
               disable=not acc.is_main_process) as bar:
         for step in range(progress.step, s.max_steps):
@@ -248,6 +249,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             progress.elapsed_s = elapsed_before + time.perf_counter() - started
+            progress.cpu_s = cpu_before + time.process_time() - cpu_started
             _record_step(s, recipe, progress, micro_batches, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, bar)
             if progress.step < s.max_steps:
                 _checkpoint_or_stop(s, recipe, progress, stop.requested(acc), resume_command)
@@ -349,6 +351,7 @@ def finish(s: Setup, recipe: Recipe, progress: Progress, score: bool = True) -> 
         "tokens_seen": progress.tokens_seen,
         "wall_s": progress.elapsed_s,
         "s_per_step": progress.elapsed_s / s.max_steps,
+        "cpu_s": progress.cpu_s,
         "first_loss": progress.losses[0],
         "last_loss": progress.losses[-1],
         "eval_loss_before": progress.eval_loss_before,

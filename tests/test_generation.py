@@ -70,3 +70,22 @@ def test_prompts_joining_a_running_batch_decode_as_if_alone(load_tiny, smol_toke
     for batch_size in (2, 3):
         assert greedy_generate(model, smol_tokenizer, PROMPTS, max_new_tokens=14, batch_size=batch_size,
                                stop_strings=[stop]) == alone
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "bloom", "gptj", "gpt_neox", "opt", "gpt2"])
+def test_every_family_decodes_as_transformers_generate(tiny_family_dir, family):
+    """80 tokens, so each family's attention reads a KV cache that has outgrown its first room (64 columns)."""
+    from transformers import AutoModelForCausalLM, ByT5Tokenizer
+
+    from qadapt.generation import eos_ids
+
+    tokenizer = ByT5Tokenizer()  # bytes: ids below the tiny models' 256, no files needed
+    model = AutoModelForCausalLM.from_pretrained(tiny_family_dir(family)).eval()
+    prompts = ["Maya has 5 apples.", "Two plus two", "A shop sells pencils in boxes of twelve."]
+    ours = greedy_generate(model, tokenizer, prompts, max_new_tokens=80, batch_size=2)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        sequences = model.generate(**encoded, max_new_tokens=80, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=sorted(eos_ids(model, tokenizer)))
+    width = encoded["input_ids"].shape[1]
+    assert ours == [tokenizer.decode(s[width:], skip_special_tokens=True) for s in sequences]

@@ -53,13 +53,14 @@ def test_wilson_intervals_match_known_values():
 
 def test_mawps_derived_sets_stand_apart_after_the_held_out_ones():
     def run(name):
-        return {"name": name, "summary": None, "recipe": None, "scores": {
+        return {"name": name, "summary": None, "recipe": None, "scoring_s": 750.0, "scoring_cpu_s": 1490.0, "scores": {
             s: {"score": 0.5, "correct": 5, "total": 10, "low": 0.24, "high": 0.76}
             for s in ["AddSub", "gsm8k", "SingleEq", "AQuA", "custom"]}}
 
     header = markdown_table([run("base")]).splitlines()[0]
     assert header.index("gsm8k") < header.index("AQuA") < header.index("AddSub (n=10) ¹") < header.index("SingleEq")
     assert header.index("SingleEq") < header.index("custom")
+    assert markdown_table([run("base")]).splitlines()[2].startswith("| base | base (untrained) | 0 |  |  |  | 12 min |")
     assert "derived from MAWPS" in markdown_table([run("base")])
 
 

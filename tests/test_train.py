@@ -76,6 +76,7 @@ def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trainable_params"] == result.summary["trainable_params"] > 0
     assert summary["steps"] == 4 and summary["tokens_seen"] > 0 and summary["peak_memory_mb"] > 0
+    assert 0 < summary["cpu_s"] and 0 < summary["wall_s"]
     assert summary["eval_loss_before"] == rows[0]["eval_loss"] and summary["eval_loss"] == rows[-1]["eval_loss"]
 
     reloaded, tokenizer, saved_recipe = load_trained_model(run)
