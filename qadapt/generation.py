@@ -189,40 +189,44 @@ def _roomy_layer_class():
         transformers' DynamicLayer concatenates, copying the whole cache at every decoded token: on two
         CPU cores that was a quarter of a 64-row step at 150 cached tokens and half of it at 300.
         `keys` / `values` are views of the filled part; assigning them (selecting rows, trimming
-        columns, joining batches) replaces the buffer, and the next token makes room again.
+        columns, joining batches) replaces the buffer, and the next token makes room again. Each
+        remembers its own filled width, so assigning one never changes what the other reads.
         """
 
         @property
         def keys(self):
-            return _filled(self._keys, self.length)
+            return _filled(self._keys, self._keys_filled)
 
         @keys.setter
         def keys(self, tensor):
-            self._keys = tensor
-            self.length = tensor.shape[-2] if tensor is not None and tensor.dim() == 4 else 0
+            self._keys, self._keys_filled = tensor, _columns(tensor)
 
         @property
         def values(self):
-            return _filled(self._values, self.length)
+            return _filled(self._values, self._values_filled)
 
         @values.setter
         def values(self, tensor):
-            self._values = tensor
+            self._values, self._values_filled = tensor, _columns(tensor)
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            start, end = self.length, self.length + key_states.shape[-2]
+            start, end = self._keys_filled, self._keys_filled + key_states.shape[-2]
             if self._keys.dim() != 4 or end > self._keys.shape[-2]:
                 room = end + max(64, end // 2)  # grows by half: a copy every few dozen tokens, not every one
                 self._keys = _grown(self.keys, key_states, room)
                 self._values = _grown(self.values, value_states, room)
             self._keys[..., start:end, :] = key_states
             self._values[..., start:end, :] = value_states
-            self.length = end
+            self._keys_filled = self._values_filled = end
             return self.keys, self.values
 
     return RoomyLayer
+
+
+def _columns(tensor: torch.Tensor | None) -> int:
+    return tensor.shape[-2] if tensor is not None and tensor.dim() == 4 else 0
 
 
 def _filled(buffer: torch.Tensor | None, length: int) -> torch.Tensor | None:

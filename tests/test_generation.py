@@ -89,3 +89,23 @@ def test_every_family_decodes_as_transformers_generate(tiny_family_dir, family):
                                    eos_token_id=sorted(eos_ids(model, tokenizer)))
     width = encoded["input_ids"].shape[1]
     assert ours == [tokenizer.decode(s[width:], skip_special_tokens=True) for s in sequences]
+
+
+def test_a_cache_layer_reads_back_what_the_decoder_assigned_keys_first_then_values():
+    """Joining batches assigns keys, then builds values from the layer: values must not see the keys' width."""
+    from transformers import DynamicCache, LlamaConfig
+
+    from qadapt.generation import _with_room
+
+    config = LlamaConfig(hidden_size=8, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1)
+    layer = _with_room(DynamicCache(config=config)).layers[0]
+    keys, values = torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8)
+    layer.update(keys, values)  # 3 columns filled, room for more
+    wider = torch.randn(2, 1, 5, 8)
+    layer.keys = wider
+    assert torch.equal(layer.values, values)  # still 3 columns, not 3 + 2 of the empty room
+    layer.values = torch.cat([torch.zeros(2, 1, 2, 8), layer.values], dim=2)
+    new_keys, new_values = torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8)
+    all_keys, all_values = layer.update(new_keys, new_values)
+    assert torch.equal(all_keys, torch.cat([wider, new_keys], dim=2))
+    assert torch.equal(all_values[:, :, 2:5], values) and torch.equal(all_values[:, :, 5:], new_values)
