@@ -76,9 +76,10 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "builtin:arithmetic"
-    """`builtin:arithmetic`, a GSM8K .jsonl, an LLM-Adapters .json, or a datasets-hub id; for token
-    classification a CoNLL file (word ... tag per line) or a hub id with `tokens` and `ner_tags`."""
+    path: Union[str, list[str]] = "builtin:arithmetic"
+    """`builtin:arithmetic`, `builtin:word-problems`, a GSM8K .jsonl, an LLM-Adapters .json, or a datasets-hub
+    id; for token classification a CoNLL file (word ... tag per line) or a hub id with `tokens` and `ner_tags`.
+    A list of them is read in turn and mixed into one training set."""
     split: str = "train"
     """Split of a hub dataset or of the built-in problems."""
     template: Template = "alpaca"
@@ -94,8 +95,16 @@ class DataConfig:
     exclude_eval_overlap: bool = False
     """Drop training examples whose question (normalised text) is also in one of `eval.sets`; the count is
     reported either way."""
+    multiple_choice: float = 0.0
+    """Share of the numeric problems also given as a five-option copy in AQuA's format (their answer among
+    four wrong ones, the rationale ending "The answer is (C)."), so that the model learns to answer with a letter."""
     bad_rows: Literal["fail", "skip"] = "fail"
     """A malformed row (bad JSON, unknown fields): `fail` names its file and line; `skip` counts and drops it."""
+
+    @property
+    def sources(self) -> list[str]:
+        """`path` as a list: the one source, or each of several."""
+        return [self.path] if isinstance(self.path, str) else list(self.path)
 
 
 @dataclass
@@ -329,7 +338,9 @@ def _range_problems(r: Recipe) -> list[str]:
          f"applies to lora and dora (B's learning rate), not to a {r.adapter.kind} adapter"),
         ("adapter.bottleneck_size", r.adapter.bottleneck_size >= 1, "must be at least 1"),
         ("adapter.scale", r.adapter.scale == "learned" or r.adapter.scale > 0, "must be positive, or learned"),
+        ("data.path", len(r.data.sources) > 0, "must name a data source, or a list of them"),
         ("data.cutoff_len", r.data.cutoff_len >= 8, "must be at least 8 tokens"),
+        ("data.multiple_choice", 0 <= r.data.multiple_choice <= 1, "must be in [0, 1]"),
         ("data.max_examples", r.data.max_examples is None or r.data.max_examples >= 1, "must be at least 1"),
         ("data.val_size", r.data.val_size >= 0, "must be 0 or more"),
         ("train.max_steps", r.train.max_steps is None or r.train.max_steps >= 1, "must be at least 1, or null"),

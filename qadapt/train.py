@@ -29,6 +29,7 @@ from qadapt.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from qadapt.choices import multiple_choice_copies
 from qadapt.conll import label_names, load_sentences
 from qadapt.console import say
 from qadapt.errors import QadaptError, TrainingStopped
@@ -168,7 +169,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
     if d.max_examples:
         train_rows = train_rows[:d.max_examples]
     if not train_rows:
-        raise QadaptError(f"no training examples left in {d.path} after holding out {len(val_rows)}")
+        raise QadaptError(f"no training examples left in {', '.join(d.sources)} after holding out {len(val_rows)}")
     say(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; {cut}"
         + (f"; {len(labels)} labels: {', '.join(labels)}" if labels else ""))
     return TrainingData(train_rows, val_rows, labels)
@@ -178,13 +179,17 @@ def _instruction_rows(recipe: Recipe, tokenizer, eval_records: dict[str, list[di
     """(rows, no labels, what was cut) of templated instruction data; the eval sets' questions are
     counted in it (and dropped with data.exclude_eval_overlap)."""
     d = recipe.data
-    records = data_lib.load_examples(d.path, d.split, d.bad_rows)
+    records = _read_sources(d.sources, lambda source: data_lib.load_examples(source, d.split, d.bad_rows))
     if eval_records:
         records = data_lib.eval_overlap(records, eval_records, d.exclude_eval_overlap)
+    if d.multiple_choice:
+        copies = multiple_choice_copies(records, d.multiple_choice, recipe.train.seed)
+        say(f"data: {len(copies):,} five-option copies of numeric problems (data.multiple_choice={d.multiple_choice})")
+        records += copies
     tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
     if not tokenized.rows:
-        raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {d.path}: no example "
-                          "keeps a response token to learn from; raise data.cutoff_len")
+        raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {', '.join(d.sources)}: no "
+                          "example keeps a response token to learn from; raise data.cutoff_len")
     return tokenized.rows, None, (f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} "
                                   "dropped (no response left)")
 
@@ -192,10 +197,18 @@ def _instruction_rows(recipe: Recipe, tokenizer, eval_records: dict[str, list[di
 def _tagged_rows(recipe: Recipe, tokenizer) -> tuple[list[dict], list[str], str]:
     """(rows, the label set found in the data, what was cut) of token-classification data."""
     d = recipe.data
-    sentences = load_sentences(d.path, d.split)
+    sentences = _read_sources(d.sources, lambda source: load_sentences(source, d.split))
     labels = label_names(sentences)
     tagged = tokenize_sentences(sentences, tokenizer, labels, d.cutoff_len)
     return tagged.rows, labels, f"{tagged.truncated} with words cut off at {d.cutoff_len} tokens"
+
+
+def _read_sources(sources: list[str], read) -> list:
+    """The examples of every source in turn; with several, say how many each gave."""
+    parts = [read(source) for source in sources]
+    if len(parts) > 1:
+        say("data: " + " + ".join(f"{len(part):,} from {source}" for source, part in zip(sources, parts)))
+    return [example for part in parts for example in part]
 
 
 @dataclass

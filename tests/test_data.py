@@ -203,3 +203,21 @@ def test_builtin_word_problems_are_varied_split_and_every_step_is_right():
     assert D.load_examples(D.BUILTIN_WORD_PROBLEMS, "test") == word_problems.problems("test", 500)
     with pytest.raises(QadaptError, match="unknown built-in data 'builtin:nope'; choose one of builtin:arithmetic"):
         D.load_examples("builtin:nope")
+
+
+def test_a_list_of_sources_is_read_in_turn_and_mixed(tmp_path, smol_tokenizer, capsys):
+    from qadapt.recipe import recipe_from_dict
+    from qadapt.train import prepare_data
+
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text("".join(json.dumps({"question": f"What is {n} + 1?", "answer": f"Zorp: {n} + 1 = {n + 1}\n#### {n + 1}"})
+                             + "\n" for n in range(30)))
+    recipe = recipe_from_dict({"data": {"path": [str(gsm8k), D.BUILTIN_WORD_PROBLEMS], "val_size": 0}})
+    rows = prepare_data(recipe, smol_tokenizer).train_rows
+    assert f"data: 30 from {gsm8k} + 4,000 from builtin:word-problems" in capsys.readouterr().out
+    assert len(rows) == 30 + D.BUILTIN_SIZES["train"]
+    responses = [smol_tokenizer.decode([t for t in row["labels"] if t >= 0]) for row in rows]
+    assert sum(text.startswith("Zorp: ") and "The answer is" in text for text in responses) == 30
+
+    with pytest.raises(QadaptError, match="data.path must name a data source"):
+        recipe_from_dict({"data": {"path": []}})

@@ -68,6 +68,14 @@ def test_all_problems_are_collected_then_raised_once():
     assert "train.max_steps: expected a whole number, got 'many'" in message
 
 
+def test_data_path_takes_one_source_or_a_list_and_multiple_choice_is_a_share():
+    assert recipe_from_dict({}, ["data.path=a.jsonl"]).data.sources == ["a.jsonl"]
+    assert recipe_from_dict({}, ["data.path=[a.jsonl,builtin:word-problems]"]).data.sources == [
+        "a.jsonl", "builtin:word-problems"]
+    with pytest.raises(QadaptError, match=r"data.multiple_choice must be in \[0, 1\]"):
+        recipe_from_dict({"data": {"multiple_choice": 1.5}})
+
+
 def test_overrides_are_type_checked_and_applied():
     recipe = recipe_from_dict({}, ["train.lr=1e-4", "model.quant=int8", "adapter.targets=[q_proj,v_proj]"])
     assert recipe.train.lr == pytest.approx(1e-4)
