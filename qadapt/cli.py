@@ -149,13 +149,16 @@ def eval_command(
     compute_dtype: Optional[str] = DTypeOption,
     resume: bool = typer.Option(False, "--resume", help="Keep the sets already scored in the output folder with "
                                 "the same settings; score only the others."),
+    calculator: bool = typer.Option(False, "--calculator", help="Write the true result after each sum a rationale "
+                                    "writes ('98 - 93 =' gets ' 5'); not the paper's protocol, so scored apart "
+                                    "(default folder RUN/eval-calculator)."),
 ) -> None:
     """Accuracy on math sets, scored as the LLM-Adapters paper scores them; entity F1 for a tagging run."""
     from qadapt.evaluate import run_eval
 
     with _user_errors():
         run_eval(target, data or [], limit, batch_size, max_new_tokens, strict, out, quant, template, compute_dtype,
-                 resume=resume)
+                 resume=resume, calculator=calculator)
 
 
 @app.command()

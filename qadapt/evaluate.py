@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import get_args
 
 from qadapt import answers
+from qadapt.calculator import calculator_result
 from qadapt.data import BUILTIN_ARITHMETIC, load_examples, prompt_text
 from qadapt.errors import QadaptError
 from qadapt.generation import greedy_generate
@@ -22,6 +23,7 @@ from qadapt.recipe import DType, ModelConfig, Quant, Template
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+CALCULATOR_SUFFIX = "-calculator"  # RUN/eval-calculator: scored with qadapt.calculator, apart from the paper's
 # Where a model starts a new Alpaca turn, the answer is over (the paper's template has no stop marker).
 ALPACA_STOPS = ("### Instruction", "### Input", "### Response")
 
@@ -70,18 +72,19 @@ def answer_prompts(model, tokenizer, template: str, instructions: list[str], max
 
 
 def _decode(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int, batch_size: int,
-            on_done=None) -> list[str]:
+            on_done=None, calculator: bool = False) -> list[str]:
     # The chat template writes its own special tokens; the Alpaca text gets the tokenizer's, as in training.
     return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size,
                            stop_strings=ALPACA_STOPS if template == "alpaca" else (),
-                           add_special_tokens=template == "alpaca", on_done=on_done)
+                           add_special_tokens=template == "alpaca", on_done=on_done,
+                           calculator=calculator_result if calculator else None)
 
 
 def evaluate_set(model, tokenizer, template: str, eval_set: EvalSet, batch_size: int, max_new_tokens: int,
-                 strict: bool = False, on_done=None) -> tuple[dict, list[dict]]:
+                 strict: bool = False, on_done=None, calculator: bool = False) -> tuple[dict, list[dict]]:
     """(accuracy row, prediction rows) of one set."""
     prompts = [prompt_text(r, template, tokenizer) for r in eval_set.records]
-    outputs = _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done)
+    outputs = _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done, calculator)
     predictions = []
     for prompt, output, gold in zip(prompts, outputs, eval_set.golds):
         extracted = answers.extract(output, eval_set.multiple_choice, strict)
@@ -156,11 +159,13 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
 def run_eval(target: str, data: list[str], limit: int | None = None, batch_size: int = 64,
              max_new_tokens: int = 256, strict: bool = False, out: Path | None = None, quant: str = "nf4",
              template: str | None = None, compute_dtype: str | None = None, loaded=None,
-             resume: bool = False) -> dict:
+             resume: bool = False, calculator: bool = False) -> dict:
     """Evaluate `target` on every set in `data`; print the table; write metrics and predictions.
 
     Results are written after each set. `resume` keeps the sets already scored in the output folder
     with the same settings and scores only the others, so an interrupted evaluation continues.
+    `calculator` writes the true results of the rationales' sums (qadapt.calculator); its results go to
+    a folder of their own (RUN/eval-calculator), never beside the paper protocol's.
     A token-classification run is scored by entity F1 instead (qadapt.tagging_eval).
     """
     from tqdm import tqdm
@@ -173,7 +178,8 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
         raise QadaptError("name at least one evaluation set with --data (a .json/.jsonl file, a hub id, or "
                           f"{BUILTIN_ARITHMETIC})")
     sets = [load_eval_set(spec, limit) for spec in data]  # read every set before loading the model
-    settings = {"strict": strict, "max_new_tokens": max_new_tokens, "compute_dtype": compute_dtype}
+    settings = {"strict": strict, "max_new_tokens": max_new_tokens, "compute_dtype": compute_dtype,
+                "calculator": calculator}
     out_dir = Path(out) if out else None
     results, predictions = _earlier_results(out_dir, settings, limit) if resume and out_dir else ({}, [])
     todo = [s for s in sets if s.name not in results]
@@ -181,13 +187,13 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
         print(f"every set is already scored in {out_dir}")
     else:
         model, tokenizer, template, default_out = loaded or load_target(target, quant, template, compute_dtype)
-        out_dir = out_dir or default_out
+        out_dir = out_dir or (default_out.with_name(default_out.name + CALCULATOR_SUFFIX) if calculator else default_out)
         with tqdm(total=sum(len(s.records) for s in todo), desc="eval", unit="problem") as bar:
             for eval_set in todo:
                 bar.set_postfix_str(eval_set.name)
                 started, cpu_started = time.perf_counter(), time.process_time()
                 row, rows = evaluate_set(model, tokenizer, template, eval_set, batch_size, max_new_tokens, strict,
-                                         on_done=bar.update)
+                                         on_done=bar.update, calculator=calculator)
                 row |= {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started}
                 results[eval_set.name] = row
                 predictions += rows
@@ -204,7 +210,7 @@ def _earlier_results(out_dir: Path, settings: dict, limit: int | None) -> tuple[
     metrics_file, predictions_file = out_dir / METRICS_FILE, out_dir / PREDICTIONS_FILE
     if not (metrics_file.is_file() and predictions_file.is_file()):
         return {}, []
-    earlier = json.loads(metrics_file.read_text())
+    earlier = {"calculator": False} | json.loads(metrics_file.read_text())  # files from before the calculator
     if any(earlier.get(key) != value for key, value in {**settings, "limit": limit}.items()):
         return {}, []  # scored differently: score again
     rows = [json.loads(line) for line in predictions_file.read_text().splitlines() if line.strip()]

@@ -5,12 +5,18 @@ together. A row that has produced EOS or a stop string leaves the batch at once 
 dropped), and once a quarter of the places are free the next prompts are prefilled and join the running batch
 (continuous batching), so the batch stays full and finished problems stop costing work. Columns of
 the cache that no row attends to any more are trimmed. Results come back in the prompts' order.
+
+With a `calculator` (qadapt.calculator), a row whose newest token ends in "=" is shown to it, and what it
+returns (the true result of the expression before the "=") is fed to that row token by token in place of
+the model's choice; the model continues from the corrected text, except that its next token may not
+go on with the number (it would turn "15.5" into "15.57").
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
 from typing import Callable, Sequence
 
 import torch
@@ -20,11 +26,12 @@ import torch.nn.functional as F
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 16,
                     stop_strings: Sequence[str] = (), add_special_tokens: bool = True,
-                    on_done: Callable[[int], None] | None = None) -> list[str]:
+                    on_done: Callable[[int], None] | None = None,
+                    calculator: Callable[[str], str | None] | None = None) -> list[str]:
     """The greedy continuation of every prompt, cut before the first stop string."""
     ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     queue = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-    decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings)
+    decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, calculator)
     outputs: list[str] = [""] * len(ids)
     while queue or decoder.rows:
         free = batch_size - len(decoder.rows)
@@ -55,10 +62,15 @@ def eos_ids(model, tokenizer) -> set[int]:
 class _Decoder:
     """The running batch: one KV cache, an attention mask and the tokens generated per row."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int, stop_strings: Sequence[str]):
+    def __init__(self, model, tokenizer, max_new_tokens: int, stop_strings: Sequence[str],
+                 calculator: Callable[[str], str | None] | None = None):
         from transformers import DynamicCache
 
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.calculator = calculator
+        self.forced: dict[int, list[int]] = {}  # prompt index -> tokens the calculator writes next
+        self.after_result: set[int] = set()  # rows whose last token ended a calculator's result
+        self.number_tokens = _number_tokens(tokenizer, model.device) if calculator else None
         self.stop_strings = list(stop_strings)
         self.stop_ids = eos_ids(model, tokenizer)
         self.longest_stop = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings),
@@ -104,18 +116,32 @@ class _Decoder:
     def step(self) -> list[tuple[int, list[int]]]:
         """Decode one more token for every row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        self.next_tokens = self._forward(self.next_tokens[:, None], self.mask, self.next_positions, self.cache)
+        self.next_tokens = self._forward(self.next_tokens[:, None], self.mask, self.next_positions, self.cache,
+                                         self.rows)
         self.next_positions = self.next_positions + 1
         finished, keep = self._record(self.rows, self.next_tokens)
         if finished:
             self._keep_rows(keep)
         return finished
 
-    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+    def _forward(self, input_ids, mask, positions, cache, rows: list[int] = ()) -> torch.Tensor:
+        """The next token of each row: the greedy choice, or what the calculator writes."""
         kwargs = {self.cache_name: cache, **({"position_ids": positions} if self.takes_positions else {}),
                   **self.last_logits_only}
-        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs).logits
-        return logits[:, -1].argmax(-1)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs).logits[:, -1]
+        if not self.calculator:
+            return logits.argmax(-1)
+        for position, index in enumerate(rows):
+            if index in self.after_result:
+                logits[position, self.number_tokens] = float("-inf")
+                self.after_result.discard(index)
+        next_tokens = logits.argmax(-1)
+        for position, index in enumerate(rows):
+            if self.forced.get(index):
+                next_tokens[position] = self.forced[index].pop(0)
+                if not self.forced[index]:
+                    self.after_result.add(index)
+        return next_tokens
 
     def _record(self, rows: list[int], next_tokens: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
         """Append each row's new token: (prompt index, tokens) of the rows that ended, positions of the rest."""
@@ -124,11 +150,22 @@ class _Decoder:
             tokens = self.generated[index]
             if token not in self.stop_ids:
                 tokens.append(token)
+                self._calculate(index, tokens)
             if token in self.stop_ids or len(tokens) >= self.max_new_tokens or self._stopped(tokens):
                 finished.append((index, self.generated.pop(index)))
+                self.forced.pop(index, None)
+                self.after_result.discard(index)
             else:
                 keep.append(position)
         return finished, keep
+
+    def _calculate(self, index: int, tokens: list[int]) -> None:
+        """After a token ending in "=", queue the calculator's result for the row (unless one is pending)."""
+        if not self.calculator or self.forced.get(index) or not self.tokenizer.decode(tokens[-1:]).endswith("="):
+            return
+        result = self.calculator(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        if result:
+            self.forced[index] = self.tokenizer(result, add_special_tokens=False)["input_ids"]
 
     def _stopped(self, tokens: list[int]) -> bool:
         if not self.stop_strings:
@@ -162,6 +199,12 @@ class _Decoder:
         self.rows += list(indices)
         self.next_tokens = torch.cat([self.next_tokens, next_tokens])
         self.next_positions = torch.cat([self.next_positions, next_positions])
+
+
+def _number_tokens(tokenizer, device) -> torch.Tensor:
+    """Ids of the tokens that would go on with a number just written: "7", "57", ".5", ",000"."""
+    vocabulary = range(len(tokenizer))
+    return torch.tensor([i for i in vocabulary if re.match(r"[.,]?\d", tokenizer.decode([i]))], device=device)
 
 
 def _with_room(cache):

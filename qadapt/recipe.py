@@ -208,6 +208,17 @@ def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "recipe
     return recipe
 
 
+# Keys that change how a run is logged, saved or scored, not what it trains.
+NEUTRAL_KEYS = {"output_dir", "data.bad_rows", "train.log_every", "train.eval_every", "train.save_every",
+                "train.keep_checkpoints", "train.tensorboard"}
+
+
+def training_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """The differences that train another model: every one but the neutral keys and the eval section."""
+    return [(key, before, after) for key, before, after in recipe_differences(old, new)
+            if key not in NEUTRAL_KEYS and not key.startswith("eval.")]
+
+
 def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
     """(section.key, old value, new value) for every key whose value differs."""
     def flat(recipe: Recipe) -> dict[str, Any]:

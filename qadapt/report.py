@@ -2,6 +2,8 @@
 
 Everything comes from the run directories: recipe.yaml, summary.json, metrics.jsonl, eval/metrics.json.
 A folder holding only `eval/metrics.json` (an untrained base scored by `qadapt sweep`) is a row too.
+Scores with the calculator (`eval-calculator/`, `qadapt eval --calculator`) are a row of their own,
+"NAME + calculator", never mixed into the paper protocol's.
 
 Each accuracy is shown with the number of problems and its 95% Wilson score interval, so a reader sees
 when two runs do not differ: on 100 problems, 5% and 10% overlap. The sets derived from MAWPS (AddSub,
@@ -16,6 +18,7 @@ import math
 from pathlib import Path
 
 from qadapt.errors import QadaptError
+from qadapt.evaluate import CALCULATOR_SUFFIX
 from qadapt.evaluate import METRICS_FILE as EVAL_METRICS_FILE
 from qadapt.files import atomic_file
 from qadapt.machine import one_line
@@ -35,6 +38,18 @@ def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, f
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def read_runs(run_dir: Path) -> list[dict]:
+    """The rows of one run: as scored by the paper's protocol, then with the calculator if it was."""
+    run = read_run(run_dir)
+    calculator_file = Path(run_dir) / f"eval{CALCULATOR_SUFFIX}" / EVAL_METRICS_FILE
+    if not calculator_file.is_file():
+        return [run]
+    sets = json.loads(calculator_file.read_text())["sets"]
+    return [run, run | {"name": f"{run['name']} + calculator", "losses": [], "eval_losses": [],
+                        "scores": {name: _score(row) for name, row in sets.items()},
+                        "scoring_s": _total(sets, "seconds"), "scoring_cpu_s": _total(sets, "cpu_s")}]
 
 
 def read_run(run_dir: Path) -> dict:
@@ -192,7 +207,7 @@ def report(run_dirs: list[Path], out: Path | None = None, plot_path: Path | None
            json_path: Path | None = None) -> str:
     if not run_dirs:
         raise QadaptError("name at least one run directory")
-    runs = [read_run(Path(d)) for d in run_dirs]
+    runs = [row for d in run_dirs for row in read_runs(Path(d))]
     table = markdown_table(runs)
     for path, text in [(out, table + "\n"), (json_path, json.dumps(report_json(runs), indent=2) + "\n")]:
         if path:

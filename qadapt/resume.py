@@ -28,7 +28,7 @@ from qadapt.checkpoint import (
 )
 from qadapt.console import say
 from qadapt.errors import QadaptError
-from qadapt.recipe import Recipe, recipe_differences
+from qadapt.recipe import Recipe, recipe_differences, training_differences
 from qadapt.run_dir import (
     ADAPTER_WEIGHTS,
     CHECKPOINTS_DIR,
@@ -40,8 +40,6 @@ from qadapt.run_dir import (
 
 LATEST = "latest"
 # Keys that change what is logged, saved or scored, never a number the training computes.
-NEUTRAL_KEYS = {"output_dir", "data.bad_rows", "train.log_every", "train.eval_every", "train.save_every",
-                "train.keep_checkpoints", "train.tensorboard"}
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -70,10 +68,10 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
 
 def check_recipe(folder: Path, recipe: Recipe, allow_changes: bool) -> None:
     """Refuse to resume with a recipe that trains differently from the checkpoint's, unless allowed."""
-    changes = recipe_differences(read_recipe(folder), recipe)
+    trained = read_recipe(folder)
+    changes = recipe_differences(trained, recipe)
     lines = [f"  {key}: {old!r} -> {new!r}" for key, old, new in changes]
-    training = [key for key, _, _ in changes if key not in NEUTRAL_KEYS and not key.startswith("eval.")]
-    if training and not allow_changes:
+    if training_differences(trained, recipe) and not allow_changes:
         raise QadaptError(f"the recipe differs from the one checkpoint {folder} was trained with:\n"
                           + "\n".join(lines) + "\nresuming would not continue the same run; undo the changes, or "
                           "pass --allow-recipe-changes to continue with the new values")

@@ -35,13 +35,14 @@ from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.evaluate import METRICS_FILE as EVAL_METRICS_FILE
 from qadapt.evaluate import set_name
 from qadapt.files import atomic_file
-from qadapt.recipe import DType, load_recipe
+from qadapt.recipe import DType, load_recipe, training_differences
 from qadapt.run_dir import RECIPE_FILE, SUMMARY_FILE
 
 SWEEP_FILE = "sweep.json"
 LOGS_DIR = "logs"
 BASELINE = "base"
 BY_VALUE = ("kind", "placement")  # keys a run is named by their value alone (series-mlp)
+TRAINED_OTHERWISE = "trained with another recipe"
 STOP_CODES = (130, 143)  # the run was stopped by Ctrl-C / SIGTERM: stop the sweep too
 
 
@@ -165,6 +166,13 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
                                     and r.eval_s])
     for index, run in enumerate(state.runs, 1):
         run_dir = out / run.name
+        changed = _trained_otherwise(run_dir, recipe, [*overrides, *run.overrides])
+        if changed:
+            run.status, run.error = "failed", changed
+            print(f"sweep: {run.name}: {changed}", flush=True)
+            _save_state(out, state)
+            timer.skip()
+            continue
         if _finished(run_dir, sweep_recipe):
             run.status, run.error = "done", None
             timer.skip()
@@ -182,7 +190,8 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
         # A run that failed at once would make the rest look quick: only finished runs set the pace.
         timer.skip() if error else timer.done(time.perf_counter() - started)
     finished = [out / BASELINE] if (out / BASELINE / "eval" / EVAL_METRICS_FILE).is_file() else []
-    finished += sorted(p.parent for p in out.glob(f"*/{SUMMARY_FILE}") if p.parent.name != BASELINE)
+    stale = {r.name for r in state.runs if r.status == "failed" and (r.error or "").startswith(TRAINED_OTHERWISE)}
+    finished += sorted(p.parent for p in out.glob(f"*/{SUMMARY_FILE}") if p.parent.name not in {BASELINE, *stale})
     failed = [r for r in state.runs if r.status == "failed"]
     print(f"sweep: {len(state.runs) - len(failed)} of {len(state.runs)} runs done"
           + (f"; failed: {', '.join(f'{r.name} ({r.error})' for r in failed)}" if failed else ""), flush=True)
@@ -193,6 +202,20 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
     print(table)
     print(f"report: {out / 'report.md'}, {out / 'report.json'}" + (f", {plot}" if plot else ""))
     return table
+
+
+def _trained_otherwise(run_dir: Path, recipe: Path, overrides: list[str]) -> str | None:
+    """For a finished run: why its recipe trains another model than the sweep's now does, else None.
+
+    A sweep continued after its recipe changed would otherwise put old and new runs in one table.
+    """
+    if not (run_dir / SUMMARY_FILE).is_file():
+        return None  # an interrupted run is checked by train --resume
+    changes = training_differences(load_recipe(run_dir / RECIPE_FILE), load_recipe(recipe, overrides))
+    if not changes:
+        return None
+    shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+    return f"{TRAINED_OTHERWISE} ({shown}): left out; move {run_dir} away to train it again, or use another --out"
 
 
 def _finished(run_dir: Path, sweep_recipe) -> bool:

@@ -109,3 +109,44 @@ def test_a_cache_layer_reads_back_what_the_decoder_assigned_keys_first_then_valu
     all_keys, all_values = layer.update(new_keys, new_values)
     assert torch.equal(all_keys, torch.cat([wider, new_keys], dim=2))
     assert torch.equal(all_values[:, :, 2:5], values) and torch.equal(all_values[:, :, 5:], new_values)
+
+
+@pytest.mark.slow
+def test_the_calculator_writes_true_sums_and_the_model_goes_on_from_them(smol_tokenizer):
+    """The embedded model continues "17 + 25 = 42, ..." with sums of its own and gets one wrong; with the
+    calculator each of its sums is right, and the text equals the plain definition: decode one token at a
+    time over the whole sequence (no cache, no batch), writing the calculator's tokens after each "=", and
+    no digit right after them."""
+    import re
+
+    from qadapt.calculator import calculator_result
+    from qadapt.models import load_base
+    from qadapt.recipe import ModelConfig
+
+    model = load_base(ModelConfig(quant="none", compute_dtype="fp32"))
+    model.eval()
+    prompts = ["Additions: 17 + 25 = 42, 38 + 47 = 85, 26 + 59 = 85,", PROMPTS[3]]
+    plain = greedy_generate(model, smol_tokenizer, prompts, max_new_tokens=30, batch_size=2)
+    calculated = greedy_generate(model, smol_tokenizer, prompts, max_new_tokens=30, batch_size=2,
+                                 calculator=calculator_result)
+
+    sums = re.findall(r"(\d+) \+ (\d+) = (\d+)", calculated[0])
+    assert len(sums) >= 2 and all(int(a) + int(b) == int(c) for a, b, c in sums)
+    assert any(int(a) + int(b) != int(c) for a, b, c in re.findall(r"(\d+) \+ (\d+) = (\d+)", plain[0]))
+    assert calculated[1] == plain[1]  # a row with no sum in it decodes as without the calculator
+
+    ids = smol_tokenizer(prompts[0])["input_ids"]
+    digits = [i for i in range(len(smol_tokenizer)) if smol_tokenizer.decode([i])[:1].isdigit()]
+    generated, forced, after_result = [], [], False
+    with torch.no_grad():
+        while len(generated) < 30:
+            logits = model(torch.tensor([ids + generated])).logits[0, -1]
+            if after_result:  # the model may not go on with the number the calculator wrote
+                logits[digits] = float("-inf")
+            after_result = len(forced) == 1
+            token = forced.pop(0) if forced else int(logits.argmax())
+            generated.append(token)
+            if not forced and smol_tokenizer.decode([token]).endswith("="):
+                result = calculator_result(smol_tokenizer.decode(generated))
+                forced = smol_tokenizer(result, add_special_tokens=False)["input_ids"] if result else []
+    assert calculated[0] == smol_tokenizer.decode(generated)

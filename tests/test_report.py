@@ -74,3 +74,19 @@ def test_the_plot_is_a_png(two_runs, tmp_path):
 def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
     with pytest.raises(QadaptError, match=f"{tmp_path} is not a run directory"):
         report([tmp_path])
+
+
+def test_scores_with_the_calculator_are_a_row_of_their_own(two_runs, tmp_path):
+    import shutil
+
+    from qadapt.evaluate import run_eval
+
+    run = tmp_path / "lora"
+    shutil.copytree(two_runs[0], run)
+    run_eval(str(run), ["builtin:arithmetic"], limit=3, max_new_tokens=4, calculator=True)
+    assert json.loads((run / "eval-calculator" / "metrics.json").read_text())["calculator"] is True
+    assert json.loads((run / "eval" / "metrics.json").read_text())["sets"]["arithmetic"]["total"] == 2  # untouched
+    _, _, paper, calculated, *_ = report([run]).splitlines()
+    assert paper.startswith("| lora | lora |") and paper.endswith(" n=2 |")  # the sets differ in size: n shown
+    assert calculated.startswith("| lora + calculator | lora |")
+    assert re.search(r"\| \d+\.\d \(\d+\.\d–\d+\.\d\) n=3 \|$", calculated)

@@ -141,3 +141,10 @@ def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, t
     logs = {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()}
     sweep(recipe, ["train.lr=1e-3"], [], out)  # another grid into the same folder: its run is done already
     assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
+
+    # The recipe changed since: the finished run trained another model, so it is named and left out.
+    table = sweep(recipe, ["train.lr=1e-3"], ["adapter.rank=8"], out)
+    run = json.loads((out / "sweep.json").read_text())["runs"][0]
+    assert run["status"] == "failed" and run["error"].startswith("trained with another recipe (adapter.rank: 4 -> 8)")
+    assert "| base |" in table and "lr-1e-3" not in table
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
