@@ -39,7 +39,7 @@ def calculator_result(text: str) -> str | None:
     value = _evaluate(expression)
     if value is None:
         return None
-    return (" " if found.group(2) else "") + _show(value)
+    return (" " if found.group(2) else "") + format_number(value)
 
 
 def _evaluate(expression: str) -> float | None:
@@ -61,7 +61,7 @@ def _value(node) -> float:
     raise ValueError("not plain arithmetic")
 
 
-def _show(value: float) -> str:
+def format_number(value: float) -> str:
     """12.0 -> '12', 13.6000001 -> '13.6', 1/3 -> '0.333333', 0.0004 -> '0.0004' (up to six decimals)."""
     if abs(value - round(value)) < 1e-9:
         return str(int(round(value)))

@@ -15,6 +15,8 @@ import itertools
 import random
 import re
 
+from qadapt.calculator import format_number
+
 LETTERS = "ABCDE"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _FINAL_ANSWER = re.compile(r"The answer is [^\n]*\.?\s*$")
@@ -33,7 +35,7 @@ def _with_choices(record: dict, rng: random.Random) -> dict:
     options = [gold] + _wrong_options(gold, record["output"], rng)
     rng.shuffle(options)
     letter = LETTERS[options.index(gold)]
-    listed = " ".join(f"({LETTERS[i]}) {_show(value)}" for i, value in enumerate(options))
+    listed = " ".join(f"({LETTERS[i]}) {format_number(value)}" for i, value in enumerate(options))
     question = record["instruction"].rstrip() + f" Answer Choices: {listed}"
     output = _FINAL_ANSWER.sub(f"The answer is ({letter}).", record["output"])
     return {"instruction": question, "input": record["input"], "output": output, "answer": letter}
@@ -63,7 +65,3 @@ def _as_number(text: str) -> float | None:
         return float(str(text).replace(",", "").strip())
     except ValueError:
         return None
-
-
-def _show(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:g}"
