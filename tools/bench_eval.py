@@ -1,12 +1,14 @@
 """Evaluation speed: qadapt's decoding vs a plain batched `generate` vs the LLM-Adapters protocol.
 
 Same model, same GSM8K test problems, one process, one after the other:
-  qadapt      greedy_generate as `qadapt eval` runs it (sorted by length, finished rows leave the batch)
+  qadapt      greedy_generate as `qadapt eval` runs it (sorted by length, finished rows leave the batch),
+              with a 4-bit base unpacked for decoding
+  packed      the same, from the packed 4-bit weights (--packed; as `qadapt eval` did before unpacking)
   plain       transformers' generate, greedy, KV cache, batch 16, left padding, same stop strings
   paper       the paper's evaluate.py protocol: one problem at a time, 4 beams, no KV cache
               (slow: run on the first --paper-limit problems only; its rate is per problem)
 
-    .venv/bin/python tools/bench_eval.py [--target smollm2-135m|RUN_DIR] [--limit 64] [--paper-limit 2]
+    .venv/bin/python tools/bench_eval.py [--target smollm2-135m|RUN_DIR] [--limit 64] [--paper-limit 2] [--packed]
 
 Prints a markdown table (problems/s and ratios to qadapt) and how many answers equal qadapt's, and
 writes it as JSON next to the predictions when --out is given.
@@ -23,8 +25,9 @@ import torch
 
 from qadapt import answers
 from qadapt.data import prompt_text
-from qadapt.evaluate import ALPACA_STOPS, load_eval_set, load_target
+from qadapt.evaluate import ALPACA_STOPS, load_eval_set, load_target, unpack_for_decoding
 from qadapt.generation import cut_at_stop, greedy_generate
+from qadapt.machine import describe, one_line
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -61,17 +64,24 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default=None, help="e.g. fp32: answers independent of the batch")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--packed", action="store_true", help="also time decoding from the packed 4-bit weights")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer, template, _ = load_target(args.target, compute_dtype=args.compute_dtype)
+    print(f"machine: {one_line()}")
+    model, tokenizer, template, _ = load_target(args.target, compute_dtype=args.compute_dtype, unpack=not args.packed)
     eval_set = load_eval_set(args.data, args.limit)
     prompts = [prompt_text(r, template, tokenizer) for r in eval_set.records]
     n, m = len(prompts), min(args.paper_limit, len(prompts))
 
-    ours, ours_s = timed("qadapt", lambda: greedy_generate(model, tokenizer, prompts, args.max_new_tokens,
-                                                           args.batch_size, ALPACA_STOPS), n)
+    def decode():
+        return greedy_generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, ALPACA_STOPS)
+
+    packed, packed_s = timed("packed", decode, n) if args.packed else ([], 0.0)
+    if args.packed:
+        unpack_for_decoding(model)
+    ours, ours_s = timed("qadapt", decode, n)
     plain, plain_s = timed("plain", lambda: plain_generate(model, tokenizer, prompts, args.max_new_tokens, 16), n)
     paper, paper_s = [], 0.0
     if m:  # --paper-limit 0 skips it
@@ -83,6 +93,8 @@ def main() -> None:
 
     rows = [
         ("qadapt eval", n, ours_s, n, n),
+        ("qadapt eval, 4-bit weights packed", n if args.packed else 0, packed_s,
+         sum(a == b for a, b in zip(packed, ours)), sum(a == b for a, b in zip(extracted(packed), extracted(ours)))),
         ("plain generate, batch 16", n, plain_s, sum(a == b for a, b in zip(plain, ours)),
          sum(a == b for a, b in zip(extracted(plain), extracted(ours)))),
         ("paper protocol (batch 1, 4 beams, no cache)", m, paper_s, sum(a == b for a, b in zip(paper, ours)),
@@ -103,7 +115,7 @@ def main() -> None:
         result.append({"method": label, "problems": count, "seconds": seconds, "problems_per_s": rate,
                        "speedup_of_qadapt": ours_rate / rate, "same_text": same_text, "same_answer": same_answer})
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        args.out.write_text(json.dumps({"machine": describe(), "rows": result}, indent=2))
 
 
 if __name__ == "__main__":
