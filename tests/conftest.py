@@ -22,22 +22,26 @@ def smol_tokenizer():
     return load_tokenizer(ModelConfig())
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smol_tokenizer) -> Path:
-    """A 2-layer LLaMA with random weights (fixed seed) and the SmolLM2 tokenizer, as a model folder."""
+def build_tiny_llama(folder: Path, tokenizer) -> Path:
+    """A 2-layer LLaMA with random weights (fixed seed) and `tokenizer`, saved as a model folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
-        pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
-    folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A 2-layer LLaMA with random weights (fixed seed) and the SmolLM2 tokenizer, as a model folder."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer)
 
 
 @pytest.fixture
