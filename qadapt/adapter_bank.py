@@ -24,11 +24,13 @@ from torch import nn
 
 from qadapt.adapters import LoRALinear, TrainedHead, attach_adapters, detach_adapters, load_adapter_state_dict
 from qadapt.adapters.head import TOKEN_CLASSIFIER
+from qadapt.adapters.inject import replace_module
 from qadapt.adapters.lora import lora_scale
 from qadapt.base_identity import base_identity, check_same_base
 from qadapt.errors import QadaptError
 from qadapt.recipe import AdapterConfig
-from qadapt.run_dir import ADAPTER_DIR, ADAPTER_WEIGHTS, adapter_labels, load_run_recipe, read_adapter_config
+from qadapt.run_dir import adapter_labels, load_run_recipe, read_adapter_config
+from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
 
 
 @dataclass
@@ -131,12 +133,12 @@ class AdapterBank:
                 originals[module_name] = module
                 groups = [(rows[a.name], _module_weights(a, module_name)) for a in adapters]
                 mixed = MixedLoRA(module.base, groups) if isinstance(module, LoRALinear) else MixedHead(groups)
-                _replace(self.model, module_name, mixed)
+                replace_module(self.model, module_name, mixed)
         try:
             yield self.model
         finally:
             for module_name, module in originals.items():
-                _replace(self.model, module_name, module)
+                replace_module(self.model, module_name, module)
 
     def _get(self, name: str) -> LoadedAdapter:
         if name not in self.adapters:
@@ -198,13 +200,9 @@ def _module_weights(adapter: LoadedAdapter, module_name: str) -> dict:
 def _new_head(model: nn.Module, labels: list[str]) -> None:
     """A token classifier's head sized for `labels` (its weights come from the adapter)."""
     old = model.get_submodule(TOKEN_CLASSIFIER)
-    _replace(model, TOKEN_CLASSIFIER, nn.Linear(old.in_features, len(labels), device=old.weight.device,
+    replace_module(model, TOKEN_CLASSIFIER, nn.Linear(old.in_features, len(labels), device=old.weight.device,
                                                 dtype=old.weight.dtype))
     model.num_labels = model.config.num_labels = len(labels)
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {label: i for i, label in enumerate(labels)}
 
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)

@@ -30,12 +30,8 @@ from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, human_size, write_errors_reported
 from qadapt.recipe import Recipe, recipe_from_dict, save_recipe
-from qadapt.run_dir import CHECKPOINTS_DIR, RECIPE_FILE, write_adapter_files
-
-PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng_state.pt"
+from qadapt.run_dir import write_adapter_files
+from qadapt.run_files import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, OPTIMIZER_FILE, RECIPE_FILE, RNG_FILE, STATE_FILE
 
 
 @dataclass
@@ -54,7 +50,7 @@ class Progress:
 
 
 def checkpoint_folder(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR / f"{PREFIX}{step:06d}"
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
 def save_checkpoint(folder: Path, model, optimizer_state: dict, progress: Progress, recipe: Recipe,
@@ -104,8 +100,8 @@ def problem_with(folder: Path) -> str | None:
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoint folders, oldest first (temporary folders of an unfinished save excluded)."""
     folder = Path(run_dir) / CHECKPOINTS_DIR
-    found = [p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    steps = {p: p.name.removeprefix(CHECKPOINT_PREFIX) for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
+    return sorted((p for p, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]))
 
 
 def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:

@@ -22,10 +22,10 @@ from qadapt.data import BUILTIN_ARITHMETIC, load_examples, prompt_text
 from qadapt.errors import QadaptError
 from qadapt.generation import greedy_generate
 from qadapt.recipe import DType, ModelConfig, Quant, Template
+from qadapt.run_files import (ADAPTER_DIR, CALCULATOR_SUFFIX, EVAL_DIR, EVAL_METRICS_FILE, PREDICTIONS_FILE,
+                              RECIPE_FILE, eval_dir)
+from qadapt.scores import set_name, write_results
 
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-CALCULATOR_SUFFIX = "-calculator"  # RUN/eval-calculator: scored with qadapt.calculator, apart from the paper's
 # Where a model starts a new Alpaca turn, the answer is over (the paper's template has no stop marker).
 ALPACA_STOPS = ("### Instruction", "### Input", "### Response")
 
@@ -36,17 +36,6 @@ class EvalSet:
     records: list[dict]  # instruction, input, output, answer
     golds: list[float | str]
     multiple_choice: bool
-
-
-def set_name(spec: str) -> str:
-    """'../math-eval/AQuA/test.json' -> 'AQuA'; 'gsm8k/test.jsonl' -> 'gsm8k'; 'builtin:arithmetic' -> 'arithmetic'."""
-    if spec.startswith("builtin:"):
-        return spec.partition(":")[2]
-    path = Path(spec)
-    if path.suffix in (".json", ".jsonl"):
-        split_file = path.stem in ("test", "train", "dev", "validation") and path.parent.name
-        return path.parent.name if split_file else path.stem
-    return spec.split("/")[-1].split(":")[0]
 
 
 def load_eval_set(spec: str, limit: int | None = None) -> EvalSet:
@@ -99,17 +88,6 @@ def evaluate_set(model, tokenizer, template: str, eval_set: EvalSet, batch_size:
     return row, predictions
 
 
-def write_results(out_dir: Path, metrics: dict, predictions: list[dict]) -> None:
-    """metrics.json and predictions.jsonl, each written to a temporary name then renamed into place
-    (predictions first: metrics.json never names a set whose predictions are missing)."""
-    from qadapt.files import atomic_file
-
-    for name, text in [(PREDICTIONS_FILE, "".join(json.dumps(p) + "\n" for p in predictions)),
-                       (METRICS_FILE, json.dumps(metrics, indent=2))]:
-        with atomic_file(out_dir / name) as tmp:
-            tmp.write_text(text)
-
-
 def format_table(sets: dict[str, dict]) -> str:
     lines = ["| set | correct / total | accuracy | no answer |", "|---|---|---|---|"]
     for name, row in sets.items():
@@ -120,7 +98,7 @@ def format_table(sets: dict[str, dict]) -> str:
 
 def run_task(target: str) -> str:
     """The task a run directory was trained for; a bare model is evaluated as a causal LM."""
-    from qadapt.run_dir import RECIPE_FILE, load_run_recipe
+    from qadapt.run_dir import load_run_recipe
 
     path = Path(target).expanduser()
     return load_run_recipe(path).task if (path / RECIPE_FILE).is_file() else "causal-lm"
@@ -137,7 +115,7 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
     """
     from qadapt.models import load_base, load_tokenizer
     from qadapt.quant import disable_cpu_weight_repacking
-    from qadapt.run_dir import ADAPTER_DIR, RECIPE_FILE, load_trained_model
+    from qadapt.run_dir import load_trained_model
 
     for option, value, allowed in [("--quant", quant, Quant), ("--template", template, Template),
                                    ("--compute-dtype", compute_dtype, DType)]:
@@ -154,7 +132,7 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
         model, tokenizer, recipe = load_trained_model(path, compute_dtype=compute_dtype)
         if unpack:
             unpack_for_decoding(model)
-        return model, tokenizer, template or recipe.data.template, path / "eval"
+        return model, tokenizer, template or recipe.data.template, eval_dir(path)
     cfg = ModelConfig(name=target, quant=quant, compute_dtype=compute_dtype or "auto")
     tokenizer = load_tokenizer(cfg)
     model = load_base(cfg)
@@ -162,7 +140,7 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
     model.eval()
     if unpack:
         unpack_for_decoding(model)
-    return model, tokenizer, template or "alpaca", Path("runs") / "eval" / f"{path.name or target}-{quant}"
+    return model, tokenizer, template or "alpaca", Path("runs") / EVAL_DIR / f"{path.name or target}-{quant}"
 
 
 def unpack_for_decoding(model, free_bytes: float | None = None) -> bool:
@@ -230,7 +208,7 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
                 predictions += rows
                 metrics = {"target": target, "template": template, **settings, "limit": limit, "sets": results}
                 write_results(out_dir, metrics, predictions)
-    metrics = json.loads((out_dir / METRICS_FILE).read_text())
+    metrics = json.loads((out_dir / EVAL_METRICS_FILE).read_text())
     print(format_table(results))
     print(f"metrics and predictions: {out_dir}")
     return metrics
@@ -238,7 +216,7 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
 
 def _earlier_results(out_dir: Path, settings: dict, limit: int | None) -> tuple[dict, list[dict]]:
     """(set rows, predictions) already in `out_dir` from an evaluation with the same settings."""
-    metrics_file, predictions_file = out_dir / METRICS_FILE, out_dir / PREDICTIONS_FILE
+    metrics_file, predictions_file = out_dir / EVAL_METRICS_FILE, out_dir / PREDICTIONS_FILE
     if not (metrics_file.is_file() and predictions_file.is_file()):
         return {}, []
     earlier = {"calculator": False} | json.loads(metrics_file.read_text())  # files from before the calculator

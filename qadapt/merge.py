@@ -26,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qadapt.adapters import Adapter, LoRALinear, attach_adapters, is_linear
+from qadapt.adapters.inject import replace_module
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, describe_written, refuse_existing
 
@@ -100,8 +101,7 @@ def fold_adapters(model: nn.Module) -> list[str]:
         if not isinstance(module, LoRALinear):
             continue
         set_weight_matrix(module.base, module.merged_weight(weight_matrix(module.base)), name)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, module.base)
+        replace_module(model, name, module.base)
         folded.append(name)
     output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if output is not None and output.weight is not embeddings.weight:
@@ -160,7 +160,8 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     from transformers import AutoModelForCausalLM
 
     from qadapt.models import load_full_precision
-    from qadapt.run_dir import ADAPTER_DIR, load_adapter, load_run_recipe, load_trained_model
+    from qadapt.run_dir import load_adapter, load_run_recipe, load_trained_model
+    from qadapt.run_files import ADAPTER_DIR
 
     _check_choice("--base", base, BASES)
     _check_choice("--dtype", dtype, MERGE_DTYPES)

@@ -62,7 +62,8 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
 
     from qadapt.merge import refuse_unmergeable
     from qadapt.models import resolve_model_path
-    from qadapt.run_dir import ADAPTER_DIR, ADAPTER_WEIGHTS, load_run_recipe, read_adapter_config
+    from qadapt.run_dir import load_run_recipe, read_adapter_config
+    from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
 
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
@@ -101,7 +102,8 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
     """Make a run directory from a PEFT LoRA / DoRA adapter, loadable with qadapt eval / merge / export."""
     from qadapt.adapters import attach_adapters, load_adapter_state_dict
     from qadapt.recipe import recipe_from_dict, save_recipe
-    from qadapt.run_dir import ADAPTER_DIR, RECIPE_FILE, save_adapter
+    from qadapt.run_dir import save_adapter
+    from qadapt.run_files import ADAPTER_DIR, RECIPE_FILE
 
     peft_dir, out = Path(peft_dir), Path(out)
     config = _read_peft_config(peft_dir)

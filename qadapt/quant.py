@@ -149,21 +149,20 @@ def unpack_quantized_layers(model: torch.nn.Module) -> int:
     The weight is the one the layer computes with, in its compute dtype. 8-bit layers stay: their
     forward is an int8 product, not a product with the de-quantized weight.
     """
+    from qadapt.adapters.inject import replace_module
+
     bnb = _bitsandbytes()
     added = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
-                continue
-            dtype = child.compute_dtype or torch.float32
-            plain = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                    device=child.weight.device, dtype=dtype)
-            plain.weight.data = dequantized_weight(child).to(dtype).contiguous()
-            if child.bias is not None:
-                plain.bias.data = child.bias.data.to(dtype)
-            plain.requires_grad_(False)
-            added += plain.weight.numel() * plain.weight.element_size() - child.weight.numel()
-            setattr(parent, name, plain)
+    for name, packed in [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]:
+        dtype = packed.compute_dtype or torch.float32
+        plain = torch.nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None,
+                                device=packed.weight.device, dtype=dtype)
+        plain.weight.data = dequantized_weight(packed).to(dtype).contiguous()
+        if packed.bias is not None:
+            plain.bias.data = packed.bias.data.to(dtype)
+        plain.requires_grad_(False)
+        added += plain.weight.numel() * plain.weight.element_size() - packed.weight.numel()
+        replace_module(model, name, plain)
     return added
 
 

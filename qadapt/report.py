@@ -18,12 +18,10 @@ import math
 from pathlib import Path
 
 from qadapt.errors import QadaptError
-from qadapt.evaluate import CALCULATOR_SUFFIX
-from qadapt.evaluate import METRICS_FILE as EVAL_METRICS_FILE
 from qadapt.files import atomic_file
 from qadapt.machine import one_line
 from qadapt.recipe import load_recipe
-from qadapt.run_dir import METRICS_FILE, RECIPE_FILE, SUMMARY_FILE
+from qadapt.run_files import EVAL_METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, TRAINING_LOG, eval_dir
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
 HELD_OUT_SETS = ("gsm8k", "svamp", "aqua")  # no MAWPS-derived training problem shares their text
@@ -43,7 +41,7 @@ def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, f
 def read_runs(run_dir: Path) -> list[dict]:
     """The rows of one run: as scored by the paper's protocol, then with the calculator if it was."""
     run = read_run(run_dir)
-    calculator_file = Path(run_dir) / f"eval{CALCULATOR_SUFFIX}" / EVAL_METRICS_FILE
+    calculator_file = eval_dir(run_dir, calculator=True) / EVAL_METRICS_FILE
     if not calculator_file.is_file():
         return [run]
     sets = json.loads(calculator_file.read_text())["sets"]
@@ -55,14 +53,14 @@ def read_runs(run_dir: Path) -> list[dict]:
 def read_run(run_dir: Path) -> dict:
     """What a report shows of one run: its recipe, summary, loss curve and scores per set."""
     run_dir = Path(run_dir)
-    eval_file = run_dir / "eval" / EVAL_METRICS_FILE
+    eval_file = eval_dir(run_dir) / EVAL_METRICS_FILE
     trained = (run_dir / RECIPE_FILE).is_file()
     if not trained and not eval_file.is_file():
         raise QadaptError(f"{run_dir} is not a run directory (no {RECIPE_FILE}) nor an evaluated model "
                           f"(no eval/{EVAL_METRICS_FILE})")
     if trained and not (run_dir / SUMMARY_FILE).is_file():
         raise QadaptError(f"run {run_dir} has not finished (no {SUMMARY_FILE})")
-    metrics_file = run_dir / METRICS_FILE
+    metrics_file = run_dir / TRAINING_LOG
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if trained else []
     sets = json.loads(eval_file.read_text())["sets"] if eval_file.is_file() else {}
     return {

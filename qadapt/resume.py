@@ -29,14 +29,8 @@ from qadapt.checkpoint import (
 from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.recipe import Recipe, recipe_differences, training_differences
-from qadapt.run_dir import (
-    ADAPTER_WEIGHTS,
-    CHECKPOINTS_DIR,
-    METRICS_FILE,
-    SUMMARY_FILE,
-    load_adapter,
-    read_adapter_config,
-)
+from qadapt.run_dir import load_adapter, read_adapter_config
+from qadapt.run_files import ADAPTER_WEIGHTS, CHECKPOINTS_DIR, SUMMARY_FILE, TRAINING_LOG
 
 LATEST = "latest"
 # Keys that change what is logged, saved or scored, never a number the training computes.
@@ -107,7 +101,7 @@ def restore(folder: Path, model, optimizer, base: dict, train_rows: list[dict], 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics rows logged after `step`: the resumed run logs those steps again."""
-    path = run_dir / METRICS_FILE
+    path = run_dir / TRAINING_LOG
     if not path.is_file():
         return
     kept = []

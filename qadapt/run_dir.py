@@ -1,15 +1,8 @@
 """Run directories describe themselves: eval, merge, export and resume need nothing else.
 
-    <output_dir>/
-      recipe.yaml                      the resolved recipe (overrides applied)
-      adapter/                         the final adapter
-        adapter.safetensors            adapter weights only, fp32, named as in the model (and a trained head)
-        adapter_config.json            kind, options, wrapped modules, base model (and the head's labels)
-      checkpoints/step-000100/         a full checkpoint every train.save_every steps (qadapt.checkpoint)
-      metrics.jsonl                    one JSON row per logged step / eval
-      summary.json                     the run's figures, written when it finishes
-
-Folders are written under a temporary name and renamed into place, so none is ever half-written.
+Creating one, saving and loading its adapter, reading its recipe, and its training log. The names of
+its files and folders are qadapt.run_files'. Folders are written under a temporary name and renamed
+into place, so none is ever half-written.
 """
 
 from __future__ import annotations
@@ -28,18 +21,8 @@ from qadapt.base_identity import base_identity, check_same_base
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, write_errors_reported
 from qadapt.recipe import Recipe, load_recipe, save_recipe
-
-RECIPE_FILE = "recipe.yaml"
-ADAPTER_DIR = "adapter"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-CHECKPOINTS_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-
-
-QADAPT_OUTPUTS = (RECIPE_FILE, ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, "eval", "tensorboard")
-
+from qadapt.run_files import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, CHECKPOINTS_DIR,
+                              QADAPT_OUTPUTS, RECIPE_FILE, SUMMARY_FILE, TENSORBOARD_DIR, TRAINING_LOG)
 
 def create_run_dir(recipe: Recipe, resuming: bool = False, overwrite: bool = False) -> Path:
     """Make the output directory and prove it writable, before any model is loaded.
@@ -62,7 +45,7 @@ def create_run_dir(recipe: Recipe, resuming: bool = False, overwrite: bool = Fal
         raise QadaptError(f"output_dir {path} is not writable: {exc.strerror or exc}") from None
     save_recipe(recipe, path / RECIPE_FILE)
     if not resuming:  # rows of an earlier attempt that never reached a checkpoint
-        (path / METRICS_FILE).unlink(missing_ok=True)
+        (path / TRAINING_LOG).unlink(missing_ok=True)
     return path
 
 
@@ -70,7 +53,7 @@ def _refuse_existing_run(path: Path) -> None:
     if (path / SUMMARY_FILE).is_file():
         raise QadaptError(f"output_dir {path} already holds a finished run ({SUMMARY_FILE}); choose another "
                           "output_dir, or pass --overwrite to replace it")
-    if any((path / CHECKPOINTS_DIR).glob("step-*")) or (path / ADAPTER_DIR).is_dir():
+    if any((path / CHECKPOINTS_DIR).glob(CHECKPOINT_PREFIX + "*")) or (path / ADAPTER_DIR).is_dir():
         raise QadaptError(f"output_dir {path} holds an unfinished run; pass --resume to continue it, or "
                           "--overwrite to start again")
 
@@ -174,14 +157,14 @@ class MetricsLog:
     """Appends one JSON row per call to metrics.jsonl, flushed so a crash keeps what was logged."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = False):
-        self.file = open(run_dir / METRICS_FILE, "a")
+        self.file = open(run_dir / TRAINING_LOG, "a")
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise QadaptError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(run_dir / "tensorboard")
+            self.writer = SummaryWriter(run_dir / TENSORBOARD_DIR)
 
     def log(self, row: dict) -> None:
         with write_errors_reported(Path(self.file.name), "free some space, then continue with --resume"):

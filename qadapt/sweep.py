@@ -32,11 +32,10 @@ from typing import get_args
 import yaml
 
 from qadapt.errors import QadaptError, TrainingStopped
-from qadapt.evaluate import METRICS_FILE as EVAL_METRICS_FILE
-from qadapt.evaluate import set_name
 from qadapt.files import atomic_file
 from qadapt.recipe import DType, load_recipe, training_differences
-from qadapt.run_dir import RECIPE_FILE, SUMMARY_FILE
+from qadapt.run_files import EVAL_METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, eval_dir
+from qadapt.scores import set_name
 
 SWEEP_FILE = "sweep.json"
 LOGS_DIR = "logs"
@@ -189,7 +188,7 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
         _save_state(out, state)
         # A run that failed at once would make the rest look quick: only finished runs set the pace.
         timer.skip() if error else timer.done(time.perf_counter() - started)
-    finished = [out / BASELINE] if (out / BASELINE / "eval" / EVAL_METRICS_FILE).is_file() else []
+    finished = [out / BASELINE] if (eval_dir(out / BASELINE) / EVAL_METRICS_FILE).is_file() else []
     stale = {r.name for r in state.runs if r.status == "failed" and (r.error or "").startswith(TRAINED_OTHERWISE)}
     finished += sorted(p.parent for p in out.glob(f"*/{SUMMARY_FILE}") if p.parent.name not in {BASELINE, *stale})
     failed = [r for r in state.runs if r.status == "failed"]
@@ -225,7 +224,7 @@ def _finished(run_dir: Path, sweep_recipe) -> bool:
 
 def _scored_all(folder: Path, recipe) -> bool:
     """Whether folder/eval/metrics.json holds every eval set of the recipe."""
-    metrics = folder / "eval" / EVAL_METRICS_FILE
+    metrics = eval_dir(folder) / EVAL_METRICS_FILE
     scored = set(json.loads(metrics.read_text())["sets"]) if metrics.is_file() else set()
     return {set_name(spec) for spec in recipe.eval.sets} <= scored
 
@@ -257,7 +256,7 @@ def _train(recipe: Path, overrides: list[str], run_dir: Path, out: Path, run: Sw
 def _evaluate(target_dir: Path, eval_args: list[str], log: Path, run: SweepRun | None,
               target: str | None = None, extra: list[str] = ()) -> str | None:
     started = time.perf_counter()
-    command = ["eval", target or str(target_dir), *eval_args, *extra, "--out", str(target_dir / "eval")]
+    command = ["eval", target or str(target_dir), *eval_args, *extra, "--out", str(eval_dir(target_dir))]
     error = _qadapt(command, log)
     if run is not None:
         run.eval_s = (run.eval_s or 0) + time.perf_counter() - started

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from qadapt.conll import load_sentences
 from qadapt.errors import QadaptError
-from qadapt.evaluate import set_name, write_results
+from qadapt.run_files import eval_dir
+from qadapt.scores import set_name, write_results
 from qadapt.token_classification import predict_tags
 
 AVERAGES = ("micro avg", "macro avg", "weighted avg")
@@ -68,7 +69,7 @@ def run_tagging_eval(target: str, data: list[str], limit: int | None = None, bat
         load_sentences(spec, "test")
     if loaded is None:
         model, tokenizer, recipe = load_trained_model(target, compute_dtype=compute_dtype)
-        loaded = (model, tokenizer, recipe.data.cutoff_len, Path(target) / "eval")
+        loaded = (model, tokenizer, recipe.data.cutoff_len, eval_dir(Path(target)))
     model, tokenizer, cutoff_len, default_out = loaded
     out_dir = Path(out) if out else default_out
     results, predictions = {}, []

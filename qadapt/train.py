@@ -42,7 +42,8 @@ from qadapt.plan import choose_gradient_checkpointing
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
 from qadapt.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
-from qadapt.run_dir import ADAPTER_DIR, SUMMARY_FILE, MetricsLog, create_run_dir, save_adapter
+from qadapt.run_dir import MetricsLog, create_run_dir, save_adapter
+from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE, eval_dir
 from qadapt.stop_signals import EXIT_CODES, StopSignals
 from qadapt.token_classification import tokenize_sentences
 
@@ -412,10 +413,10 @@ def _final_scores(s: Setup, recipe: Recipe) -> dict[str, float]:
     e = recipe.eval
     if recipe.task == "token-classification":
         metrics = run_tagging_eval(str(s.run_dir), e.sets, e.limit, e.batch_size,
-                                   loaded=(model, s.tokenizer, recipe.data.cutoff_len, s.run_dir / "eval"))
+                                   loaded=(model, s.tokenizer, recipe.data.cutoff_len, eval_dir(s.run_dir)))
         return {name: row["f1"] for name, row in metrics["sets"].items()}
     metrics = run_eval(str(s.run_dir), e.sets, e.limit, e.batch_size, e.max_new_tokens, e.strict,
-                       loaded=(model, s.tokenizer, recipe.data.template, s.run_dir / "eval"))
+                       loaded=(model, s.tokenizer, recipe.data.template, eval_dir(s.run_dir)))
     return {name: row["accuracy"] for name, row in metrics["sets"].items()}
 
 

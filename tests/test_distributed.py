@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from qadapt.run_dir import ADAPTER_DIR, ADAPTER_WEIGHTS
+from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
 
 
 def launch(processes: int, recipe: Path, *args: str) -> str:

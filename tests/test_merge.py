@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from qadapt.errors import QadaptError
 from qadapt.merge import compare_logits, logits_on, merge_run, probe_texts
 from qadapt.recipe import recipe_from_dict
-from qadapt.run_dir import ADAPTER_DIR, ADAPTER_WEIGHTS, load_trained_model
+from qadapt.run_dir import load_trained_model
+from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
 
 
 def make_run(folder: Path, model_dir: Path, kind: str = "lora", quant: str = "nf4", compute_dtype: str = "bf16",

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qadapt.checkpoint import OPTIMIZER_FILE, STATE_FILE, latest_checkpoint, problem_with
+from qadapt.checkpoint import latest_checkpoint, problem_with
 from qadapt.errors import QadaptError
 from qadapt.recipe import load_recipe
+from qadapt.run_files import OPTIMIZER_FILE, STATE_FILE
 from qadapt.train import train
 
 STEPS = 10

@@ -23,7 +23,8 @@ from qadapt.adapters import attach_adapters
 from qadapt.conll import load_sentences
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import disable_cpu_weight_repacking
-from qadapt.run_dir import ADAPTER_DIR, SUMMARY_FILE, adapter_labels, load_run_recipe
+from qadapt.run_dir import adapter_labels, load_run_recipe
+from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE
 from qadapt.tagging_eval import entity_scores
 from qadapt.token_classification import predict_tags
 

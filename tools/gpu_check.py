@@ -38,6 +38,8 @@ def build_nf4_model(config_name: str, device: torch.device) -> nn.Module:
     import bitsandbytes as bnb
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from qadapt.adapters.inject import replace_module
+
     config = LlamaConfig(**CONFIGS[config_name], tie_word_embeddings=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -50,8 +52,7 @@ def build_nf4_model(config_name: str, device: torch.device) -> nn.Module:
         weight = torch.randn(module.out_features, module.in_features, generator=generator).mul_(0.02)
         layer.weight = bnb.nn.Params4bit(weight.to(torch.bfloat16), requires_grad=False, compress_statistics=True,
                                          quant_type="nf4", module=layer).to(device)  # quantized here
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        replace_module(model, name, layer)
     for module in model.modules():  # the rest (embeddings, head, norms): empty on the device, then filled
         if not isinstance(module, bnb.nn.Linear4bit):
             module.to_empty(device=device, recurse=False)

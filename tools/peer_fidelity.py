@@ -148,7 +148,7 @@ def main() -> None:
     from qadapt.files import atomic_file
     from qadapt.peft_format import import_peft
     from qadapt.recipe import load_recipe
-    from qadapt.run_dir import METRICS_FILE, SUMMARY_FILE
+    from qadapt.run_files import SUMMARY_FILE, TRAINING_LOG, eval_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
     out, work = args.out, args.out.with_name(args.out.name + ".peft-train")
@@ -161,13 +161,13 @@ def main() -> None:
         import_peft(work / "adapter", out, base=recipe.model.name, quant=recipe.model.quant,
                     template=recipe.data.template)
         losses = summary.pop("losses")
-        (out / METRICS_FILE).write_text("".join(json.dumps({"step": i, "loss": x}) + "\n"
+        (out / TRAINING_LOG).write_text("".join(json.dumps({"step": i, "loss": x}) + "\n"
                                                 for i, x in enumerate(losses, 1)))
         with atomic_file(out / SUMMARY_FILE) as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
     e = recipe.eval
     if e.sets:
-        run_eval(str(out), e.sets, e.limit, e.batch_size, e.max_new_tokens, e.strict, out / "eval",
+        run_eval(str(out), e.sets, e.limit, e.batch_size, e.max_new_tokens, e.strict, eval_dir(out),
                  compute_dtype=args.eval_dtype, resume=True)
 
 

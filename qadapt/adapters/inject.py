@@ -57,12 +57,19 @@ def match_blocks(model: nn.Module, block: str) -> list[str]:
     return matched
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put `module` where the submodule `name` is, on its parent; return the one it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, child)
+    setattr(parent, child, module)
+    return old
+
+
 def wrap_modules(model: nn.Module, plan: dict[str, Wrap]) -> list[str]:
     """Replace each named module by `wrap(module)` on its parent; only adapters stay trainable."""
     for name, wrap in plan.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, wrap(getattr(parent, child)))
+        replace_module(model, name, wrap(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
     return list(plan)
 
@@ -76,6 +83,4 @@ def detach_adapters(model: nn.Module) -> None:
     """Put every wrapped module back in its adapter's place: the base as it was before attaching."""
     names = [name for name, m in model.named_modules() if isinstance(m, Adapter)]
     for name in reversed(names):  # inner first: an adapter's base may hold adapters of its own
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, getattr(parent, child).base)
+        replace_module(model, name, model.get_submodule(name).base)
