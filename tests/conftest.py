@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,14 @@ torch.set_num_threads(2)  # CI has two cores; a fixed count keeps timings and re
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def qadapt(*args: str, timeout: int = 600, stdin: str | None = None,
+           offline: bool = False) -> subprocess.CompletedProcess:
+    """`qadapt ARGS` in a subprocess from the repository root, on two threads (offline: no hub)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **({"HF_HUB_OFFLINE": "1"} if offline else {})}
+    return subprocess.run([sys.executable, "-m", "qadapt", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env, input=stdin)
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +55,20 @@ def tiny_llama_dir(tmp_path_factory, smol_tokenizer) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A 2-layer GPT-2 (Conv1D layers: weights stored transposed) with the SmolLM2 tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(smol_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def load_tiny(tiny_llama_dir):
     """load_tiny(quant, compute_dtype="fp32"): the tiny LLaMA, frozen and quantized by qadapt."""
@@ -57,6 +82,65 @@ def load_tiny(tiny_llama_dir):
         return model
 
     return load
+
+
+# The smallest real run: a few examples, one step, nothing saved or scored on the way.
+TINY_RUN = {
+    "model": {"quant": "nf4"},
+    "adapter": {"rank": 4},
+    "data": {"max_examples": 8, "val_size": 0},
+    "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "eval_every": 0, "save_every": 0},
+}
+
+
+def tiny_recipe(model_dir: Path | str, output_dir: Path | None = None, **sections) -> dict:
+    """A recipe for a tiny real run on `model_dir`: TINY_RUN, each section updated by its keyword
+    (`train={"max_steps": 3}` changes that key only); other keywords (task, eval) are set as given."""
+    recipe = {section: dict(values) for section, values in TINY_RUN.items()}
+    recipe["model"]["name"] = str(model_dir)
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if key in TINY_RUN else value
+    if output_dir is not None:
+        recipe["output_dir"] = str(output_dir)
+    return recipe
+
+
+def write_tiny_recipe(path: Path, model_dir: Path | str, output_dir: Path | None = None, **sections) -> Path:
+    """tiny_recipe() as a YAML file, for runs started in a subprocess."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(tiny_recipe(model_dir, output_dir, **sections)))
+    return path
+
+
+def train_tiny_run(output_dir: Path, model_dir: Path | str, **sections) -> Path:
+    """Train tiny_recipe() in this process (qadapt.train, the real quantized path); return the run folder."""
+    from qadapt.recipe import recipe_from_dict
+    from qadapt.train import train
+
+    train(recipe_from_dict(tiny_recipe(model_dir, output_dir, **sections)))
+    return output_dir
+
+
+def run_with_visible_adapter(folder: Path, model_dir: Path, kind: str = "lora", quant: str = "nf4",
+                             compute_dtype: str = "bf16", targets: list[str] | None = None,
+                             scale: float = 0.05) -> Path:
+    """A real run (one training step), then adapter weights big enough that merging visibly matters."""
+    from safetensors.torch import load_file, save_file
+
+    from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
+
+    adapter = {"kind": kind, "rank": 4, "bottleneck_size": 16}
+    if targets:
+        adapter["targets"] = targets
+    run = train_tiny_run(folder / f"{kind}-{quant}", model_dir, model={"quant": quant, "compute_dtype": compute_dtype},
+                         adapter=adapter)
+    weights_file = run / ADAPTER_DIR / ADAPTER_WEIGHTS
+    generator = torch.Generator().manual_seed(1)
+    weights = {name: value + scale * torch.randn(value.shape, generator=generator)
+               for name, value in load_file(weights_file).items()}
+    save_file(weights, weights_file)
+    return run
 
 
 def token_batch(seed: int = 0, batch: int = 2, length: int = 12, vocab: int = 1000) -> dict:

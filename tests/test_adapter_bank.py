@@ -7,44 +7,48 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, train_tiny_run
 from qadapt.adapter_bank import AdapterBank
 from qadapt.errors import QadaptError
-from qadapt.recipe import recipe_from_dict
 from qadapt.run_dir import load_trained_model
-from qadapt.train import train
 
 WNUT_TRAIN = SHARED_DATA / "wnut17" / "wnut17train.conll"
 NUMBERS = "one\tB-NUM\nhundred\tI-NUM\ncats\tO\n\nseven\tB-NUM\ndogs\tO\nbark\tO\n\n"
 
 
 def train_run(folder: Path, model_dir: Path, data: Path, seed: int, **adapter) -> Path:
-    recipe = recipe_from_dict({
-        "task": "token-classification",
-        "model": {"name": str(model_dir), "compute_dtype": "fp32"},
-        "adapter": {"dropout": 0.0, **adapter},
-        "data": {"path": str(data), "val_size": 0, "max_examples": 32, "cutoff_len": 48},
-        "train": {"max_steps": 3, "micro_batch_size": 8, "grad_accum": 1, "lr": 5e-2, "warmup_steps": 0,
-                  "save_every": 0, "eval_every": 0, "seed": seed},
-        "output_dir": str(folder),
-    })
-    train(recipe)
-    return folder
+    return train_tiny_run(folder, model_dir, task="token-classification", model={"compute_dtype": "fp32"},
+                          adapter={"dropout": 0.0, **adapter},
+                          data={"path": str(data), "max_examples": 32, "cutoff_len": 48},
+                          train={"max_steps": 3, "micro_batch_size": 8, "lr": 5e-2, "warmup_steps": 0, "seed": seed})
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_bert_dir, tmp_path_factory) -> dict[str, Path]:
+def numbers_file(tmp_path_factory) -> Path:
+    """A CoNLL file written here: number words tagged B-NUM / I-NUM (3 labels), no shared data needed."""
+    path = tmp_path_factory.mktemp("numbers") / "numbers.conll"
+    path.write_text(NUMBERS * 8)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert_dir, numbers_file, tmp_path_factory) -> dict[str, Path]:
     """Three adapters trained on one tiny BERT: two LoRA on WNUT-17 (13 labels), a series one on 3 labels."""
     if not WNUT_TRAIN.is_file():
         pytest.skip(f"WNUT-17 not found at {WNUT_TRAIN}")
     root = tmp_path_factory.mktemp("bank")
-    numbers = root / "numbers.conll"
-    numbers.write_text(NUMBERS * 8)
     return {
         "lora-a": train_run(root / "lora-a", tiny_bert_dir, WNUT_TRAIN, seed=1, kind="lora", rank=4),
         "lora-b": train_run(root / "lora-b", tiny_bert_dir, WNUT_TRAIN, seed=2, kind="lora", rank=8),
-        "series": train_run(root / "series", tiny_bert_dir, numbers, seed=3, kind="series", bottleneck_size=8),
+        "series": train_run(root / "series", tiny_bert_dir, numbers_file, seed=3, kind="series", bottleneck_size=8),
     }
+
+
+@pytest.fixture(scope="module")
+def numbers_lora(tiny_bert_dir, numbers_file, tmp_path_factory) -> Path:
+    """A LoRA tagging run on the numbers file: for the tests that need a run but no shared data."""
+    return train_run(tmp_path_factory.mktemp("bank") / "numbers-lora", tiny_bert_dir, numbers_file, seed=1,
+                     kind="lora", rank=4)
 
 
 def batch(tokenizer) -> dict:
@@ -104,7 +108,7 @@ def test_a_mixed_batch_runs_each_row_through_its_own_lora(runs, tiny_bert_dir):
         bank.activate("nope")
 
 
-def test_an_adapter_of_another_base_is_refused(runs, tiny_encoder_dir):
+def test_an_adapter_of_another_base_is_refused(numbers_lora, tiny_encoder_dir):
     from qadapt.base_identity import base_identity
     from qadapt.models import load_base
     from qadapt.recipe import ModelConfig
@@ -112,14 +116,14 @@ def test_an_adapter_of_another_base_is_refused(runs, tiny_encoder_dir):
     other = load_base(ModelConfig(name=str(tiny_encoder_dir("bert")), compute_dtype="fp32"), labels=["O"])
     bank = AdapterBank(other, base_identity(other, "tiny-bert-256"))
     with pytest.raises(QadaptError, match="was trained on"):
-        bank.load("lora-a", runs["lora-a"] / "adapter")
+        bank.load("numbers", numbers_lora / "adapter")
 
 
-def test_tagging_runs_are_not_merged_or_used_for_generation(runs):
+def test_tagging_runs_are_not_merged_or_used_for_generation(numbers_lora):
     from qadapt.evaluate import load_target
     from qadapt.merge import merge_run
 
     with pytest.raises(QadaptError, match="cannot merge a token-classification run"):
-        merge_run(runs["lora-a"], runs["lora-a"].parent / "merged")
+        merge_run(numbers_lora, numbers_lora.parent / "merged")
     with pytest.raises(QadaptError, match="tags words and does not answer prompts"):
-        load_target(str(runs["lora-a"]))
+        load_target(str(numbers_lora))

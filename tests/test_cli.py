@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import qadapt, train_tiny_run
 
 from qadapt.recipe import load_recipe
 from qadapt.run_dir import load_trained_model
 from qadapt.loss import eval_loss
 from qadapt.train import prepare_data
-
-
-def qadapt(*args: str, timeout: int = 600, stdin: str | None = None,
-           offline: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **({"HF_HUB_OFFLINE": "1"} if offline else {})}
-    return subprocess.run([sys.executable, "-m", "qadapt", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env, input=stdin)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -136,17 +127,8 @@ def test_real_smollm2_trains_every_kind(tmp_path, kind, quant):
 
 def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
     from qadapt.evaluate import answer_prompts, load_target
-    from qadapt.recipe import recipe_from_dict
-    from qadapt.train import train
 
-    run = tmp_path / "run"
-    train(recipe_from_dict({
-        "model": {"name": str(tiny_llama_dir), "quant": "nf4", "compute_dtype": "fp32"},
-        "adapter": {"rank": 4},
-        "data": {"max_examples": 8, "val_size": 0},
-        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "eval_every": 0, "save_every": 0},
-        "output_dir": str(run),
-    }))
+    run = train_tiny_run(tmp_path / "run", tiny_llama_dir, model={"compute_dtype": "fp32"})
     model, tokenizer, template, _ = load_target(str(run))
     expected = answer_prompts(model, tokenizer, template, ["Two plus two?", "Three plus one?"], max_new_tokens=6)
     generated = qadapt("generate", str(run), "Two plus two?", "--max-new-tokens", "6")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_tiny_recipe
 from safetensors.torch import load_file
 
 from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
@@ -32,15 +32,10 @@ def launch(processes: int, recipe: Path, *args: str) -> str:
 
 
 def write_recipe(folder: Path, model: str, compute_dtype: str, **train) -> Path:
-    recipe = {
-        "model": {"name": model, "quant": "nf4", "compute_dtype": compute_dtype},
-        "adapter": {"rank": 4, "alpha": 8, "dropout": 0.0},  # each process draws its own dropout masks
-        "data": {"max_examples": 64, "val_size": 4, "cutoff_len": 96},
-        "train": {"lr": 1e-2, "warmup_steps": 1, "eval_every": 0, "save_every": 0, **train},
-    }
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_tiny_recipe(folder / "recipe.yaml", model, model={"compute_dtype": compute_dtype},
+                             adapter={"alpha": 8, "dropout": 0.0},  # each process draws its own dropout masks
+                             data={"max_examples": 64, "val_size": 4, "cutoff_len": 96},
+                             train={"lr": 1e-2, "warmup_steps": 1, **train})
 
 
 def losses(run: Path) -> list[float]:

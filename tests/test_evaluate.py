@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, tiny_recipe
 
 from qadapt.answers import is_correct
 from qadapt.errors import QadaptError
@@ -48,26 +48,20 @@ def test_run_eval_needs_a_set():
         run_eval("smollm2-135m", [])
 
 
-def tiny_recipe(tiny_llama_dir, tmp_path, **eval_section) -> dict:
-    return {
-        "model": {"name": str(tiny_llama_dir), "quant": "nf4"},
-        "adapter": {"rank": 4, "alpha": 8},
-        "data": {"max_examples": 16, "val_size": 0},
-        "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "eval_every": 0, "save_every": 0},
-        "eval": eval_section,
-        "output_dir": str(tmp_path / "run"),
-    }
+def eval_recipe(tiny_llama_dir, tmp_path, **eval_section) -> dict:
+    return tiny_recipe(tiny_llama_dir, tmp_path / "run", adapter={"alpha": 8}, data={"max_examples": 16},
+                       train={"max_steps": 2}, eval=eval_section)
 
 
 def test_a_wrong_eval_set_fails_before_training(tiny_llama_dir, tmp_path):
-    recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, sets=["/no/such/test.json"]))
+    recipe = recipe_from_dict(eval_recipe(tiny_llama_dir, tmp_path, sets=["/no/such/test.json"]))
     with pytest.raises(QadaptError, match="data file not found: /no/such/test.json"):
         train(recipe)
     assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_training_with_an_eval_section_scores_the_run_and_eval_reproduces_it(tiny_llama_dir, tmp_path):
-    recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, sets=["builtin:arithmetic"], limit=4,
+    recipe = recipe_from_dict(eval_recipe(tiny_llama_dir, tmp_path, sets=["builtin:arithmetic"], limit=4,
                                           max_new_tokens=8, batch_size=3))
     summary = train(recipe).summary
     run = tmp_path / "run"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_merge import make_run, tiny_gpt2_dir  # noqa: F401  (a fixture)
+from conftest import run_with_visible_adapter
 
 from qadapt.errors import QadaptError
 from qadapt.gguf_export import export_gguf
@@ -37,7 +37,7 @@ def peft_on_base(run, peft_dir):
     ("lora", "nf4", "llama"), ("dora", "nf4", "llama"), ("lora", "int8", "llama"), ("lora", "none", "gpt2"),
 ])
 def test_peft_export_loads_in_peft_with_the_same_logits(tmp_path, tiny_llama_dir, tiny_gpt2_dir, kind, quant, family):
-    run = make_run(tmp_path, tiny_llama_dir if family == "llama" else tiny_gpt2_dir, kind, quant)
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir if family == "llama" else tiny_gpt2_dir, kind, quant)
     export_peft(run, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["use_dora"] == (kind == "dora") and config["fan_in_fan_out"] == (family == "gpt2")
@@ -89,7 +89,7 @@ def test_peft_import_refuses_what_it_cannot_carry(tmp_path, tiny_llama_dir):
 def test_gguf_export_reads_back_with_matching_logits(tmp_path, tiny_llama_dir, gguf_type):
     import gguf
 
-    run = make_run(tmp_path, tiny_llama_dir, "lora", "nf4")
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
     check = export_gguf(run, tmp_path / "model.gguf", gguf_type)
     assert check["max_abs_diff"] < (1e-2 if gguf_type == "f16" else 0.2), check
     assert not list(tmp_path.glob(".tmp-*"))
@@ -106,7 +106,7 @@ def test_a_wrong_gguf_layout_is_caught_and_nothing_written(tmp_path, tiny_llama_
     """Fault injection: skip the rotary reordering, and the read-back check must refuse the file."""
     from qadapt import gguf_export
 
-    run = make_run(tmp_path, tiny_llama_dir, "lora", "nf4")
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
     monkeypatch.setattr(gguf_export, "_interleave_rotary_halves", lambda weight, heads, head_dim: weight)
     with pytest.raises(QadaptError, match="the GGUF read back disagrees with the merged model"):
         export_gguf(run, tmp_path / "model.gguf")
@@ -114,10 +114,10 @@ def test_a_wrong_gguf_layout_is_caught_and_nothing_written(tmp_path, tiny_llama_
 
 
 def test_exports_refuse_what_they_cannot_write(tmp_path, tiny_llama_dir, tiny_gpt2_dir):
-    series = make_run(tmp_path, tiny_llama_dir, "series", "nf4")
+    series = run_with_visible_adapter(tmp_path, tiny_llama_dir, "series", "nf4")
     with pytest.raises(QadaptError, match="cannot export to PEFT .* a series adapter"):
         export_peft(series, tmp_path / "peft")
-    gpt2 = make_run(tmp_path, tiny_gpt2_dir, "lora", "nf4")
+    gpt2 = run_with_visible_adapter(tmp_path, tiny_gpt2_dir, "lora", "nf4")
     with pytest.raises(QadaptError, match="GGUF export supports llama, mistral models, not gpt2"):
         export_gguf(gpt2, tmp_path / "model.gguf")
     with pytest.raises(QadaptError, match="--type 'q4_k' is not one of f16, bf16, q8_0"):
@@ -125,7 +125,7 @@ def test_exports_refuse_what_they_cannot_write(tmp_path, tiny_llama_dir, tiny_gp
 
 
 def test_exports_never_overwrite(tmp_path, tiny_llama_dir):
-    run = make_run(tmp_path, tiny_llama_dir, "lora", "nf4")
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
     (tmp_path / "taken.gguf").write_text("keep me")
     with pytest.raises(QadaptError, match="taken.gguf already exists; remove it or choose another --out"):
         export_gguf(run, tmp_path / "taken.gguf")

@@ -7,51 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_with_visible_adapter
 from safetensors.torch import load_file, save_file
 
 from qadapt.errors import QadaptError
 from qadapt.merge import compare_logits, logits_on, merge_run, probe_texts
-from qadapt.recipe import recipe_from_dict
 from qadapt.run_dir import load_trained_model
 from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
-
-
-def make_run(folder: Path, model_dir: Path, kind: str = "lora", quant: str = "nf4", compute_dtype: str = "bf16",
-             targets: list[str] | None = None, scale: float = 0.05) -> Path:
-    """A real run (one training step), then adapter weights big enough that merging visibly matters."""
-    from qadapt.train import train
-
-    adapter = {"kind": kind, "rank": 4, "bottleneck_size": 16}
-    if targets:
-        adapter["targets"] = targets
-    run = folder / f"{kind}-{quant}"
-    train(recipe_from_dict({
-        "model": {"name": str(model_dir), "quant": quant, "compute_dtype": compute_dtype},
-        "adapter": adapter,
-        "data": {"max_examples": 8, "val_size": 0},
-        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "eval_every": 0, "save_every": 0},
-        "output_dir": str(run),
-    }))
-    weights_file = run / ADAPTER_DIR / ADAPTER_WEIGHTS
-    generator = torch.Generator().manual_seed(1)
-    weights = {name: value + scale * torch.randn(value.shape, generator=generator)
-               for name, value in load_file(weights_file).items()}
-    save_file(weights, weights_file)
-    return run
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory, smol_tokenizer) -> Path:
-    """A 2-layer GPT-2 (Conv1D layers: weights stored transposed) with the SmolLM2 tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(smol_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                        bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def plain_base_logits(run: Path, texts: list[str]) -> torch.Tensor:
@@ -69,7 +31,7 @@ def plain_base_logits(run: Path, texts: list[str]) -> torch.Tensor:
 def test_merged_folder_equals_the_adapter_on_its_base(tmp_path, tiny_llama_dir, tiny_gpt2_dir, kind, quant, family):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = make_run(tmp_path, tiny_llama_dir if family == "llama" else tiny_gpt2_dir, kind, quant)
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir if family == "llama" else tiny_gpt2_dir, kind, quant)
     info = merge_run(run, tmp_path / "merged", dtype="fp32")
     assert info["vs_adapter_on_same_base"]["top1_agreement"] == 1.0
     assert info["vs_adapter_on_same_base"]["max_abs_diff"] < 1e-3
@@ -104,7 +66,7 @@ def test_fold_is_exactly_w_plus_scaled_ba_on_the_chosen_base(tmp_path, tiny_llam
     from qadapt.quant import dequantized_weight
     from qadapt.recipe import load_recipe
 
-    run = make_run(tmp_path, tiny_llama_dir, "lora", "nf4", compute_dtype="bf16")
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4", compute_dtype="bf16")
     merge_run(run, tmp_path / "merged", dtype="fp32", base=base)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -123,7 +85,7 @@ def test_fold_is_exactly_w_plus_scaled_ba_on_the_chosen_base(tmp_path, tiny_llam
 
 
 def test_sixteen_bit_merges_are_verified_and_report_their_cost(tmp_path, tiny_llama_dir):
-    run = make_run(tmp_path, tiny_llama_dir, "lora", "nf4")
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
     for dtype in ["bf16", "fp16"]:
         info = merge_run(run, tmp_path / dtype, dtype=dtype)
         assert info["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
@@ -134,7 +96,7 @@ def test_sixteen_bit_merges_are_verified_and_report_their_cost(tmp_path, tiny_ll
 def test_a_merged_head_is_untied_from_the_embeddings(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    run = make_run(tmp_path, tiny_llama_dir, "lora", "none", targets=["q_proj", "lm_head"])
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "none", targets=["q_proj", "lm_head"])
     info = merge_run(run, tmp_path / "merged", dtype="fp32")
     assert info["vs_adapter_on_same_base"]["top1_agreement"] == 1.0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
@@ -145,14 +107,14 @@ def test_a_merged_head_is_untied_from_the_embeddings(tmp_path, tiny_llama_dir):
 
 
 def test_bottleneck_adapters_refuse_to_merge(tmp_path, tiny_llama_dir):
-    run = make_run(tmp_path, tiny_llama_dir, "series", "nf4")
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "series", "nf4")
     with pytest.raises(QadaptError, match="cannot merge a series adapter: it applies a non-linear function"):
         merge_run(run, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
 
 def test_broken_adapter_weights_write_nothing(tmp_path, tiny_llama_dir):
-    run = make_run(tmp_path, tiny_llama_dir, "lora", "nf4")
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
     weights_file = run / ADAPTER_DIR / ADAPTER_WEIGHTS
     weights = load_file(weights_file)
     name = next(k for k in weights if k.endswith("lora_b.weight"))
@@ -173,7 +135,7 @@ def test_broken_adapter_weights_write_nothing(tmp_path, tiny_llama_dir):
 def test_merge_mistakes_are_clear(tmp_path, tiny_llama_dir):
     with pytest.raises(QadaptError, match=f"{tmp_path} is not a run directory: it has no recipe.yaml"):
         merge_run(tmp_path, tmp_path / "merged")
-    run = make_run(tmp_path, tiny_llama_dir, "lora", "nf4")
+    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
     with pytest.raises(QadaptError, match="--base 'quantized' is not one of dequantized, original"):
         merge_run(run, tmp_path / "merged", base="quantized")
     with pytest.raises(QadaptError, match="--dtype 'int4' is not one of auto, bf16, fp16, fp32"):

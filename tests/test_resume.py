@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_tiny_recipe
 
 from qadapt.checkpoint import latest_checkpoint, problem_with
 from qadapt.errors import QadaptError
@@ -23,17 +24,12 @@ STEPS = 10
 
 
 def write_recipe(folder: Path, model_dir: Path, **train_options) -> Path:
-    recipe = {
-        "model": {"name": str(model_dir), "quant": "nf4", "compute_dtype": "fp32"},
-        "adapter": {"rank": 4, "alpha": 8, "dropout": 0.1},  # dropout: the random state must be restored too
-        "data": {"max_examples": 128, "val_size": 4, "cutoff_len": 96},
-        "train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2,
-                  "eval_every": 5, "save_every": 2, "keep_checkpoints": 3, **train_options},
-        "output_dir": str(folder / "run"),
-    }
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_tiny_recipe(
+        folder / "recipe.yaml", model_dir, folder / "run", model={"compute_dtype": "fp32"},
+        adapter={"alpha": 8, "dropout": 0.1},  # dropout: the random state must be restored too
+        data={"max_examples": 128, "val_size": 4, "cutoff_len": 96},
+        train={"max_steps": STEPS, "grad_accum": 2, "lr": 1e-2, "warmup_steps": 2, "eval_every": 5, "save_every": 2,
+               "keep_checkpoints": 3, **train_options})
 
 
 def step_losses(run: Path) -> dict[int, float]:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import yaml
+from conftest import write_tiny_recipe
 
 from qadapt.errors import QadaptError
 from qadapt.recipe import load_recipe
@@ -68,16 +69,10 @@ def test_a_command_killed_by_a_signal_is_recorded_as_killed_not_by_its_last_line
 
 
 def _tiny_recipe(tiny_llama_dir, tmp_path):
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name": str(tiny_llama_dir), "quant": "nf4", "compute_dtype": "fp32"},
-        "adapter": {"kind": "lora", "rank": 4},
-        "data": {"max_examples": 32, "val_size": 4},
-        "train": {"max_steps": 6, "micro_batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "eval_every": 0,
-                  "save_every": 2, "lr": 1e-3},
-        "eval": {"sets": ["builtin:arithmetic"], "limit": 2, "max_new_tokens": 4},
-    }))
-    return recipe
+    return write_tiny_recipe(tmp_path / "tiny.yaml", tiny_llama_dir, model={"compute_dtype": "fp32"},
+                             adapter={"kind": "lora"}, data={"max_examples": 32, "val_size": 4},
+                             train={"max_steps": 6, "warmup_steps": 0, "save_every": 2, "lr": 1e-3},
+                             eval={"sets": ["builtin:arithmetic"], "limit": 2, "max_new_tokens": 4})
 
 
 def test_a_sweep_stopped_while_its_run_is_starting_stops_and_records_no_failure(tiny_llama_dir, tmp_path):

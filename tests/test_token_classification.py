@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ENCODER_FAMILIES, SHARED_DATA
+from conftest import ENCODER_FAMILIES, SHARED_DATA, qadapt
 from qadapt.adapters import TrainedHead, attach_adapters
 from qadapt.conll import Sentence, load_sentences
 from qadapt.errors import QadaptError
@@ -153,8 +153,6 @@ WNUT = SHARED_DATA / "wnut17"
 def test_wnut17_recipe_trains_then_eval_scores_entities(tmp_path):
     """The shipped recipe, shortened: `qadapt train` then `qadapt eval` on the embedded MiniLM in NF4."""
     import json
-
-    from test_cli import qadapt
 
     run = tmp_path / "run"
     trained = qadapt("train", "recipes/wnut17-series.yaml", f"output_dir={run}", "train.max_steps=12",
