@@ -12,7 +12,6 @@ first detaches the attached modules and attaches its own. The base stays loaded 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,12 +24,13 @@ from torch import nn
 from qadapt.adapters import LoRALinear, TrainedHead, attach_adapters, detach_adapters, load_adapter_state_dict
 from qadapt.adapters.head import TOKEN_CLASSIFIER
 from qadapt.adapters.inject import replace_module
+from qadapt.adapters.spec import adapter_kind
 from qadapt.adapters.lora import lora_scale
 from qadapt.base_identity import base_identity, check_same_base
 from qadapt.errors import QadaptError
-from qadapt.recipe import AdapterConfig
+from qadapt.recipe import AdapterConfig, adapter_section
 from qadapt.run_dir import adapter_labels, load_run_recipe, read_adapter_config
-from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
+from qadapt.run_files import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 
 
 @dataclass
@@ -87,9 +87,7 @@ class AdapterBank:
             raise QadaptError(f"an adapter named {name!r} is already loaded")
         config = read_adapter_config(folder)
         check_same_base(config.get("base_identity"), self.base, str(folder))
-        fields = {f.name for f in dataclasses.fields(AdapterConfig)}
-        adapter_cfg = AdapterConfig(**{key: value for key, value in config.items() if key in fields})
-        adapter_cfg.targets = list(adapter_cfg.targets) if adapter_cfg.targets else None
+        adapter_cfg = adapter_section(config, str(folder / ADAPTER_CONFIG))
         weights = load_file(folder / ADAPTER_WEIGHTS)
         loaded = LoadedAdapter(name, adapter_cfg, adapter_labels(folder), weights,
                                (folder / ADAPTER_WEIGHTS).stat().st_size, 0.0)
@@ -104,7 +102,7 @@ class AdapterBank:
             detach_adapters(self.model)
             if adapter.labels is not None:
                 _new_head(self.model, adapter.labels)
-            attach_adapters(self.model, adapter.config)
+            attach_adapters(self.model, adapter.config.spec())
             self._layout = adapter.layout
         load_adapter_state_dict(self.model, adapter.weights)
         self.model.eval()
@@ -119,7 +117,7 @@ class AdapterBank:
         names = list(dict.fromkeys(row_adapters))
         adapters = [self._get(name) for name in names]
         for adapter in adapters:
-            if adapter.config.kind != "lora":
+            if not adapter_kind(adapter.config.kind).mixes_in_a_batch:
                 raise QadaptError(f"a mixed batch runs LoRA adapters only; {adapter.name!r} is {adapter.config.kind}")
         shapes = {(frozenset(_lora_modules(a.weights)), tuple(a.labels or ())) for a in adapters}
         if len(shapes) > 1:

@@ -27,10 +27,10 @@ from transformers.pytorch_utils import Conv1D
 
 from qadapt.adapters import Adapter, LoRALinear, attach_adapters, is_linear
 from qadapt.adapters.inject import replace_module
+from qadapt.adapters.spec import adapter_kind
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, describe_written, refuse_existing
 
-MERGEABLE_KINDS = ("lora", "dora")
 BASES = ("dequantized", "original")
 MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 MERGE_INFO_FILE = "qadapt_merge.json"
@@ -49,7 +49,7 @@ def refuse_unmergeable(recipe, action: str) -> None:
 
 
 def refuse_non_linear(kind: str, action: str) -> None:
-    if kind not in MERGEABLE_KINDS:
+    if not adapter_kind(kind).mergeable:
         raise QadaptError(
             f"cannot {action} a {kind} adapter: it applies a non-linear function (up(act(down(h)))), so no "
             "weight matrix of the base can absorb it. Run the model with the adapter attached instead "
@@ -177,7 +177,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     copied = copy_trained_weights(trained, full) if base == "dequantized" else 0
     del trained
     gc.collect()
-    attach_adapters(full, recipe.adapter)
+    attach_adapters(full, recipe.adapter.spec())
     load_adapter(full, run_dir / ADAPTER_DIR)
     full.eval()
     adapter_logits = logits_on(full, tokenizer, texts)

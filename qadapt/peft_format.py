@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qadapt.adapters.spec import adapter_kind, kind_of_peft_config
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, describe_written, refuse_existing
 
@@ -80,7 +81,7 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
         "base_model_name_or_path": str(Path(base).resolve()) if Path(base).is_dir() else base,
         "revision": recipe.model.revision,
         "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
-        "use_rslora": adapter.rslora, "use_dora": adapter.kind == "dora",
+        "use_rslora": adapter.rslora, **adapter_kind(adapter.kind).peft_options,
         "target_modules": compact_targets(model, wrapped),
         # GPT-2's Conv1D stores its weight as (in, out); PEFT needs to know to merge it right.
         "fan_in_fan_out": any(isinstance(model.get_submodule(name), Conv1D) for name in wrapped),
@@ -115,7 +116,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
         raise QadaptError(f"{peft_dir / PEFT_CONFIG} names no base_model_name_or_path; give one with --base")
     recipe = recipe_from_dict({
         "model": {"name": name, "quant": quant, "revision": config.get("revision")},
-        "adapter": {"kind": "dora" if config.get("use_dora") else "lora", "rank": config["r"],
+        "adapter": {"kind": kind_of_peft_config(config), "rank": config["r"],
                     "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
                     "rslora": bool(config.get("use_rslora")), "placement": "linears"},
         "data": {"template": template},
@@ -123,7 +124,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
     }, source=str(peft_dir / PEFT_CONFIG))
     model = meta_model(recipe.model)
     recipe.adapter.targets = compact_targets(model, wrapped)
-    attach_adapters(model, recipe.adapter)  # on the meta device: checks names and shapes, loads nothing
+    attach_adapters(model, recipe.adapter.spec())  # on the meta device: checks names and shapes, loads nothing
     load_adapter_state_dict(model, state)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out / RECIPE_FILE)

@@ -73,6 +73,23 @@ class AdapterConfig:
     """series/parallel: `zero` (up-projection zero: starts as the base model) or `bert` (both
     projections normal(0, 0.02), as the LLM-Adapters paper)."""
 
+    @property
+    def low_rank(self) -> bool:
+        """lora or dora: an update of the target linears' weights (qadapt.adapters.spec.KINDS)."""
+        from qadapt.adapters.spec import LowRankSpec, adapter_kind
+
+        return adapter_kind(self.kind).spec is LowRankSpec
+
+    def spec(self):
+        """This section as the typed spec the adapter package attaches (qadapt.adapters.spec)."""
+        from qadapt.adapters.spec import BottleneckSpec, LowRankSpec, adapter_kind
+
+        targets = tuple(self.targets) if self.targets else None
+        if adapter_kind(self.kind).spec is LowRankSpec:
+            return LowRankSpec(self.kind, self.rank, self.alpha, self.dropout, self.rslora, targets)
+        return BottleneckSpec(self.kind, self.placement, targets, self.bottleneck_size, self.activation, self.scale,
+                              self.init, self.dropout)
+
 
 @dataclass
 class DataConfig:
@@ -208,6 +225,12 @@ def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "recipe
     return recipe
 
 
+def adapter_section(saved: dict, source: str) -> AdapterConfig:
+    """The adapter section kept in an adapter_config.json (beside its other keys), checked as a recipe's is."""
+    names = {f.name for f in fields(AdapterConfig)}
+    return recipe_from_dict({"adapter": {k: v for k, v in saved.items() if k in names}}, source=source).adapter
+
+
 # Keys that change how a run is logged, saved or scored, not what it trains.
 NEUTRAL_KEYS = {"output_dir", "data.bad_rows", "train.log_every", "train.eval_every", "train.save_every",
                 "train.keep_checkpoints", "train.tensorboard"}
@@ -340,12 +363,11 @@ def _range_problems(r: Recipe) -> list[str]:
         ("adapter.alpha", r.adapter.alpha > 0, "must be positive"),
         ("adapter.dropout", 0 <= r.adapter.dropout < 1, "must be in [0, 1)"),
         ("adapter.targets", r.adapter.targets is None or len(r.adapter.targets) > 0, "must name a module, or be null"),
-        ("adapter.targets", r.adapter.targets is None or r.adapter.kind in ("lora", "dora")
-         or r.adapter.placement == "linears",
+        ("adapter.targets", r.adapter.targets is None or r.adapter.low_rank or r.adapter.placement == "linears",
          f"apply to lora, dora and placement: linears, not to a {r.adapter.kind} adapter with placement: "
          f"{r.adapter.placement}"),
         ("adapter.lr_ratio", r.adapter.lr_ratio > 0, "must be positive"),
-        ("adapter.lr_ratio", r.adapter.lr_ratio == 1 or r.adapter.kind in ("lora", "dora"),
+        ("adapter.lr_ratio", r.adapter.lr_ratio == 1 or r.adapter.low_rank,
          f"applies to lora and dora (B's learning rate), not to a {r.adapter.kind} adapter"),
         ("adapter.bottleneck_size", r.adapter.bottleneck_size >= 1, "must be at least 1"),
         ("adapter.scale", r.adapter.scale == "learned" or r.adapter.scale > 0, "must be positive, or learned"),

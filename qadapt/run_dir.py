@@ -147,7 +147,7 @@ def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_
     disable_cpu_weight_repacking(model)  # the same kernels, so the same numbers, as in training
     if compute_dtype:
         set_compute_dtype(model, resolve_compute_dtype(compute_dtype))
-    attach_adapters(model, recipe.adapter)
+    attach_adapters(model, recipe.adapter.spec())
     load_adapter(model, run_dir / adapter, base)
     model.eval()
     return model, tokenizer, recipe

@@ -95,7 +95,7 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     if recipe.train.gradient_checkpointing == "auto":
         say(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
     prepare_for_kbit_training(model, checkpointing)
-    wrapped = attach_adapters(model, recipe.adapter)
+    wrapped = attach_adapters(model, recipe.adapter.spec())
     params = [p for p in model.parameters() if p.requires_grad]
     t = recipe.train
     require_disk_space(run_dir, sum(p.numel() * p.element_size() for p in params), t.optimizer,

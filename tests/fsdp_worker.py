@@ -43,7 +43,7 @@ def main(model_dir: str, out: Path, kind: str) -> None:
     rows = D.tokenize(records, tokenizer, "alpaca", 96, False).rows
     model = load_base(config, quant_storage_like_compute=sharded)
     prepare_for_kbit_training(model, gradient_checkpointing=True)
-    attach_adapters(model, AdapterConfig(kind=kind, rank=4, alpha=8, dropout=0.0, bottleneck_size=8))
+    attach_adapters(model, AdapterConfig(kind=kind, rank=4, alpha=8, dropout=0.0, bottleneck_size=8).spec())
     if sharded:
         units = distributed.fsdp_units(model)
         model = FSDP(model, device_id=torch.device("cpu"), use_orig_params=False,

@@ -76,7 +76,7 @@ def test_starts_as_the_base_model(load_family, kind, quant, family):
     """LoRA and DoRA always, bottlenecks with init `zero`: exactly the base model's output."""
     model = load_family(family, quant)
     before = logits(model)
-    attach_adapters(model, adapter_config(kind, family, init="zero"))
+    attach_adapters(model, adapter_config(kind, family, init="zero").spec())
     assert torch.equal(logits(model), before)
 
 
@@ -85,7 +85,7 @@ def test_starts_as_the_base_model(load_family, kind, quant, family):
 def test_training_moves_only_adapters_and_round_trips(load_family, kind, quant, family):
     model = load_family(family, quant)
     cfg = adapter_config(kind, family, init="bert", scale="learned")
-    wrapped = attach_adapters(model, cfg)
+    wrapped = attach_adapters(model, cfg.spec())
     assert count_parameters(model)[0] == expected_trainable(model, wrapped, cfg)
 
     adapter_names = set(adapter_params(model))
@@ -110,7 +110,7 @@ def test_training_moves_only_adapters_and_round_trips(load_family, kind, quant, 
     model.eval()
     trained = logits(model, seed=7)
     fresh = load_family(family, quant)
-    attach_adapters(fresh, cfg)
+    attach_adapters(fresh, cfg.spec())
     load_adapter_state_dict(fresh, adapter_state_dict(model))
     fresh.eval()
     assert torch.equal(logits(fresh, seed=7), trained)
@@ -158,19 +158,19 @@ def per_layer(layers: int, **suffixes: str) -> dict[str, str]:
 ])
 def test_llama_placements_wrap_what_llm_adapters_wraps(load_tiny, options, expected):
     model = load_tiny("nf4")
-    wrapped = attach_adapters(model, AdapterConfig(bottleneck_size=8, **options))
+    wrapped = attach_adapters(model, AdapterConfig(bottleneck_size=8, **options).spec())
     assert wrapped_layout(model, wrapped) == expected
 
 
 def test_paper_bottleneck_shapes_on_llama(load_tiny):
     """mh_adapter: in -> b -> in; output_adapter: out -> b -> out; parallel: in -> b -> out."""
     model = load_tiny("nf4")
-    attach_adapters(model, AdapterConfig(kind="series", placement="linears", bottleneck_size=8))
+    attach_adapters(model, AdapterConfig(kind="series", placement="linears", bottleneck_size=8).spec())
     up, down = model.model.layers[0].mlp.up_proj, model.model.layers[0].mlp.down_proj
     assert (up.bottleneck.down.in_features, up.bottleneck.up.out_features) == (64, 64)  # hidden
     assert (down.bottleneck.down.in_features, down.bottleneck.up.out_features) == (64, 64)  # down's output
     model = load_tiny("nf4")
-    attach_adapters(model, AdapterConfig(kind="parallel", placement="linears", targets=["up_proj"], bottleneck_size=8))
+    attach_adapters(model, AdapterConfig(kind="parallel", placement="linears", targets=["up_proj"], bottleneck_size=8).spec())
     up = model.model.layers[0].mlp.up_proj
     assert (up.bottleneck.down.in_features, up.bottleneck.up.out_features) == (64, 128)
 
@@ -187,7 +187,7 @@ def test_series_and_parallel_follow_their_equations():
                             activation="gelu", dropout=0.0)
         from qadapt.adapters.placement import plan_adapters
 
-        layer = plan_adapters(model, cfg)["proj"](base)
+        layer = plan_adapters(model, cfg.spec())["proj"](base)
         down, up = layer.bottleneck.down.weight, layer.bottleneck.up.weight
 
         def bottleneck(h):
@@ -222,7 +222,7 @@ def test_dora_weight_norm_matches_the_dequantized_weight(load_tiny, quant):
     import bitsandbytes as bnb
 
     model = load_tiny(quant)
-    attach_adapters(model, AdapterConfig(kind="dora", rank=4, targets=["down_proj"]))
+    attach_adapters(model, AdapterConfig(kind="dora", rank=4, targets=["down_proj"]).spec())
     layer = model.model.layers[0].mlp.down_proj
     torch.nn.init.normal_(layer.lora_b.weight, std=0.1)
     weight = layer.base.weight
@@ -237,7 +237,7 @@ def test_dora_weight_norm_matches_the_dequantized_weight(load_tiny, quant):
 
 def test_lora_and_dora_wrap_conv1d_on_gpt2(load_family):
     model = load_family("gpt2", "none")
-    wrapped = attach_adapters(model, AdapterConfig(kind="dora", rank=4, targets=["c_attn"]))
+    wrapped = attach_adapters(model, AdapterConfig(kind="dora", rank=4, targets=["c_attn"]).spec())
     layer = model.get_submodule(wrapped[0])
     assert type(layer.base).__name__ == "Conv1D"
     assert layer.lora_a.in_features == 64 and layer.lora_b.out_features == 3 * 64
@@ -257,7 +257,7 @@ def test_placement_mistakes_are_explained(load_family, family, options, message)
     from qadapt.errors import QadaptError
 
     with pytest.raises(QadaptError, match=message):
-        attach_adapters(load_family(family, "none"), AdapterConfig(**options))
+        attach_adapters(load_family(family, "none"), AdapterConfig(**options).spec())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -267,9 +267,9 @@ def test_unknown_family_works_with_explicit_linear_targets(load_family, kind):
     model = load_family("llama", "none")
     model.config.model_type = "something-new"
     with pytest.raises(QadaptError, match="something-new.*not in qadapt's family table.*q_proj"):
-        attach_adapters(model, AdapterConfig(kind=kind))
+        attach_adapters(model, AdapterConfig(kind=kind).spec())
     targets = ["down_proj:output"] if kind == "series" else ["down_proj"]
-    assert len(attach_adapters(model, AdapterConfig(kind=kind, placement="linears", targets=targets))) == 2
+    assert len(attach_adapters(model, AdapterConfig(kind=kind, placement="linears", targets=targets).spec())) == 2
 
 
 @pytest.mark.parametrize("recipe, expected", [
@@ -286,14 +286,14 @@ def test_paper_recipes_place_adapters_as_the_papers_commands(load_tiny, recipe, 
 
     cfg = load_recipe(REPO / "recipes" / "paper" / recipe).adapter
     model = load_tiny("nf4")
-    assert wrapped_layout(model, attach_adapters(model, cfg)) == expected
+    assert wrapped_layout(model, attach_adapters(model, cfg.spec())) == expected
 
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_dora_norm_is_recomputed_after_every_optimizer_step(load_tiny, foreach):
     """The norm is cached between changes of A and B; a step (either AdamW implementation) must refresh it."""
     model = load_tiny("nf4")
-    attach_adapters(model, AdapterConfig(kind="dora", rank=4, dropout=0.0, targets=["down_proj"]))
+    attach_adapters(model, AdapterConfig(kind="dora", rank=4, dropout=0.0, targets=["down_proj"]).spec())
     layer = model.model.layers[0].mlp.down_proj
     optimizer = torch.optim.AdamW(list(adapter_params(model).values()), lr=1e-2, foreach=foreach)
     model.train()

@@ -59,7 +59,7 @@ def full_logits_loss(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize("quant", ["nf4", "none"])
 def test_chunked_loss_equals_the_full_logits_loss_and_gradients(load_tiny, quant):
     model = load_tiny(quant)
-    attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.0, targets=["q_proj", "down_proj", "lm_head"]))
+    attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.0, targets=["q_proj", "down_proj", "lm_head"]).spec())
     for module in model.modules():
         if isinstance(module, LoRALinear):
             nn.init.normal_(module.lora_b.weight, std=0.02)
@@ -86,7 +86,7 @@ def loss_curve(load_tiny, variant: str, steps: int = 8) -> list[float]:
     """Training losses of the tiny LLaMA (NF4, bf16 compute) with LoRA, with or without a technique."""
     torch.manual_seed(0)
     model = load_tiny("nf4", compute_dtype="bf16")
-    attach_adapters(model, AdapterConfig(kind="lora", rank=8, dropout=0.1))
+    attach_adapters(model, AdapterConfig(kind="lora", rank=8, dropout=0.1).spec())
     for module in model.modules():
         if variant == "torch dropout" and isinstance(module, LoRALinear):
             module.dropout = TorchDropout(0.1)

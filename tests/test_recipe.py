@@ -137,3 +137,16 @@ def test_a_shipped_sweep_command_names_runs_that_all_load(path: Path, tmp_path):
     state = plan_sweep(path, grids, [], tmp_path)  # loads every run's recipe
     names = [run.name for run in state.runs]
     assert len(names) == len(set(names)) >= 4 and names[:4] == ["lora", "dora", "series-mlp", "parallel-mlp"]
+
+
+def test_the_recipes_adapter_kinds_are_the_adapter_packages():
+    from typing import get_args, get_type_hints
+
+    from qadapt.adapters.spec import KINDS, BottleneckSpec, LowRankSpec
+    from qadapt.recipe import AdapterConfig
+
+    assert get_args(get_type_hints(AdapterConfig)["kind"]) == tuple(KINDS)
+    for kind in KINDS:
+        spec = AdapterConfig(kind=kind, targets=["up_proj"], placement="linears").spec()
+        assert spec.kind == kind and spec.targets == ("up_proj",)
+        assert isinstance(spec, LowRankSpec if kind in ("lora", "dora") else BottleneckSpec)

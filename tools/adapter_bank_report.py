@@ -40,7 +40,7 @@ def untrained(run_dir: Path, tokenizer, sets: dict) -> dict[str, dict]:
     torch.manual_seed(0)
     model = load_base(recipe.model, labels=adapter_labels(run_dir / ADAPTER_DIR))
     disable_cpu_weight_repacking(model)
-    attach_adapters(model, recipe.adapter)
+    attach_adapters(model, recipe.adapter.spec())
     model.eval()
     return scores(model, tokenizer, sets, recipe.data.cutoff_len)
 

@@ -89,7 +89,7 @@ def qadapt_recipe_trainer(recipe):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = load_base(recipe.model, accelerator.device)
     prepare_for_kbit_training(model, recipe.train.gradient_checkpointing)
-    attach_adapters(model, recipe.adapter)
+    attach_adapters(model, recipe.adapter.spec())
     optimizer = optimizer_class(recipe.train.optimizer)([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 

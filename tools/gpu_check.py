@@ -76,7 +76,7 @@ def qadapt_trainer(model: nn.Module):
     from qadapt.loss import accumulate_gradients
 
     prepare_for_kbit_training(model, gradient_checkpointing=True)
-    attach_adapters(model, AdapterConfig(kind="lora", rank=16, alpha=32, dropout=0.05, targets=TARGETS))
+    attach_adapters(model, AdapterConfig(kind="lora", rank=16, alpha=32, dropout=0.05, targets=TARGETS).spec())
     optimizer = optimizer_class("paged_adamw_8bit")([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model.train()

@@ -20,15 +20,15 @@ from qadapt.adapters.head import TOKEN_CLASSIFIER, TrainedHead
 from qadapt.adapters.inject import detach_adapters, inject_adapters, is_linear, linear_layer_names, wrap_modules
 from qadapt.adapters.lora import LoRALinear
 from qadapt.adapters.placement import plan_adapters
-from qadapt.recipe import AdapterConfig
+from qadapt.adapters.spec import KINDS, AdapterSpec, BottleneckSpec, LowRankSpec, adapter_kind
 
 
-def attach_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
-    """Attach the adapters `cfg` describes to `model` in place; return the wrapped module names.
+def attach_adapters(model: nn.Module, spec: AdapterSpec) -> list[str]:
+    """Attach the adapters `spec` describes to `model` in place; return the wrapped module names.
 
     A token-classification model's new head is trained whole beside them (qadapt.adapters.head).
     """
-    plan = plan_adapters(model, cfg)
+    plan = plan_adapters(model, spec)
     if has_token_classifier(model):
         plan[TOKEN_CLASSIFIER] = TrainedHead
     return wrap_modules(model, plan)
@@ -39,8 +39,8 @@ def has_token_classifier(model: nn.Module) -> bool:
 
 
 __all__ = [
-    "Adapter", "Bottleneck", "DoRALinear", "FAMILIES", "Family", "LoRALinear", "ParallelAdapter",
-    "SeriesAdapter", "TrainedHead", "adapter_params", "adapter_state_dict", "attach_adapters",
+    "Adapter", "AdapterSpec", "Bottleneck", "BottleneckSpec", "DoRALinear", "FAMILIES", "Family", "KINDS",
+    "LoRALinear", "LowRankSpec", "ParallelAdapter", "SeriesAdapter", "TrainedHead", "adapter_kind", "adapter_params", "adapter_state_dict", "attach_adapters",
     "count_parameters", "detach_adapters", "family_of", "has_token_classifier", "inject_adapters", "is_linear",
     "layer_dims", "linear_layer_names", "load_adapter_state_dict", "mark_only_adapters_trainable",
     "plan_adapters",

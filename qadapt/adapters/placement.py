@@ -1,4 +1,4 @@
-"""Which modules of a model get which adapter: the recipe's `adapter` section turned into a plan.
+"""Which modules of a model get which adapter: an adapter spec (qadapt.adapters.spec) turned into a plan.
 
     lora / dora                 every target linear (default: the family's linears)
     series   mlp | attention    after the MLP's / attention's output projection; `both` is Houlsby
@@ -19,21 +19,19 @@ from qadapt.adapters.dora import DoRALinear
 from qadapt.adapters.families import family_of
 from qadapt.adapters.inject import Wrap, ends_with, match_blocks, match_linears
 from qadapt.adapters.lora import LoRALinear
+from qadapt.adapters.spec import AdapterSpec, BottleneckSpec, LowRankSpec
 from qadapt.errors import QadaptError
-from qadapt.recipe import AdapterConfig
 
 SIDES = ("input", "output")
 
 
-def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> dict[str, Wrap]:
+def plan_adapters(model: nn.Module, cfg: AdapterSpec) -> dict[str, Wrap]:
     """{module name: function wrapping that module in its adapter}, in model order."""
-    if cfg.kind in ("lora", "dora"):
-        layer = LoRALinear if cfg.kind == "lora" else DoRALinear
-        targets = cfg.targets or list(family_of(model, "adapter targets").linears)
+    if isinstance(cfg, LowRankSpec):
+        layer = DoRALinear if cfg.kind == "dora" else LoRALinear
+        targets = list(cfg.targets or family_of(model, "adapter targets").linears)
         wrap = partial(layer, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
         return {name: wrap for name in match_linears(model, targets)}
-    if cfg.kind not in ("series", "parallel"):
-        raise QadaptError(f"unknown adapter kind {cfg.kind!r}")
     if cfg.placement == "linears":
         return _plan_on_linears(model, cfg)
     family = family_of(model, f"{cfg.placement} placement")
@@ -53,12 +51,12 @@ def plan_adapters(model: nn.Module, cfg: AdapterConfig) -> dict[str, Wrap]:
     return {name: plan[name] for name, _ in model.named_modules() if name in plan}
 
 
-def _plan_on_linears(model: nn.Module, cfg: AdapterConfig) -> dict[str, Wrap]:
+def _plan_on_linears(model: nn.Module, cfg: BottleneckSpec) -> dict[str, Wrap]:
     if cfg.kind == "parallel":
         if cfg.targets and any(":" in t for t in cfg.targets):
             raise QadaptError("adapter.targets: a parallel adapter has no side; drop the ':input' / ':output'")
         if cfg.targets:
-            targets = cfg.targets
+            targets = list(cfg.targets)
         else:
             family = family_of(model, "linear targets")
             targets = [*family.mlp_inputs, family.mlp_output]
@@ -71,7 +69,7 @@ def _plan_on_linears(model: nn.Module, cfg: AdapterConfig) -> dict[str, Wrap]:
     }
 
 
-def _series_sides(model: nn.Module, cfg: AdapterConfig) -> dict[str, str]:
+def _series_sides(model: nn.Module, cfg: BottleneckSpec) -> dict[str, str]:
     """{target: input | output}. A bare target takes the family's side: MLP inputs on the input,
     the MLP output on the output, as LLM-Adapters' `mh_adapter` / `output_adapter` table does."""
     if not cfg.targets:
@@ -93,21 +91,21 @@ def _series_sides(model: nn.Module, cfg: AdapterConfig) -> dict[str, str]:
     return sides
 
 
-def _bottleneck(cfg: AdapterConfig, in_features: int, out_features: int, like: nn.Module) -> Bottleneck:
+def _bottleneck(cfg: BottleneckSpec, in_features: int, out_features: int, like: nn.Module) -> Bottleneck:
     device = next(like.parameters()).device
     return Bottleneck(in_features, out_features, cfg.bottleneck_size, cfg.activation, cfg.scale, cfg.dropout,
                       cfg.init, device)
 
 
-def _series(base: nn.Module, cfg: AdapterConfig, on_input: bool) -> SeriesAdapter:
+def _series(base: nn.Module, cfg: BottleneckSpec, on_input: bool) -> SeriesAdapter:
     in_features, out_features = layer_dims(base)
     width = in_features if on_input else out_features
     return SeriesAdapter(base, _bottleneck(cfg, width, width, base), on_input)
 
 
-def _parallel_linear(base: nn.Module, cfg: AdapterConfig) -> ParallelAdapter:
+def _parallel_linear(base: nn.Module, cfg: BottleneckSpec) -> ParallelAdapter:
     return ParallelAdapter(base, _bottleneck(cfg, *layer_dims(base), base))
 
 
-def _parallel_block(block: nn.Module, cfg: AdapterConfig, hidden_size: int) -> ParallelAdapter:
+def _parallel_block(block: nn.Module, cfg: BottleneckSpec, hidden_size: int) -> ParallelAdapter:
     return ParallelAdapter(block, _bottleneck(cfg, hidden_size, hidden_size, block))
