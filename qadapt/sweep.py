@@ -282,29 +282,34 @@ def _qadapt(args: list[str], log: Path) -> str | None:
     once, so the run saves a checkpoint and stops; then the sweep stops too, saying how to go on.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as kept:
-        kept.write(f"\n$ qadapt {' '.join(args)}\n".encode())
-        kept.flush()
-        process = subprocess.Popen([sys.executable, "-m", "qadapt", *args], stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        received: list[int] = []
+    process: subprocess.Popen | None = None
+    received: list[int] = []
 
-        def forward(signum, frame):
-            received.append(signum)
+    def forward(signum, frame):
+        received.append(signum)
+        if process is not None:
             process.send_signal(signum)
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-        tail = b""
-        try:
+    # Forwarding starts before the command does: a signal that comes while it starts is passed on once it runs.
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(log, "ab") as kept:
+            kept.write(f"\n$ qadapt {' '.join(args)}\n".encode())
+            kept.flush()
+            process = subprocess.Popen([sys.executable, "-m", "qadapt", *args], stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+            if received:
+                process.send_signal(received[0])
+            tail = b""
             for chunk in iter(lambda: os.read(process.stdout.fileno(), 65536), b""):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 kept.write(chunk)
                 tail = (tail + chunk)[-8192:]
             code = process.wait()
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     # Stopped: it saved a checkpoint (130 / 143), or a signal ended it before it could (-2 / -15), or we passed one on.
     if received or code in STOP_CODES or -code in (signal.SIGINT, signal.SIGTERM):
         exit_code = 128 + (received[0] if received else -code if code < 0 else code - 128)

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from conftest import write_tiny_recipe
 
-from qadapt.errors import QadaptError
+from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.recipe import load_recipe
-from qadapt.sweep import _error_line, expand_grids, run_name, split_values, sweep
+from qadapt.sweep import _error_line, _qadapt, expand_grids, run_name, split_values, sweep
 
 
 def test_grids_expand_to_their_cross_product_first_grid_slowest():
@@ -143,3 +143,24 @@ def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, t
     assert run["status"] == "failed" and run["error"].startswith("trained with another recipe (adapter.rank: 4 -> 8)")
     assert "| base |" in table and "lr-1e-3" not in table
     assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
+
+
+def test_a_signal_while_a_command_starts_is_passed_on_to_it(tmp_path, monkeypatch):
+    """SIGTERM after the log is opened but before the command exists: it reaches the command once it runs."""
+    real_popen = subprocess.Popen
+
+    def signalled_then_started(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_popen(*args, **kwargs)
+
+    def unforwarded(signum, frame):
+        raise AssertionError("SIGTERM reached the sweep's own handler, not the forwarding one")
+
+    monkeypatch.setattr(subprocess, "Popen", signalled_then_started)
+    previous = signal.signal(signal.SIGTERM, unforwarded)
+    try:
+        with pytest.raises(TrainingStopped) as stopped:
+            _qadapt(["check", "recipes/quickstart.yaml"], tmp_path / "check.log")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.exit_code == 143
