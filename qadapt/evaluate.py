@@ -132,7 +132,7 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
         model, tokenizer, recipe = load_trained_model(path, compute_dtype=compute_dtype)
         if unpack:
             unpack_for_decoding(model)
-        return model, tokenizer, template or recipe.data.template, eval_dir(path)
+        return model, tokenizer, template or recipe.data.template, default_output(target, quant)
     cfg = ModelConfig(name=target, quant=quant, compute_dtype=compute_dtype or "auto")
     tokenizer = load_tokenizer(cfg)
     model = load_base(cfg)
@@ -140,7 +140,15 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
     model.eval()
     if unpack:
         unpack_for_decoding(model)
-    return model, tokenizer, template or "alpaca", Path("runs") / EVAL_DIR / f"{path.name or target}-{quant}"
+    return model, tokenizer, template or "alpaca", default_output(target, quant)
+
+
+def default_output(target: str, quant: str = "nf4", calculator: bool = False) -> Path:
+    """Where scores go without --out: RUN/eval (RUN/eval-calculator), or runs/eval/MODEL-QUANT for a bare model."""
+    path = Path(target).expanduser()
+    run = (path / RECIPE_FILE).is_file()
+    folder = eval_dir(path) if run else Path("runs") / EVAL_DIR / f"{path.name or target}-{quant}"
+    return folder.with_name(folder.name + CALCULATOR_SUFFIX) if calculator else folder
 
 
 def unpack_for_decoding(model, free_bytes: float | None = None) -> bool:
@@ -189,14 +197,16 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
     sets = [load_eval_set(spec, limit) for spec in data]  # read every set before loading the model
     settings = {"strict": strict, "max_new_tokens": max_new_tokens, "compute_dtype": compute_dtype,
                 "calculator": calculator}
-    out_dir = Path(out) if out else None
+    # Known before loading, so that --resume finds earlier scores in the default folder too.
+    out_dir = Path(out) if out else default_output(target, quant, calculator) if loaded is None else None
     results, predictions = _earlier_results(out_dir, settings, limit) if resume and out_dir else ({}, [])
     todo = [s for s in sets if s.name not in results]
     if not todo:
         print(f"every set is already scored in {out_dir}")
     else:
         model, tokenizer, template, default_out = loaded or load_target(target, quant, template, compute_dtype)
-        out_dir = out_dir or (default_out.with_name(default_out.name + CALCULATOR_SUFFIX) if calculator else default_out)
+        if out_dir is None:  # scoring a model in memory: the folder its loader named
+            out_dir = default_out.with_name(default_out.name + CALCULATOR_SUFFIX) if calculator else default_out
         with tqdm(total=sum(len(s.records) for s in todo), desc="eval", unit="problem") as bar:
             for eval_set in todo:
                 bar.set_postfix_str(eval_set.name)

@@ -95,6 +95,12 @@ def test_training_with_an_eval_section_scores_the_run_and_eval_reproduces_it(tin
                      resume=True)  # another limit: nothing kept
     assert list(other["sets"]) == ["word-problems"] and other["sets"]["word-problems"]["total"] == 2
 
+    # Without --out, --resume finds the scores in the run's own eval/ folder (the training's here).
+    own = run / "eval" / "predictions.jsonl"
+    own.write_text(own.read_text().replace('"output": "', '"output": "KEPT ', 1))
+    run_eval(str(run), ["builtin:arithmetic"], limit=4, max_new_tokens=8, resume=True)
+    assert json.loads(own.read_text().splitlines()[0])["output"].startswith("KEPT ")
+
 
 def _untimed(sets: dict) -> dict:
     """Set rows without their scoring times, which differ from one evaluation to the next."""
