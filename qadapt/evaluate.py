@@ -146,8 +146,13 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
 def default_output(target: str, quant: str = "nf4", calculator: bool = False) -> Path:
     """Where scores go without --out: RUN/eval (RUN/eval-calculator), or runs/eval/MODEL-QUANT for a bare model."""
     path = Path(target).expanduser()
-    run = (path / RECIPE_FILE).is_file()
-    folder = eval_dir(path) if run else Path("runs") / EVAL_DIR / f"{path.name or target}-{quant}"
+    if (path / RECIPE_FILE).is_file():
+        return eval_dir(path, calculator)
+    return _calculator_apart(Path("runs") / EVAL_DIR / f"{path.name or target}-{quant}", calculator)
+
+
+def _calculator_apart(folder: Path, calculator: bool) -> Path:
+    """FOLDER-calculator for scores decoded with the calculator, never FOLDER itself."""
     return folder.with_name(folder.name + CALCULATOR_SUFFIX) if calculator else folder
 
 
@@ -206,7 +211,7 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
     else:
         model, tokenizer, template, default_out = loaded or load_target(target, quant, template, compute_dtype)
         if out_dir is None:  # scoring a model in memory: the folder its loader named
-            out_dir = default_out.with_name(default_out.name + CALCULATOR_SUFFIX) if calculator else default_out
+            out_dir = _calculator_apart(default_out, calculator)
         with tqdm(total=sum(len(s.records) for s in todo), desc="eval", unit="problem") as bar:
             for eval_set in todo:
                 bar.set_postfix_str(eval_set.name)

@@ -40,7 +40,8 @@ def has_token_classifier(model: nn.Module) -> bool:
 
 __all__ = [
     "Adapter", "AdapterSpec", "Bottleneck", "BottleneckSpec", "DoRALinear", "FAMILIES", "Family", "KINDS",
-    "LoRALinear", "LowRankSpec", "ParallelAdapter", "SeriesAdapter", "TrainedHead", "adapter_kind", "adapter_params", "adapter_state_dict", "attach_adapters",
+    "LoRALinear", "LowRankSpec", "ParallelAdapter", "SeriesAdapter", "TrainedHead", "adapter_kind", "adapter_params",
+    "adapter_state_dict", "attach_adapters",
     "count_parameters", "detach_adapters", "family_of", "has_token_classifier", "inject_adapters", "is_linear",
     "layer_dims", "linear_layer_names", "load_adapter_state_dict", "mark_only_adapters_trainable",
     "plan_adapters",
