@@ -26,10 +26,11 @@ from qadapt.adapters.head import TOKEN_CLASSIFIER
 from qadapt.adapters.inject import replace_module
 from qadapt.adapters.spec import adapter_kind
 from qadapt.adapters.lora import lora_scale
-from qadapt.base_identity import base_identity, check_same_base
+from qadapt.base_identity import check_same_base
 from qadapt.errors import QadaptError
+from qadapt.loader import head_labels, load_frozen_base
 from qadapt.recipe import AdapterConfig, adapter_section
-from qadapt.run_dir import adapter_labels, load_run_recipe, read_adapter_config
+from qadapt.run_dir import load_run_recipe, read_adapter_config
 from qadapt.run_files import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 
 
@@ -62,16 +63,10 @@ class AdapterBank:
     @classmethod
     def from_runs(cls, run_dirs: list[str | Path]) -> "AdapterBank":
         """The first run's base, loaded once as it was trained, with every run's adapter (named by its folder)."""
-        from qadapt.models import load_base
-        from qadapt.quant import disable_cpu_weight_repacking
-
         first = Path(run_dirs[0])
         recipe = load_run_recipe(first)
         started = time.perf_counter()
-        model = load_base(recipe.model, labels=adapter_labels(first / ADAPTER_DIR))
-        disable_cpu_weight_repacking(model)  # the kernels training used, so the numbers it produced
-        model.eval()
-        bank = cls(model, base_identity(model, recipe.model.name))
+        bank = cls(*load_frozen_base(recipe.model, head_labels(first / ADAPTER_DIR)))
         bank.base_load_s = time.perf_counter() - started
         for run_dir in map(Path, run_dirs):
             bank.load(run_dir.name, run_dir / ADAPTER_DIR)
@@ -89,7 +84,7 @@ class AdapterBank:
         check_same_base(config.get("base_identity"), self.base, str(folder))
         adapter_cfg = adapter_section(config, str(folder / ADAPTER_CONFIG))
         weights = load_file(folder / ADAPTER_WEIGHTS)
-        loaded = LoadedAdapter(name, adapter_cfg, adapter_labels(folder), weights,
+        loaded = LoadedAdapter(name, adapter_cfg, head_labels(folder), weights,
                                (folder / ADAPTER_WEIGHTS).stat().st_size, 0.0)
         loaded.load_s = time.perf_counter() - started
         self.adapters[name] = loaded

@@ -267,10 +267,11 @@ def import_peft(
 
 def _answerer(target: str, max_new_tokens: int, quant: str, template: Optional[str]):
     """Load the target once; return a function answering one instruction greedily."""
-    from qadapt.evaluate import answer_prompts, load_target
+    from qadapt.loader import load_target
+    from qadapt.tasks.math_sets import answer_prompts
 
-    model, tokenizer, template, _ = load_target(target, quant, template)
-    return lambda prompt: answer_prompts(model, tokenizer, template, [prompt], max_new_tokens)[0]
+    loaded = load_target(target, quant, template)
+    return lambda prompt: answer_prompts(loaded.model, loaded.tokenizer, loaded.template, [prompt], max_new_tokens)[0]
 
 
 class _user_errors:

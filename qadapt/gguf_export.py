@@ -32,14 +32,14 @@ MIN_TOP1_AGREEMENT = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.9}
 
 def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", base: str = "dequantized") -> dict:
     from qadapt.merge import merge_run, refuse_unmergeable
-    from qadapt.peft_format import meta_model
+    from qadapt.models import meta_model
     from qadapt.run_dir import load_run_recipe
 
     if gguf_type not in GGUF_TYPES:
         raise QadaptError(f"--type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     run_dir, out = Path(run_dir), Path(out)
     recipe = load_run_recipe(run_dir)
-    refuse_unmergeable(recipe, "export to GGUF")
+    refuse_unmergeable(recipe, "gguf", "export to GGUF")
     refuse_existing(out)
     model_type = meta_model(recipe.model).config.model_type
     if model_type not in GGUF_ARCHITECTURES:

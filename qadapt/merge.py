@@ -30,6 +30,7 @@ from qadapt.adapters.inject import replace_module
 from qadapt.adapters.spec import adapter_kind
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, describe_written, refuse_existing
+from qadapt.tasks import task_named
 
 BASES = ("dequantized", "original")
 MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -39,12 +40,10 @@ MERGE_INFO_FILE = "qadapt_merge.json"
 MIN_TOP1_AGREEMENT = {torch.float32: 0.999, torch.bfloat16: 0.95, torch.float16: 0.98}
 
 
-def refuse_unmergeable(recipe, action: str) -> None:
-    """Merging and exporting make a causal LM; a token classifier's head lives in its adapter."""
-    if recipe.task != "causal-lm":
-        raise QadaptError(
-            f"cannot {action} a {recipe.task} run: merging and export make causal language models. Use its "
-            "adapter/ folder with the base (qadapt eval RUN_DIR, load_trained_model, or qadapt.adapter_bank)")
+def refuse_unmergeable(recipe, export: str, action: str) -> None:
+    """A clear error when the run's task has no such `export` (merge, peft, gguf) or its adapter cannot be
+    folded into the base; `action` says what was asked, in words."""
+    task_named(recipe.task).refuse_export(export, action)
     refuse_non_linear(recipe.adapter.kind, action)
 
 
@@ -160,14 +159,15 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     from transformers import AutoModelForCausalLM
 
     from qadapt.models import load_full_precision
-    from qadapt.run_dir import load_adapter, load_run_recipe, load_trained_model
+    from qadapt.loader import load_trained_model
+    from qadapt.run_dir import load_adapter, load_run_recipe
     from qadapt.run_files import ADAPTER_DIR
 
     _check_choice("--base", base, BASES)
     _check_choice("--dtype", dtype, MERGE_DTYPES)
     run_dir, out = Path(run_dir), Path(out)
     recipe = load_run_recipe(run_dir)
-    refuse_unmergeable(recipe, "merge")
+    refuse_unmergeable(recipe, "merge", "merge")
     refuse_existing(out)
 
     trained, tokenizer, _ = load_trained_model(run_dir, compute_dtype="fp32")

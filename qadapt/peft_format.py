@@ -32,21 +32,6 @@ UNSUPPORTED_OPTIONS = {
 }
 
 
-def meta_model(model_cfg, task: str = "causal-lm") -> nn.Module:
-    """The base's module tree without weights (on the meta device): names and layer types only.
-
-    A token classifier gets a head of the config's default label count (the data decides the real one).
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    from qadapt.models import load_config
-
-    config = load_config(model_cfg)
-    auto_class = AutoModelForTokenClassification if task == "token-classification" else AutoModelForCausalLM
-    with torch.device("meta"):
-        return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
-
-
 def compact_targets(model: nn.Module, wrapped: list[str]) -> list[str]:
     """The last name parts when they pick exactly the wrapped layers (`q_proj`), else the full names."""
     from qadapt.adapters import is_linear
@@ -62,13 +47,13 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     from transformers.pytorch_utils import Conv1D
 
     from qadapt.merge import refuse_unmergeable
-    from qadapt.models import resolve_model_path
+    from qadapt.models import meta_model, resolve_model_path
     from qadapt.run_dir import load_run_recipe, read_adapter_config
     from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
 
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    refuse_unmergeable(recipe, "export to PEFT (which has no bottleneck adapters)")
+    refuse_unmergeable(recipe, "peft", "export to PEFT (which has no bottleneck adapters)")
     refuse_existing(Path(out))
     wrapped = read_adapter_config(run_dir / ADAPTER_DIR)["wrapped_modules"]
     weights = load_file(run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS)
@@ -102,6 +87,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
                 template: str = "alpaca") -> Path:
     """Make a run directory from a PEFT LoRA / DoRA adapter, loadable with qadapt eval / merge / export."""
     from qadapt.adapters import attach_adapters, load_adapter_state_dict
+    from qadapt.models import meta_model
     from qadapt.recipe import recipe_from_dict, save_recipe
     from qadapt.run_dir import save_adapter
     from qadapt.run_files import ADAPTER_DIR, RECIPE_FILE

@@ -59,14 +59,15 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     running and the one prefetched); activations are per GPU, as before.
     """
     from qadapt.adapters import attach_adapters, is_linear
-    from qadapt.peft_format import meta_model
-    from qadapt.loss import LOSS_CHUNK_TOKENS
+    from qadapt.models import meta_model
+    from qadapt.tasks import task_named
+    from qadapt.tasks.causal_lm import LOSS_CHUNK_TOKENS
 
     dtype_bytes = _DTYPE_BYTES.get(recipe.model.compute_dtype, compute_dtype_bytes)
-    model = meta_model(recipe.model, recipe.task)
+    task = task_named(recipe.task)
+    model = meta_model(recipe.model, task.auto_class())
     model.requires_grad_(False)
-    tagging = recipe.task == "token-classification"
-    head = model.classifier if tagging else model.get_output_embeddings()
+    head = task.logits_head(model)
     quantized = sum(m.weight.numel() for m in model.modules() if is_linear(m) and m is not head)
     other = sum(p.numel() for p in model.parameters()) - quantized
     attach_adapters(model, recipe.adapter.spec())
@@ -75,7 +76,7 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     tokens = recipe.train.micro_batch_size * recipe.data.cutoff_len
     config = model.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    vocab = config.num_labels if tagging else config.vocab_size  # the width of the logits
+    vocab = head.out_features  # the width of the logits: the vocabulary, or the labels
     per_layer = saved_bytes_per_layer(model, recipe.train.micro_batch_size, recipe.data.cutoff_len, dtype_bytes)
     if recipe.train.gradient_checkpointing is not False:  # auto is planned as the safe choice
         activations = layers * tokens * hidden * dtype_bytes + per_layer

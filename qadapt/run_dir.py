@@ -1,13 +1,13 @@
 """Run directories describe themselves: eval, merge, export and resume need nothing else.
 
-Creating one, saving and loading its adapter, reading its recipe, and its training log. The names of
+Creating one, saving and loading its adapter, reading its recipe, and its training log (loading a
+trained model from one is qadapt.loader's). The names of
 its files and folders are qadapt.run_files'. Folders are written under a temporary name and renamed
 into place, so none is ever half-written.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qadapt.adapters import adapter_state_dict, attach_adapters, has_token_classifier, load_adapter_state_dict
-from qadapt.base_identity import base_identity, check_same_base
+from qadapt.adapters import adapter_state_dict, has_token_classifier, load_adapter_state_dict
+from qadapt.base_identity import check_same_base
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, write_errors_reported
 from qadapt.recipe import Recipe, load_recipe, save_recipe
@@ -107,17 +107,6 @@ def read_adapter_config(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def adapter_labels(folder: Path) -> list[str] | None:
-    """The labels of a token-classification adapter's head, in logit order; None for a causal-LM adapter
-    (and for a bare weights file without a config, as causal-LM adapters once were written)."""
-    config = read_adapter_config(folder) if (folder / ADAPTER_CONFIG).is_file() else {}
-    if config.get("task", "causal-lm") != "token-classification":
-        return None
-    if not config.get("labels"):
-        raise QadaptError(f"{folder / ADAPTER_CONFIG} is a token-classification adapter without its labels")
-    return config["labels"]
-
-
 def load_run_recipe(run_dir: Path) -> Recipe:
     """The recipe of a finished run; a clear error for a folder that is not one."""
     if not (run_dir / RECIPE_FILE).is_file():
@@ -125,32 +114,6 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     if not (run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS).is_file():
         raise QadaptError(f"run directory {run_dir} has no {ADAPTER_DIR}/ yet: the run has not finished")
     return load_recipe(run_dir / RECIPE_FILE)
-
-
-def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_dtype: str | None = None):
-    """(model, tokenizer, recipe): the run's base, quantized as trained, with its adapter loaded.
-
-    `compute_dtype` overrides the recipe's (e.g. fp32 for answers that do not depend on the batch).
-    """
-    from qadapt.models import load_base, load_tokenizer, resolve_compute_dtype
-    from qadapt.quant import disable_cpu_weight_repacking, set_compute_dtype
-
-    run_dir = Path(run_dir)
-    recipe = load_run_recipe(run_dir)
-    tokenizer = load_tokenizer(recipe.model, recipe.task)
-    model_cfg = recipe.model
-    if compute_dtype and model_cfg.quant == "none":  # no quantized codes to keep: load straight in the dtype
-        model_cfg = dataclasses.replace(model_cfg, compute_dtype=compute_dtype)
-    # Quantized from the dtype it was trained in: the same 4-bit codes.
-    model = load_base(model_cfg, labels=adapter_labels(run_dir / adapter))
-    base = base_identity(model, recipe.model.name)
-    disable_cpu_weight_repacking(model)  # the same kernels, so the same numbers, as in training
-    if compute_dtype:
-        set_compute_dtype(model, resolve_compute_dtype(compute_dtype))
-    attach_adapters(model, recipe.adapter.spec())
-    load_adapter(model, run_dir / adapter, base)
-    model.eval()
-    return model, tokenizer, recipe
 
 
 class MetricsLog:

@@ -29,15 +29,12 @@ from qadapt.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from qadapt.choices import multiple_choice_copies
-from qadapt.conll import label_names, load_sentences
 from qadapt.console import say
 from qadapt.errors import QadaptError, TrainingStopped
-from qadapt.evaluate import load_eval_set, run_eval
 from qadapt.files import atomic_file, write_errors_reported
-from qadapt.loss import TASK_LOSSES, TaskLoss, accumulate_gradients, eval_loss, to_device
+from qadapt.loss import accumulate_gradients, eval_loss
 from qadapt.machine import describe as describe_machine
-from qadapt.models import load_base, load_tokenizer
+from qadapt.models import load_base
 from qadapt.plan import choose_gradient_checkpointing
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
@@ -45,7 +42,7 @@ from qadapt.resume import check_recipe, find_checkpoint, restore, rows_sha256, t
 from qadapt.run_dir import MetricsLog, create_run_dir, save_adapter
 from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE, eval_dir
 from qadapt.stop_signals import EXIT_CODES, StopSignals
-from qadapt.token_classification import tokenize_sentences
+from qadapt.tasks import EvalOptions, LoadedModel, Task, TrainingData, task_named
 
 
 def lr_at(step: int, max_steps: int, warmup_steps: int, peak_lr: float, schedule: str) -> float:
@@ -68,7 +65,7 @@ class Setup:
     tokenizer: object
     train_rows: list[dict]
     val_rows: list[dict]
-    loss: TaskLoss  # what the task's loss sums over
+    task: Task  # what the run learns: its batches, its loss, its scores
     wrapped: list[str]
     base: dict  # the base model's identity, recorded with every adapter saved
     run_dir: Path
@@ -86,8 +83,9 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     accelerator = _accelerator()
     run_dir, metrics = _open_run_dir(recipe, accelerator, resume_step, overwrite)
     set_seed(recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model, recipe.task)
-    data = prepare_data(recipe, tokenizer)
+    task = task_named(recipe.task)
+    tokenizer = task.load_tokenizer(recipe.model)
+    data = task.training_data(recipe, tokenizer)
     sharded = distributed.is_fsdp(accelerator)
     model = load_base(recipe.model, accelerator.device, quant_storage_like_compute=sharded, labels=data.labels)
     base = base_identity(model, recipe.model.name)
@@ -108,7 +106,7 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     model.train()
     examples_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train_rows) / examples_per_step))
-    return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, TASK_LOSSES[recipe.task],
+    return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, task,
                  wrapped, base, run_dir, metrics, max_steps)
 
 
@@ -152,64 +150,9 @@ def _open_run_dir(recipe: Recipe, accelerator, resume_step: int | None, overwrit
     return run_dir, metrics
 
 
-@dataclass
-class TrainingData:
-    train_rows: list[dict]
-    val_rows: list[dict]  # held out for the eval loss
-    labels: list[str] | None  # token classification: the tags found in the data, the head's outputs
-
-
 def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
-    d = recipe.data
-    tagging = recipe.task == "token-classification"
-    # A wrong eval set fails now, not after training.
-    eval_sets = [load_sentences(spec, "test") if tagging else load_eval_set(spec) for spec in recipe.eval.sets]
-    rows, labels, cut = (_tagged_rows(recipe, tokenizer) if tagging
-                         else _instruction_rows(recipe, tokenizer, {s.name: s.records for s in eval_sets}))
-    train_rows, val_rows = data_lib.split_held_out(rows, d.val_size, seed=recipe.train.seed)
-    if d.max_examples:
-        train_rows = train_rows[:d.max_examples]
-    if not train_rows:
-        raise QadaptError(f"no training examples left in {', '.join(d.sources)} after holding out {len(val_rows)}")
-    say(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; {cut}"
-        + (f"; {len(labels)} labels: {', '.join(labels)}" if labels else ""))
-    return TrainingData(train_rows, val_rows, labels)
-
-
-def _instruction_rows(recipe: Recipe, tokenizer, eval_records: dict[str, list[dict]]) -> tuple[list[dict], None, str]:
-    """(rows, no labels, what was cut) of templated instruction data; the eval sets' questions are
-    counted in it (and dropped with data.exclude_eval_overlap)."""
-    d = recipe.data
-    records = _read_sources(d.sources, lambda source: data_lib.load_examples(source, d.split, d.bad_rows))
-    if eval_records:
-        records = data_lib.eval_overlap(records, eval_records, d.exclude_eval_overlap)
-    if d.multiple_choice:
-        copies = multiple_choice_copies(records, d.multiple_choice, recipe.train.seed)
-        say(f"data: {len(copies):,} five-option copies of numeric problems (data.multiple_choice={d.multiple_choice})")
-        records += copies
-    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
-    if not tokenized.rows:
-        raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {', '.join(d.sources)}: no "
-                          "example keeps a response token to learn from; raise data.cutoff_len")
-    return tokenized.rows, None, (f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} "
-                                  "dropped (no response left)")
-
-
-def _tagged_rows(recipe: Recipe, tokenizer) -> tuple[list[dict], list[str], str]:
-    """(rows, the label set found in the data, what was cut) of token-classification data."""
-    d = recipe.data
-    sentences = _read_sources(d.sources, lambda source: load_sentences(source, d.split))
-    labels = label_names(sentences)
-    tagged = tokenize_sentences(sentences, tokenizer, labels, d.cutoff_len)
-    return tagged.rows, labels, f"{tagged.truncated} with words cut off at {d.cutoff_len} tokens"
-
-
-def _read_sources(sources: list[str], read) -> list:
-    """The examples of every source in turn; with several, say how many each gave."""
-    parts = [read(source) for source in sources]
-    if len(parts) > 1:
-        say("data: " + " + ".join(f"{len(part):,} from {source}" for source, part in zip(sources, parts)))
-    return [example for part in parts for example in part]
+    """The run's rows as training sees them (read, tokenized, split), from its task."""
+    return task_named(recipe.task).training_data(recipe, tokenizer)
 
 
 @dataclass
@@ -256,8 +199,8 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
             for group in s.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            micro_batches = _next_micro_batches(s, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
-            loss = accumulate_gradients(s.model, micro_batches, acc, s.loss)
+            micro_batches = s.task.step_batches(s, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
+            loss = accumulate_gradients(s.model, micro_batches, acc, s.task)
             grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
             _refuse_divergence(s, recipe, step + 1, loss, grad_norm)
             s.optimizer.step()
@@ -267,23 +210,6 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             _record_step(s, recipe, progress, micro_batches, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, bar)
             if progress.step < s.max_steps:
                 _checkpoint_or_stop(s, recipe, progress, stop.requested(acc), resume_command)
-
-
-def _next_micro_batches(s: Setup, size: int, count: int, order, group_by_length: bool = False) -> list[dict]:
-    """This process's micro-batches for the next optimizer step.
-
-    Every process walks the same seeded order; a step takes size × count × processes examples of it
-    and process r gets the r-th share, so N processes train on the batches one process would.
-    """
-    acc = s.accelerator
-    share = size * count
-    step_rows = [next(order) for _ in range(share * acc.num_processes)]
-    mine = step_rows[acc.process_index * share:(acc.process_index + 1) * share]
-    if group_by_length:  # longest first, so the first micro-batch shows the step's peak memory at once
-        mine.sort(key=lambda i: len(s.train_rows[i]["input_ids"]), reverse=True)
-    return [to_device(data_lib.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id),
-                      acc.device)
-            for k in range(0, share, size)]
 
 
 def _record_step(s: Setup, recipe: Recipe, progress: Progress, micro_batches: list[dict], row: dict, bar) -> None:
@@ -375,7 +301,7 @@ def finish(s: Setup, recipe: Recipe, progress: Progress, score: bool = True) -> 
         "adapter": str(adapter),
     }
     if recipe.eval.sets and score and s.accelerator.is_main_process:
-        summary["entity_f1" if recipe.task == "token-classification" else "accuracy"] = _final_scores(s, recipe)
+        summary[s.task.score_key] = _final_scores(s, recipe)
     if s.accelerator.is_main_process:
         with atomic_file(s.run_dir / SUMMARY_FILE) as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
@@ -402,27 +328,22 @@ def format_summary(summary: dict) -> str:
 
 
 def _final_scores(s: Setup, recipe: Recipe) -> dict[str, float]:
-    """Score the trained model on the recipe's eval sets, in memory: accuracy, or entity F1 for tagging.
+    """Score the trained model on the recipe's eval sets, in memory, as its task scores (accuracy, entity F1).
 
     Results (metrics.json, predictions.jsonl) go under RUN/eval.
     """
-    from qadapt.tagging_eval import run_tagging_eval
-
     model = s.accelerator.unwrap_model(s.model)
     model.eval()
     e = recipe.eval
-    if recipe.task == "token-classification":
-        metrics = run_tagging_eval(str(s.run_dir), e.sets, e.limit, e.batch_size,
-                                   loaded=(model, s.tokenizer, recipe.data.cutoff_len, eval_dir(s.run_dir)))
-        return {name: row["f1"] for name, row in metrics["sets"].items()}
-    metrics = run_eval(str(s.run_dir), e.sets, e.limit, e.batch_size, e.max_new_tokens, e.strict,
-                       loaded=(model, s.tokenizer, recipe.data.template, eval_dir(s.run_dir)))
-    return {name: row["accuracy"] for name, row in metrics["sets"].items()}
+    options = EvalOptions(e.limit, e.batch_size, e.max_new_tokens, e.strict)
+    loaded = LoadedModel(model, s.tokenizer, recipe.data.template, recipe.data.cutoff_len)
+    metrics = s.task.evaluate(str(s.run_dir), e.sets, options, eval_dir(s.run_dir), load=lambda: loaded)
+    return s.task.set_scores(metrics)
 
 
 def _log_eval(s: Setup, recipe: Recipe, step: int, write=print) -> float:
     val = eval_loss(s.model, s.val_rows, recipe.train.micro_batch_size, s.tokenizer.pad_token_id, s.accelerator.device,
-                    s.loss)
+                    s.task)
     if s.accelerator.is_main_process:
         write(f"step {step}: eval loss {val:.4f}")
         s.metrics.log({"step": step, "eval_loss": val})

@@ -259,7 +259,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     from qadapt.models import load_tokenizer
     from qadapt.recipe import ModelConfig
 
-    tokenizer = load_tokenizer(ModelConfig(name="all-minilm-l6-v2"), "token-classification")
+    tokenizer = load_tokenizer(ModelConfig(name="all-minilm-l6-v2"), generates=False)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-bert")
     AutoModel.from_config(_tiny_encoder_config("bert", len(tokenizer))).save_pretrained(folder)

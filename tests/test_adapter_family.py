@@ -25,7 +25,8 @@ from qadapt.adapters import (
     load_adapter_state_dict,
 )
 from qadapt.recipe import AdapterConfig
-from qadapt.loss import summed_tag_loss, summed_token_loss
+from qadapt.tasks.causal_lm import summed_token_loss
+from qadapt.tasks.token_classification import summed_tag_loss
 
 KINDS = ["lora", "dora", "series", "parallel"]
 QUANTS = ["nf4", "int8", "none"]

@@ -9,7 +9,7 @@ import pytest
 from conftest import qadapt, train_tiny_run
 
 from qadapt.recipe import load_recipe
-from qadapt.run_dir import load_trained_model
+from qadapt.loader import load_trained_model
 from qadapt.loss import eval_loss
 from qadapt.train import prepare_data
 
@@ -126,10 +126,12 @@ def test_real_smollm2_trains_every_kind(tmp_path, kind, quant):
 
 
 def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
-    from qadapt.evaluate import answer_prompts, load_target
+    from qadapt.loader import load_target
+    from qadapt.tasks.math_sets import answer_prompts
 
     run = train_tiny_run(tmp_path / "run", tiny_llama_dir, model={"compute_dtype": "fp32"})
-    model, tokenizer, template, _ = load_target(str(run))
+    loaded = load_target(str(run))
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
     expected = answer_prompts(model, tokenizer, template, ["Two plus two?", "Three plus one?"], max_new_tokens=6)
     generated = qadapt("generate", str(run), "Two plus two?", "--max-new-tokens", "6")
     assert generated.returncode == 0, generated.stderr[-2000:]

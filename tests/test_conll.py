@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import SHARED_DATA
 
-from qadapt.conll import IGNORE_INDEX, aligned_labels, iob2, label_names, read_conll
+from qadapt.tasks.token_classification import IGNORE_INDEX, aligned_labels, iob2, label_names, read_conll
 from qadapt.errors import QadaptError
 
 WNUT17 = SHARED_DATA / "wnut17"

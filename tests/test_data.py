@@ -173,7 +173,7 @@ def test_training_questions_shared_with_eval_sets_are_counted_and_can_be_dropped
 def test_math_data_json_is_made_of_the_test_sets_and_gsm8k_train_is_not(capsys):
     """LLM-Adapters' math_data.json holds the questions of the paper's test sets (80% of GSM8K's):
     training on it and scoring those sets measures recall, not math."""
-    from qadapt.evaluate import load_eval_set
+    from qadapt.tasks.math_sets import load_eval_set
 
     math = SHARED_DATA / "math-eval"
     evals = {name: load_eval_set(str(math / name / "test.json")).records for name in ("gsm8k", "AQuA", "MultiArith")}

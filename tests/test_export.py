@@ -12,7 +12,7 @@ from qadapt.errors import QadaptError
 from qadapt.gguf_export import export_gguf
 from qadapt.merge import compare_logits, logits_on, probe_texts
 from qadapt.peft_format import export_peft, import_peft
-from qadapt.run_dir import load_trained_model
+from qadapt.loader import load_trained_model
 
 peft = pytest.importorskip("peft")
 

@@ -80,3 +80,19 @@ def test_the_adapter_family_imports_only_itself_and_errors():
     outside = {name: sorted(t for t in targets if not t.startswith("qadapt.adapters") and t != "qadapt.errors")
                for name, targets in import_graph().items() if name.startswith("qadapt.adapters")}
     assert {name: targets for name, targets in outside.items() if targets} == {}
+
+
+def test_a_task_name_is_written_only_in_the_registry_and_the_recipe_schema():
+    from typing import get_args
+
+    from qadapt.recipe import Task
+    from qadapt.tasks import TASKS
+
+    names = set(get_args(Task))
+    assert names == set(TASKS)  # every task the schema accepts has its module, and no other
+    allowed = {PACKAGE / "recipe.py", *(PACKAGE / "tasks").glob("*.py")}
+    written = sorted(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                     for path in PACKAGE.rglob("*.py") if path not in allowed
+                     for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.Constant) and node.value in names)
+    assert written == []

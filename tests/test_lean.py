@@ -13,7 +13,7 @@ from qadapt.adapters import LoRALinear, attach_adapters
 from qadapt.adapters.dropout import AdapterDropout, keep_mask
 from qadapt.data import IGNORE_INDEX
 from qadapt.recipe import AdapterConfig
-from qadapt.loss import summed_token_loss
+from qadapt.tasks.causal_lm import summed_token_loss
 
 
 def test_keep_mask_drops_p_of_the_elements():

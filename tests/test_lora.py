@@ -18,7 +18,7 @@ from qadapt.adapters import (
 )
 from qadapt.errors import QadaptError
 from qadapt.recipe import AdapterConfig
-from qadapt.loss import summed_token_loss
+from qadapt.tasks.causal_lm import summed_token_loss
 
 QUANTS = ["nf4", "int8", "none"]
 

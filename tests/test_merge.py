@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from qadapt.errors import QadaptError
 from qadapt.merge import compare_logits, logits_on, merge_run, probe_texts
-from qadapt.run_dir import load_trained_model
+from qadapt.loader import load_trained_model
 from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
 
 

@@ -186,7 +186,7 @@ def test_an_adapter_is_not_loaded_onto_another_base(reference, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qadapt.run_dir import load_trained_model
+    from qadapt.loader import load_trained_model
 
     trained_on = Path(load_recipe(reference[0] / "recipe.yaml").model.name)
     other = tmp_path / "other-model"

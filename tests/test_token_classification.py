@@ -7,12 +7,10 @@ import torch
 
 from conftest import ENCODER_FAMILIES, SHARED_DATA, qadapt
 from qadapt.adapters import TrainedHead, attach_adapters
-from qadapt.conll import Sentence, load_sentences
 from qadapt.errors import QadaptError
 from qadapt.models import load_base, load_tokenizer
 from qadapt.recipe import AdapterConfig, ModelConfig
-from qadapt.tagging_eval import entity_scores
-from qadapt.token_classification import predict_tags, tokenize_sentences
+from qadapt.tasks.token_classification import Sentence, entity_scores, load_sentences, predict_tags, tokenize_sentences
 
 LABELS = ["O", "B-PER", "I-PER"]
 
@@ -85,7 +83,7 @@ def test_int8_encoder_keeps_its_head_unquantized(tiny_encoder_dir):
 
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
-    return load_tokenizer(ModelConfig(name="all-minilm-l6-v2"), "token-classification")
+    return load_tokenizer(ModelConfig(name="all-minilm-l6-v2"), generates=False)
 
 
 def test_each_word_is_labelled_on_its_first_piece_only(minilm_tokenizer):

@@ -11,7 +11,7 @@ from conftest import SHARED_DATA, token_batch
 from qadapt import data as D
 from qadapt.adapters import adapter_params, attach_adapters
 from qadapt.recipe import AdapterConfig, recipe_from_dict
-from qadapt.run_dir import load_trained_model
+from qadapt.loader import load_trained_model
 from qadapt.loss import accumulate_gradients, eval_loss
 from qadapt.train import lr_at, prepare_data, train
 

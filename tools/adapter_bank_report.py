@@ -20,13 +20,11 @@ import torch
 
 from qadapt.adapter_bank import AdapterBank
 from qadapt.adapters import attach_adapters
-from qadapt.conll import load_sentences
-from qadapt.models import load_base, load_tokenizer
-from qadapt.quant import disable_cpu_weight_repacking
-from qadapt.run_dir import adapter_labels, load_run_recipe
+from qadapt.loader import head_labels, load_frozen_base
+from qadapt.run_dir import load_run_recipe
 from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE
-from qadapt.tagging_eval import entity_scores
-from qadapt.token_classification import predict_tags
+from qadapt.tasks import task_named
+from qadapt.tasks.token_classification import entity_scores, load_sentences, predict_tags
 
 
 def scores(model, tokenizer, sets: dict, cutoff_len: int) -> dict[str, dict]:
@@ -38,8 +36,7 @@ def scores(model, tokenizer, sets: dict, cutoff_len: int) -> dict[str, dict]:
 def untrained(run_dir: Path, tokenizer, sets: dict) -> dict[str, dict]:
     recipe = load_run_recipe(run_dir)
     torch.manual_seed(0)
-    model = load_base(recipe.model, labels=adapter_labels(run_dir / ADAPTER_DIR))
-    disable_cpu_weight_repacking(model)
+    model, _ = load_frozen_base(recipe.model, head_labels(run_dir / ADAPTER_DIR))
     attach_adapters(model, recipe.adapter.spec())
     model.eval()
     return scores(model, tokenizer, sets, recipe.data.cutoff_len)
@@ -53,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     first = load_run_recipe(args.runs[0])
-    tokenizer = load_tokenizer(first.model, first.task)
+    tokenizer = task_named(first.task).load_tokenizer(first.model)
     sets = {Path(spec).name: load_sentences(spec, "test") for spec in args.data}
     report = {"untrained": untrained(args.runs[0], tokenizer, sets)}
 

@@ -25,7 +25,8 @@ import torch
 
 from qadapt import answers
 from qadapt.data import prompt_text
-from qadapt.evaluate import ALPACA_STOPS, load_eval_set, load_target, unpack_for_decoding
+from qadapt.loader import load_target, unpack_for_decoding
+from qadapt.tasks.math_sets import ALPACA_STOPS, load_eval_set
 from qadapt.generation import cut_at_stop, greedy_generate
 from qadapt.machine import describe, one_line
 
@@ -70,7 +71,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print(f"machine: {one_line()}")
-    model, tokenizer, template, _ = load_target(args.target, compute_dtype=args.compute_dtype, unpack=not args.packed)
+    loaded = load_target(args.target, compute_dtype=args.compute_dtype, unpack=not args.packed)
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
     eval_set = load_eval_set(args.data, args.limit)
     prompts = [prompt_text(r, template, tokenizer) for r in eval_set.records]
     n, m = len(prompts), min(args.paper_limit, len(prompts))

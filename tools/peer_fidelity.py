@@ -57,7 +57,7 @@ def peft_model(recipe, targets: list[str]):
 def default_targets(recipe) -> list[str]:
     """The recipe's targets, or the qadapt family table's default for its model."""
     from qadapt.adapters import family_of
-    from qadapt.peft_format import meta_model
+    from qadapt.models import meta_model
 
     return recipe.adapter.targets or list(family_of(meta_model(recipe.model), "LoRA targets").linears)
 

@@ -1,0 +1,143 @@
+"""The one way a model is loaded for inference: a run directory as it was trained, or a bare base.
+
+Every reader of a trained model (eval, generate, chat, merge, export, the adapter bank, the tools) comes
+here, so the rules live in one place: the base is quantized from the dtype it was trained in (the same
+4-bit codes), bitsandbytes' CPU weight repacking stays off (the kernels training used, so the numbers it
+produced), the task decides the tokenizer and the head, and the adapter must match the base it was
+trained on. A 4-bit base is unpacked for decoding when memory allows (unpack_for_decoding): the same
+numbers, faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import get_args
+
+from torch import nn
+
+from qadapt.adapters import attach_adapters
+from qadapt.base_identity import base_identity
+from qadapt.errors import QadaptError
+from qadapt.recipe import DType, ModelConfig, Quant, Recipe, Template
+from qadapt.run_dir import load_adapter, load_run_recipe, read_adapter_config
+from qadapt.run_files import ADAPTER_CONFIG, ADAPTER_DIR, RECIPE_FILE
+from qadapt.tasks import DEFAULT_TASK, LoadedModel, task_named, task_of_adapter, task_of_target
+
+
+def head_labels(folder: Path) -> list[str] | None:
+    """The labels of the head an adapter folder carries (in logit order), None when its task adds none
+    (and for a bare weights file without a config, as causal-LM adapters once were written)."""
+    config = read_adapter_config(folder) if (folder / ADAPTER_CONFIG).is_file() else {}
+    return task_of_adapter(config).head_labels(config, str(folder / ADAPTER_CONFIG))
+
+
+def load_frozen_base(cfg: ModelConfig, labels: list[str] | None = None,
+                     compute_dtype: str | None = None) -> tuple[nn.Module, dict]:
+    """(model, its identity): a base as training saw it, frozen, in eval mode, repacking off.
+
+    `compute_dtype` overrides the config's (fp32 gives answers that do not depend on the batch); the
+    identity is taken as loaded, as training recorded it. `labels` gives it a token-classification head.
+    """
+    from qadapt.models import load_base, resolve_compute_dtype
+    from qadapt.quant import disable_cpu_weight_repacking, set_compute_dtype
+
+    if compute_dtype and cfg.quant == "none":  # no quantized codes to keep: load straight in the dtype
+        cfg = dataclasses.replace(cfg, compute_dtype=compute_dtype)
+    # Quantized from the dtype it was trained in: the same 4-bit codes.
+    model = load_base(cfg, labels=labels)
+    identity = base_identity(model, cfg.name)
+    disable_cpu_weight_repacking(model)  # the same kernels, so the same numbers, as in training
+    if compute_dtype:
+        set_compute_dtype(model, resolve_compute_dtype(compute_dtype))
+    model.eval()
+    return model, identity
+
+
+def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_dtype: str | None = None):
+    """(model, tokenizer, recipe): the run's base, quantized as trained, with its adapter loaded.
+
+    `compute_dtype` overrides the recipe's (e.g. fp32 for answers that do not depend on the batch).
+    """
+    run_dir = Path(run_dir)
+    recipe = load_run_recipe(run_dir)
+    tokenizer = task_named(recipe.task).load_tokenizer(recipe.model)
+    model, base = load_frozen_base(recipe.model, head_labels(run_dir / adapter), compute_dtype)
+    attach_adapters(model, recipe.adapter.spec())
+    load_adapter(model, run_dir / adapter, base)
+    model.eval()
+    return model, tokenizer, recipe
+
+
+def load_target(target: str, quant: str = "nf4", template: str | None = None, compute_dtype: str | None = None,
+                unpack: bool = True) -> LoadedModel:
+    """A run directory (its base as trained, its adapter, its template) or a bare model, ready to answer.
+
+    `unpack`: unpack a 4-bit base for decoding when memory allows (unpack_for_decoding).
+    bf16 matmuls give slightly different results for different batch shapes, so a bf16 model's
+    greedy answers can depend on which problems share its batch; compute_dtype fp32 avoids that.
+    """
+    check_load_options(quant, template, compute_dtype)
+    if require_answering_run(target) is not None:
+        model, tokenizer, recipe = load_trained_model(Path(target).expanduser(), compute_dtype=compute_dtype)
+        loaded = LoadedModel(model, tokenizer, template or recipe.data.template, recipe.data.cutoff_len)
+    else:
+        cfg = ModelConfig(name=target, quant=quant, compute_dtype=compute_dtype or "auto")
+        tokenizer = DEFAULT_TASK.load_tokenizer(cfg)
+        model, _ = load_frozen_base(cfg)  # the kernels training uses, so a baseline compares like with like
+        loaded = LoadedModel(model, tokenizer, template or "alpaca", None)
+    if unpack:
+        unpack_for_decoding(loaded.model)
+    return loaded
+
+
+def load_for_scoring(target: str, quant: str = "nf4", template: str | None = None,
+                     compute_dtype: str | None = None) -> LoadedModel:
+    """What `qadapt eval` scores: a run directory of any task, or a bare model (load_target)."""
+    if task_of_target(target).generates:
+        return load_target(target, quant, template, compute_dtype)
+    model, tokenizer, recipe = load_trained_model(Path(target).expanduser(), compute_dtype=compute_dtype)
+    return LoadedModel(model, tokenizer, recipe.data.template, recipe.data.cutoff_len)
+
+
+def check_load_options(quant: str, template: str | None, compute_dtype: str | None) -> None:
+    for option, value, allowed in [("--quant", quant, Quant), ("--template", template, Template),
+                                   ("--compute-dtype", compute_dtype, DType)]:
+        if value is not None and value not in get_args(allowed):
+            raise QadaptError(f"{option} {value!r} is not one of {', '.join(get_args(allowed))}")
+
+
+def require_answering_run(target: str) -> Recipe | None:
+    """The recipe of a run that answers prompts (None for a bare model); a tagging run is refused."""
+    path = Path(target).expanduser()
+    if not (path / RECIPE_FILE).is_file():
+        return None
+    recipe = load_run_recipe(path)
+    task = task_named(recipe.task)
+    if not task.generates:
+        raise QadaptError(f"{path} is a {task.name} run: it tags words and does not answer prompts; "
+                          "score it with qadapt eval RUN_DIR --data CONLL_FILE")
+    return recipe
+
+
+def unpack_for_decoding(model, free_bytes: float | None = None) -> bool:
+    """Unpack the 4-bit base (same numbers, faster decoding) when that fits in half the free memory.
+
+    `free_bytes` defaults to what the model's device has free now. Returns whether it unpacked.
+    """
+    from qadapt.plan import free_memory
+    from qadapt.quant import unpack_quantized_layers, unpacked_bytes
+
+    need = unpacked_bytes(model)
+    if not need:
+        return False
+    free = free_memory(next(model.parameters()).device) if free_bytes is None else free_bytes
+    if need > free / 2:
+        print(f"decoding from the packed 4-bit weights: unpacking them needs {need / 2**20:,.0f} MB, "
+              f"more than half the {free / 2**20:,.0f} MB free", file=sys.stderr)
+        return False
+    unpack_quantized_layers(model)
+    print(f"decoding with the 4-bit weights unpacked (+{need / 2**20:,.0f} MB): the same numbers, faster",
+          file=sys.stderr)
+    return True

@@ -1,0 +1,120 @@
+"""The causal-LM task: instruction tuning a decoder on prompt → response rows, scored on math sets.
+
+The loss is next-token cross-entropy on the response tokens, computed a chunk of positions at a time so
+that the (tokens × vocabulary) logits never exist whole; the scores are the paper's accuracies
+(qadapt.tasks.math_sets).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qadapt import data as data_lib
+from qadapt.choices import multiple_choice_copies
+from qadapt.console import say
+from qadapt.errors import QadaptError
+from qadapt.tasks.base import EvalOptions, Task, TrainingData, read_sources, split_rows
+from qadapt.tasks.math_sets import load_eval_set, score_math_sets
+
+LOSS_CHUNK_TOKENS = 128  # positions whose logits exist at once: 128 × a 49k vocabulary is 25 MB in fp32
+
+
+class CausalLM(Task):
+    name = "causal-lm"
+    score_key = "accuracy"
+    exports = frozenset({"merge", "peft", "gguf"})
+    generates = True
+
+    def load_tokenizer(self, cfg):
+        from qadapt.models import load_tokenizer
+
+        return load_tokenizer(cfg, generates=True)
+
+    def auto_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def logits_head(self, model):
+        return model.get_output_embeddings()
+
+    def training_data(self, recipe, tokenizer) -> TrainingData:
+        # A wrong eval set fails now, not after training; its questions are counted in the training data.
+        eval_sets = [load_eval_set(spec) for spec in recipe.eval.sets]
+        rows, cut = instruction_rows(recipe, tokenizer, {s.name: s.records for s in eval_sets})
+        return split_rows(recipe, rows, None, cut)
+
+    def summed_loss(self, model, batch: dict) -> torch.Tensor:
+        return summed_token_loss(model, batch)
+
+    def loss_targets(self, batch: dict) -> int:
+        return target_tokens(batch)
+
+    def set_scores(self, metrics: dict) -> dict[str, float]:
+        return {name: row["accuracy"] for name, row in metrics["sets"].items()}
+
+    def check_eval_sets(self, specs: list[str]) -> None:
+        for spec in specs:
+            load_eval_set(spec)
+
+    def evaluate(self, target: str, specs: list[str], options: EvalOptions, out: Path, load) -> dict:
+        return score_math_sets(target, specs, options, out, load)
+
+
+def instruction_rows(recipe, tokenizer, eval_records: dict[str, list[dict]]) -> tuple[list[dict], str]:
+    """(rows, what was cut) of templated instruction data; the eval sets' questions are counted in it
+    (and dropped with data.exclude_eval_overlap)."""
+    d = recipe.data
+    records = read_sources(d.sources, lambda source: data_lib.load_examples(source, d.split, d.bad_rows))
+    if eval_records:
+        records = data_lib.eval_overlap(records, eval_records, d.exclude_eval_overlap)
+    if d.multiple_choice:
+        copies = multiple_choice_copies(records, d.multiple_choice, recipe.train.seed)
+        say(f"data: {len(copies):,} five-option copies of numeric problems (data.multiple_choice={d.multiple_choice})")
+        records += copies
+    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
+    if not tokenized.rows:
+        raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {', '.join(d.sources)}: no "
+                          "example keeps a response token to learn from; raise data.cutoff_len")
+    return tokenized.rows, (f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} "
+                            "dropped (no response left)")
+
+
+def summed_token_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy summed over target tokens (next-token prediction), computed in fp32.
+
+    A model of a known family computes its logits a chunk of positions at a time, each chunk checkpointed,
+    so the (tokens × vocabulary) logits, their fp32 copy and their gradient never exist whole. A model
+    wrapped for several processes (DDP/FSDP) runs its plain forward, which its gradient hooks need.
+    """
+    from transformers import PreTrainedModel
+
+    from qadapt.adapters import FAMILIES
+
+    labels = batch["labels"][:, 1:].flatten()
+    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAMILIES:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels,
+                               ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    hidden, head = hidden[:, :-1].flatten(0, 1), model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), LOSS_CHUNK_TOKENS):
+        rows = slice(start, start + LOSS_CHUNK_TOKENS)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, head, hidden[rows], labels[rows], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, hidden[rows], labels[rows])
+    return total
+
+
+def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+
+
+def target_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())

@@ -1,0 +1,142 @@
+"""Math sets scored as the LLM-Adapters paper scores them: the causal-LM task's evaluation.
+
+Each set is decoded greedily in batches (qadapt.generation) and scored by qadapt.answers. Results:
+`metrics.json` (accuracy per set) and `predictions.jsonl` (one line per problem), written after each set;
+with `resume`, the sets already scored in the output folder with the same settings are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qadapt import answers
+from qadapt.calculator import calculator_result
+from qadapt.data import BUILTIN_ARITHMETIC, load_examples, prompt_text
+from qadapt.errors import QadaptError
+from qadapt.generation import greedy_generate
+from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
+from qadapt.scores import set_name, write_results
+
+# Where a model starts a new Alpaca turn, the answer is over (the paper's template has no stop marker).
+ALPACA_STOPS = ("### Instruction", "### Input", "### Response")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    records: list[dict]  # instruction, input, output, answer
+    golds: list[float | str]
+    multiple_choice: bool
+
+
+def load_eval_set(spec: str, limit: int | None = None) -> EvalSet:
+    """The first `limit` problems of a set (the test split of a built-in or hub set)."""
+    records = load_examples(spec, split="test")[:limit]
+    raw = [r["answer"].strip() for r in records]
+    multiple_choice = all(len(a) == 1 and a in "ABCDE" for a in raw)
+    golds: list[float | str] = []
+    for index, answer in enumerate(raw, 1):
+        if multiple_choice:
+            golds.append(answer)
+            continue
+        try:
+            golds.append(float(answer.replace(",", "")))
+        except ValueError:
+            raise QadaptError(f"{spec}: problem {index} has answer {answer!r}, not a number or a letter A-E") from None
+    return EvalSet(set_name(spec), records, golds, multiple_choice)
+
+
+def answer_prompts(model, tokenizer, template: str, instructions: list[str], max_new_tokens: int = 256,
+                   batch_size: int = 64, on_done=None) -> list[str]:
+    """Greedy answers to instructions, templated as in training, cut where a new turn would start."""
+    prompts = [prompt_text({"instruction": i, "input": ""}, template, tokenizer) for i in instructions]
+    return _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done)
+
+
+def _decode(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int, batch_size: int,
+            on_done=None, calculator: bool = False) -> list[str]:
+    # The chat template writes its own special tokens; the Alpaca text gets the tokenizer's, as in training.
+    return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size,
+                           stop_strings=ALPACA_STOPS if template == "alpaca" else (),
+                           add_special_tokens=template == "alpaca", on_done=on_done,
+                           calculator=calculator_result if calculator else None)
+
+
+def evaluate_set(model, tokenizer, template: str, eval_set: EvalSet, batch_size: int, max_new_tokens: int,
+                 strict: bool = False, on_done=None, calculator: bool = False) -> tuple[dict, list[dict]]:
+    """(accuracy row, prediction rows) of one set."""
+    prompts = [prompt_text(r, template, tokenizer) for r in eval_set.records]
+    outputs = _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done, calculator)
+    predictions = []
+    for prompt, output, gold in zip(prompts, outputs, eval_set.golds):
+        extracted = answers.extract(output, eval_set.multiple_choice, strict)
+        predictions.append({"set": eval_set.name, "prompt": prompt, "output": output, "extracted": extracted,
+                            "gold": gold, "correct": answers.is_correct(extracted, gold)})
+    correct = sum(p["correct"] for p in predictions)
+    row = {"correct": correct, "total": len(predictions),
+           "accuracy": correct / len(predictions) if predictions else 0.0,
+           "no_answer": sum(p["extracted"] is None for p in predictions)}
+    return row, predictions
+
+
+def format_table(sets: dict[str, dict]) -> str:
+    lines = ["| set | correct / total | accuracy | no answer |", "|---|---|---|---|"]
+    for name, row in sets.items():
+        accuracy = f"{100 * row['accuracy']:.1f}%"
+        lines.append(f"| {name} | {row['correct']} / {row['total']} | {accuracy} | {row['no_answer']} |")
+    return "\n".join(lines)
+
+
+def require_sets(specs: list[str]) -> None:
+    if not specs:
+        raise QadaptError("name at least one evaluation set with --data (a .json/.jsonl file, a hub id, or "
+                          f"{BUILTIN_ARITHMETIC})")
+
+
+def score_math_sets(target: str, specs: list[str], options, out_dir: Path, load: Callable) -> dict:
+    """Accuracy of the model `load()` gives on every set; `options` is a qadapt.tasks.EvalOptions."""
+    from tqdm import tqdm
+
+    require_sets(specs)
+    sets = [load_eval_set(spec, options.limit) for spec in specs]  # every set read before the model loads
+    settings = {"strict": options.strict, "max_new_tokens": options.max_new_tokens,
+                "compute_dtype": options.compute_dtype, "calculator": options.calculator}
+    results, predictions = _earlier_results(out_dir, settings, options.limit) if options.resume else ({}, [])
+    todo = [s for s in sets if s.name not in results]
+    if not todo:
+        print(f"every set is already scored in {out_dir}")
+    else:
+        loaded = load()
+        with tqdm(total=sum(len(s.records) for s in todo), desc="eval", unit="problem") as bar:
+            for eval_set in todo:
+                bar.set_postfix_str(eval_set.name)
+                started, cpu_started = time.perf_counter(), time.process_time()
+                row, rows = evaluate_set(loaded.model, loaded.tokenizer, loaded.template, eval_set,
+                                         options.batch_size, options.max_new_tokens, options.strict,
+                                         on_done=bar.update, calculator=options.calculator)
+                row |= {"seconds": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started}
+                results[eval_set.name] = row
+                predictions += rows
+                metrics = {"target": target, "template": loaded.template, **settings, "limit": options.limit,
+                           "sets": results}
+                write_results(out_dir, metrics, predictions)
+    metrics = json.loads((out_dir / EVAL_METRICS_FILE).read_text())
+    print(format_table(results))
+    print(f"metrics and predictions: {out_dir}")
+    return metrics
+
+
+def _earlier_results(out_dir: Path, settings: dict, limit: int | None) -> tuple[dict, list[dict]]:
+    """(set rows, predictions) already in `out_dir` from an evaluation with the same settings."""
+    metrics_file, predictions_file = out_dir / EVAL_METRICS_FILE, out_dir / PREDICTIONS_FILE
+    if not (metrics_file.is_file() and predictions_file.is_file()):
+        return {}, []
+    earlier = {"calculator": False} | json.loads(metrics_file.read_text())  # files from before the calculator
+    if any(earlier.get(key) != value for key, value in {**settings, "limit": limit}.items()):
+        return {}, []  # scored differently: score again
+    rows = [json.loads(line) for line in predictions_file.read_text().splitlines() if line.strip()]
+    return earlier["sets"], rows
