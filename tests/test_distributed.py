@@ -17,6 +17,12 @@ from safetensors.torch import load_file
 from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
 
 
+# Two processes sum a gradient in another order than one; Adam divides each update by the gradient's own
+# size, so for a weight whose gradient is near zero that rounding becomes a visible fraction of lr (1e-2).
+# Measured on an AVX512 Xeon: one weight of 512 off by 1.3e-6 after 4 steps (the losses agree to 1e-6).
+ADAM_ATOL = 1e-5
+
+
 def launch(processes: int, recipe: Path, *args: str) -> str:
     """`python -m qadapt train` for one process, `accelerate launch --multi_gpu` (torchrun) for more."""
     command = [sys.executable, "-m", "qadapt", "train", str(recipe), *args]
@@ -65,7 +71,7 @@ def test_two_processes_match_one_on_a_tiny_model_and_resume(tiny_llama_dir, tmp_
     assert two == pytest.approx(one, rel=1e-6)
     assert adapter_one.keys() == adapter_two.keys()
     for name in adapter_one:
-        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=ADAM_ATOL)
 
     # Resume with the same number of processes: drop what the run did after its step-2 checkpoint.
     run = tmp_path / "two"
@@ -125,13 +131,13 @@ def test_fsdp_sharded_4bit_base_trains_as_one_process(tiny_llama_dir, tmp_path, 
     adapter_one, adapter_two = (load_file(tmp_path / run / "adapter.safetensors") for run in ("one", "two"))
     assert adapter_one.keys() == adapter_two.keys()
     for name in adapter_one:
-        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=ADAM_ATOL)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "series", "parallel"])
 def test_every_fsdp_unit_is_all_frozen_or_all_trained(load_tiny, kind):
     from qadapt.adapters import attach_adapters
-    from qadapt.distributed import fsdp_units
+    from qadapt.training.distributed import fsdp_units
     from qadapt.recipe import AdapterConfig
 
     model = load_tiny("nf4")
