@@ -15,7 +15,7 @@ import itertools
 import random
 import re
 
-from qadapt.calculator import format_number
+from qadapt.decoding.calculator import format_number
 
 LETTERS = "ABCDE"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

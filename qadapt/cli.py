@@ -66,7 +66,7 @@ def train(
     import shlex
 
     from qadapt.recipe import load_recipe
-    from qadapt.train import train as run_training
+    from qadapt.training.train import train as run_training
 
     resume_command = shlex.join(["qadapt", "train", str(recipe), *(overrides or []), "--resume"])
     with _user_errors():
@@ -154,7 +154,7 @@ def eval_command(
                                     "(default folder RUN/eval-calculator)."),
 ) -> None:
     """Accuracy on math sets, scored as the LLM-Adapters paper scores them; entity F1 for a tagging run."""
-    from qadapt.evaluate import run_eval
+    from qadapt.inference.evaluate import run_eval
 
     with _user_errors():
         run_eval(target, data or [], limit, batch_size, max_new_tokens, strict, out, quant, template, compute_dtype,
@@ -221,7 +221,7 @@ def merge(
     base: str = MergeBaseOption,
 ) -> None:
     """Fold a LoRA / DoRA adapter into its base; write a verified standard Hugging Face folder."""
-    from qadapt.merge import merge_run
+    from qadapt.export.merge import merge_run
 
     with _user_errors():
         merge_run(run_dir, out, dtype, base)
@@ -239,11 +239,11 @@ def export(
     """Export a run's adapter for other tools: PEFT / vLLM (peft) or llama.cpp / Ollama (gguf)."""
     with _user_errors():
         if format == "peft":
-            from qadapt.peft_format import export_peft
+            from qadapt.export.peft_format import export_peft
 
             export_peft(run_dir, out)
         elif format == "gguf":
-            from qadapt.gguf_export import export_gguf
+            from qadapt.export.gguf_export import export_gguf
 
             export_gguf(run_dir, out, type, base)
         else:
@@ -259,7 +259,7 @@ def import_peft(
     template: str = typer.Option("alpaca", help="Prompt template the adapter was trained with: alpaca or chat."),
 ) -> None:
     """Make a run directory from a PEFT LoRA adapter, for qadapt eval, generate, merge and export."""
-    from qadapt.peft_format import import_peft as run_import
+    from qadapt.export.peft_format import import_peft as run_import
 
     with _user_errors():
         run_import(peft_dir, out, base, quant, template)
@@ -267,7 +267,7 @@ def import_peft(
 
 def _answerer(target: str, max_new_tokens: int, quant: str, template: Optional[str]):
     """Load the target once; return a function answering one instruction greedily."""
-    from qadapt.loader import load_target
+    from qadapt.inference.loader import load_target
     from qadapt.tasks.math_sets import answer_prompts
 
     loaded = load_target(target, quant, template)

@@ -1,9 +1,9 @@
 """Run directories describe themselves: eval, merge, export and resume need nothing else.
 
-Creating one, saving and loading its adapter, reading its recipe, and its training log (loading a
-trained model from one is qadapt.loader's). The names of
-its files and folders are qadapt.run_files'. Folders are written under a temporary name and renamed
-into place, so none is ever half-written.
+Creating one, saving and loading its adapter, reading its recipe, and its training log; loading a
+trained model from one is qadapt.inference.loader's. The names of its files and folders are
+qadapt.run_files'. Folders are written under a temporary name and renamed into place, so none is ever
+half-written.
 """
 
 from __future__ import annotations

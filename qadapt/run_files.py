@@ -5,7 +5,7 @@
       adapter/                         the final adapter
         adapter.safetensors            adapter weights only, fp32, named as in the model (and a trained head)
         adapter_config.json            kind, options, wrapped modules, base model (and the head's labels)
-      checkpoints/step-000100/         a full checkpoint every train.save_every steps (qadapt.checkpoint)
+      checkpoints/step-000100/         a full checkpoint every train.save_every steps (qadapt.training.checkpoint)
         adapter.safetensors, adapter_config.json, recipe.yaml
         optimizer.pt, rng_state.pt, trainer_state.json
       metrics.jsonl                    one JSON row per logged step / eval loss (the training log)
@@ -33,7 +33,7 @@ SUMMARY_FILE = "summary.json"
 EVAL_DIR = "eval"
 EVAL_METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
-CALCULATOR_SUFFIX = "-calculator"  # RUN/eval-calculator: scored with qadapt.calculator, apart from the paper's
+CALCULATOR_SUFFIX = "-calculator"  # RUN/eval-calculator: decoded with qadapt.decoding.calculator, apart
 TENSORBOARD_DIR = "tensorboard"
 
 # Inside checkpoints/step-NNNNNN/, beside the adapter's two files and the recipe.

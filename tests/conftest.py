@@ -114,9 +114,9 @@ def write_tiny_recipe(path: Path, model_dir: Path | str, output_dir: Path | None
 
 
 def train_tiny_run(output_dir: Path, model_dir: Path | str, **sections) -> Path:
-    """Train tiny_recipe() in this process (qadapt.train, the real quantized path); return the run folder."""
+    """Train tiny_recipe() in this process (qadapt.training.train, the real quantized path); return the run folder."""
     from qadapt.recipe import recipe_from_dict
-    from qadapt.train import train
+    from qadapt.training.train import train
 
     train(recipe_from_dict(tiny_recipe(model_dir, output_dir, **sections)))
     return output_dir

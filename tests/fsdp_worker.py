@@ -23,12 +23,12 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from qadapt import data as D
-from qadapt import distributed
+from qadapt.training import distributed
 from qadapt.adapters import adapter_state_dict, attach_adapters
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import prepare_for_kbit_training
 from qadapt.recipe import AdapterConfig, ModelConfig
-from qadapt.loss import accumulate_gradients
+from qadapt.training.loss import accumulate_gradients
 
 GLOBAL_BATCH, MICRO_BATCH, STEPS = 8, 2, 3
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, train_tiny_run
-from qadapt.adapter_bank import AdapterBank
+from qadapt.inference.adapter_bank import AdapterBank
 from qadapt.errors import QadaptError
-from qadapt.loader import load_trained_model
+from qadapt.inference.loader import load_trained_model
 
 WNUT_TRAIN = SHARED_DATA / "wnut17" / "wnut17train.conll"
 NUMBERS = "one\tB-NUM\nhundred\tI-NUM\ncats\tO\n\nseven\tB-NUM\ndogs\tO\nbark\tO\n\n"
@@ -120,8 +120,8 @@ def test_an_adapter_of_another_base_is_refused(numbers_lora, tiny_encoder_dir):
 
 
 def test_tagging_runs_are_not_merged_or_used_for_generation(numbers_lora):
-    from qadapt.loader import load_target
-    from qadapt.merge import merge_run
+    from qadapt.inference.loader import load_target
+    from qadapt.export.merge import merge_run
 
     with pytest.raises(QadaptError, match="cannot merge a token-classification run"):
         merge_run(numbers_lora, numbers_lora.parent / "merged")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qadapt.answers import extract_letter, extract_number, is_correct
+from qadapt.tasks.answers import extract_letter, extract_number, is_correct
 
 # (model output, the paper's extracted number, the strict mode's)
 NUMBER_CASES = [

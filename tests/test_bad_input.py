@@ -138,7 +138,7 @@ def test_a_tokenizer_without_eos_is_refused_and_one_without_pad_pads_with_eos(sm
     (["data.path=EMPTY"], "no examples in"),
 ])
 def test_training_inputs_that_cannot_work_fail_before_training(tiny_llama_dir, tmp_path, overrides, message):
-    from qadapt.train import train
+    from qadapt.training.train import train
 
     (tmp_path / "empty.jsonl").write_text("\n\n")
     overrides = [o.replace("EMPTY", str(tmp_path / "empty.jsonl")) for o in overrides]

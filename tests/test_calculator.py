@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qadapt.calculator import calculator_result
+from qadapt.decoding.calculator import calculator_result
 
 
 @pytest.mark.parametrize("text, result", [

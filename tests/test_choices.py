@@ -6,7 +6,7 @@ import re
 from collections import Counter
 
 from qadapt import data as D
-from qadapt.answers import extract_letter
+from qadapt.tasks.answers import extract_letter
 from qadapt.choices import LETTERS, multiple_choice_copies
 
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import qadapt, train_tiny_run
 
 from qadapt.recipe import load_recipe
-from qadapt.loader import load_trained_model
-from qadapt.loss import eval_loss
-from qadapt.train import prepare_data
+from qadapt.inference.loader import load_trained_model
+from qadapt.training.loss import eval_loss
+from qadapt.training.train import prepare_data
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -126,7 +126,7 @@ def test_real_smollm2_trains_every_kind(tmp_path, kind, quant):
 
 
 def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
-    from qadapt.loader import load_target
+    from qadapt.inference.loader import load_target
     from qadapt.tasks.math_sets import answer_prompts
 
     run = train_tiny_run(tmp_path / "run", tiny_llama_dir, model={"compute_dtype": "fp32"})

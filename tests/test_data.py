@@ -207,7 +207,7 @@ def test_builtin_word_problems_are_varied_split_and_every_step_is_right():
 
 def test_a_list_of_sources_is_read_in_turn_and_mixed(tmp_path, smol_tokenizer, capsys):
     from qadapt.recipe import recipe_from_dict
-    from qadapt.train import prepare_data
+    from qadapt.training.train import prepare_data
 
     gsm8k = tmp_path / "gsm8k.jsonl"
     gsm8k.write_text("".join(json.dumps({"question": f"What is {n} + 1?", "answer": f"Zorp: {n} + 1 = {n + 1}\n#### {n + 1}"})

@@ -7,13 +7,13 @@ import json
 import pytest
 from conftest import SHARED_DATA, tiny_recipe
 
-from qadapt.answers import is_correct
+from qadapt.tasks.answers import is_correct
 from qadapt.errors import QadaptError
-from qadapt.evaluate import run_eval
+from qadapt.inference.evaluate import run_eval
 from qadapt.tasks.math_sets import load_eval_set
 from qadapt.scores import set_name
 from qadapt.recipe import recipe_from_dict
-from qadapt.train import train
+from qadapt.training.train import train
 
 
 @pytest.mark.parametrize("spec, name", [

@@ -9,10 +9,10 @@ import torch
 from conftest import run_with_visible_adapter
 
 from qadapt.errors import QadaptError
-from qadapt.gguf_export import export_gguf
-from qadapt.merge import compare_logits, logits_on, probe_texts
-from qadapt.peft_format import export_peft, import_peft
-from qadapt.loader import load_trained_model
+from qadapt.export.gguf_export import export_gguf
+from qadapt.export.merge import compare_logits, logits_on, probe_texts
+from qadapt.export.peft_format import export_peft, import_peft
+from qadapt.inference.loader import load_trained_model
 
 peft = pytest.importorskip("peft")
 
@@ -104,7 +104,7 @@ def test_gguf_export_reads_back_with_matching_logits(tmp_path, tiny_llama_dir, g
 
 def test_a_wrong_gguf_layout_is_caught_and_nothing_written(tmp_path, tiny_llama_dir, monkeypatch):
     """Fault injection: skip the rotary reordering, and the read-back check must refuse the file."""
-    from qadapt import gguf_export
+    from qadapt.export import gguf_export
 
     run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
     monkeypatch.setattr(gguf_export, "_interleave_rotary_halves", lambda weight, heads, head_dim: weight)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qadapt.generation import cut_at_stop, greedy_generate
+from qadapt.decoding.generation import cut_at_stop, greedy_generate
 
 PROMPTS = [
     "Maya has 5 apples.",
@@ -77,7 +77,7 @@ def test_every_family_decodes_as_transformers_generate(tiny_family_dir, family):
     """80 tokens, so each family's attention reads a KV cache that has outgrown its first room (64 columns)."""
     from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
-    from qadapt.generation import eos_ids
+    from qadapt.decoding.generation import eos_ids
 
     tokenizer = ByT5Tokenizer()  # bytes: ids below the tiny models' 256, no files needed
     model = AutoModelForCausalLM.from_pretrained(tiny_family_dir(family)).eval()
@@ -95,7 +95,7 @@ def test_a_cache_layer_reads_back_what_the_decoder_assigned_keys_first_then_valu
     """Joining batches assigns keys, then builds values from the layer: values must not see the keys' width."""
     from transformers import DynamicCache, LlamaConfig
 
-    from qadapt.generation import _with_room
+    from qadapt.decoding.generation import _with_room
 
     config = LlamaConfig(hidden_size=8, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1)
     layer = _with_room(DynamicCache(config=config)).layers[0]
@@ -119,7 +119,7 @@ def test_the_calculator_writes_true_sums_and_the_model_goes_on_from_them(smol_to
     no digit right after them."""
     import re
 
-    from qadapt.calculator import calculator_result
+    from qadapt.decoding.calculator import calculator_result
     from qadapt.models import load_base
     from qadapt.recipe import ModelConfig
 

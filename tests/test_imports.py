@@ -96,3 +96,23 @@ def test_a_task_name_is_written_only_in_the_registry_and_the_recipe_schema():
                      for node in ast.walk(ast.parse(path.read_text()))
                      if isinstance(node, ast.Constant) and node.value in names)
     assert written == []
+
+
+# The packages a package must not import: imports run from the command line to the actions (training,
+# inference, export) to the tasks to the building blocks, never back.
+NOT_BELOW = {
+    "qadapt.decoding": ("qadapt.tasks", "qadapt.training", "qadapt.inference", "qadapt.export", "qadapt.cli"),
+    "qadapt.tasks": ("qadapt.training", "qadapt.inference", "qadapt.export", "qadapt.cli"),
+    "qadapt.training": ("qadapt.inference", "qadapt.export", "qadapt.cli"),
+    "qadapt.inference": ("qadapt.training", "qadapt.export", "qadapt.cli"),
+    "qadapt.export": ("qadapt.training", "qadapt.cli"),
+}
+
+
+def test_imports_run_one_way_between_packages():
+    graph = import_graph()
+    upward = sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                    for package, above in NOT_BELOW.items()
+                    if (name == package or name.startswith(package + ".")) and target.startswith(above))
+    assert upward == []
+    assert [name for name, targets in graph.items() if "qadapt.cli" in targets] == ["qadapt.__main__"]

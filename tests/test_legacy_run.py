@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from qadapt.evaluate import run_eval
+from qadapt.inference.evaluate import run_eval
 from qadapt.recipe import load_recipe
-from qadapt.resume import LATEST
-from qadapt.train import train
+from qadapt.training.resume import LATEST
+from qadapt.training.train import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"
 
@@ -42,9 +42,9 @@ def test_a_legacy_run_decodes_the_answers_it_wrote(legacy_run):
 
 
 def test_a_legacy_run_merges_and_exports(legacy_run):
-    from qadapt.gguf_export import export_gguf
-    from qadapt.merge import merge_run
-    from qadapt.peft_format import export_peft
+    from qadapt.export.gguf_export import export_gguf
+    from qadapt.export.merge import merge_run
+    from qadapt.export.peft_format import export_peft
 
     merge_run(legacy_run, "merged", "fp32")  # verifies the merged logits against the adapter's itself
     assert (Path("merged") / "config.json").is_file()

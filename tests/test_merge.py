@@ -11,8 +11,8 @@ from conftest import run_with_visible_adapter
 from safetensors.torch import load_file, save_file
 
 from qadapt.errors import QadaptError
-from qadapt.merge import compare_logits, logits_on, merge_run, probe_texts
-from qadapt.loader import load_trained_model
+from qadapt.export.merge import compare_logits, logits_on, merge_run, probe_texts
+from qadapt.inference.loader import load_trained_model
 from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
 
 

@@ -84,7 +84,7 @@ def test_unpacked_4bit_layers_compute_exactly_what_the_packed_ones_did(load_tiny
 def test_decoding_unpacks_the_base_only_when_half_the_free_memory_holds_it(load_tiny):
     import bitsandbytes as bnb
 
-    from qadapt.loader import unpack_for_decoding
+    from qadapt.inference.loader import unpack_for_decoding
 
     model = load_tiny("nf4").eval()
     assert not unpack_for_decoding(model, free_bytes=1e5)  # the tiny model needs ~0.25 MB

@@ -10,7 +10,7 @@ import pytest
 from qadapt.errors import QadaptError
 from qadapt.recipe import recipe_from_dict
 from qadapt.report import markdown_table, report, wilson_interval
-from qadapt.train import train
+from qadapt.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_a_folder_that_is_not_a_finished_run_is_named(tmp_path):
 def test_scores_with_the_calculator_are_a_row_of_their_own(two_runs, tmp_path):
     import shutil
 
-    from qadapt.evaluate import run_eval
+    from qadapt.inference.evaluate import run_eval
 
     run = tmp_path / "lora"
     shutil.copytree(two_runs[0], run)

@@ -14,11 +14,11 @@ import pytest
 import yaml
 from conftest import write_tiny_recipe
 
-from qadapt.checkpoint import latest_checkpoint, problem_with
+from qadapt.training.checkpoint import latest_checkpoint, problem_with
 from qadapt.errors import QadaptError
 from qadapt.recipe import load_recipe
 from qadapt.run_files import OPTIMIZER_FILE, STATE_FILE
-from qadapt.train import train
+from qadapt.training.train import train
 
 STEPS = 10
 
@@ -186,7 +186,7 @@ def test_an_adapter_is_not_loaded_onto_another_base(reference, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qadapt.loader import load_trained_model
+    from qadapt.inference.loader import load_trained_model
 
     trained_on = Path(load_recipe(reference[0] / "recipe.yaml").model.name)
     other = tmp_path / "other-model"

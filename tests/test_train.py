@@ -11,9 +11,9 @@ from conftest import SHARED_DATA, token_batch
 from qadapt import data as D
 from qadapt.adapters import adapter_params, attach_adapters
 from qadapt.recipe import AdapterConfig, recipe_from_dict
-from qadapt.loader import load_trained_model
-from qadapt.loss import accumulate_gradients, eval_loss
-from qadapt.train import lr_at, prepare_data, train
+from qadapt.inference.loader import load_trained_model
+from qadapt.training.loss import accumulate_gradients, eval_loss
+from qadapt.training.train import lr_at, prepare_data, train
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -107,7 +107,7 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
 def test_lora_plus_moves_b_at_lr_ratio_times_a(load_tiny, kind):
     """LoRA+: B in its own group at lr_ratio × the lr. Adam's first step moves each weight by about its lr,
     so B (zero at init) moves 16× as far as with one group; A is not in B's group."""
-    from qadapt.train import param_groups
+    from qadapt.training.train import param_groups
 
     def first_b_step(ratio: float) -> float:
         torch.manual_seed(0)

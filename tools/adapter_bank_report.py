@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from qadapt.adapter_bank import AdapterBank
+from qadapt.inference.adapter_bank import AdapterBank
 from qadapt.adapters import attach_adapters
-from qadapt.loader import head_labels, load_frozen_base
+from qadapt.inference.loader import head_labels, load_frozen_base
 from qadapt.run_dir import load_run_recipe
 from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE
 from qadapt.tasks import task_named

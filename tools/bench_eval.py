@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from qadapt import answers
+from qadapt.tasks import answers
 from qadapt.data import prompt_text
-from qadapt.loader import load_target, unpack_for_decoding
+from qadapt.inference.loader import load_target, unpack_for_decoding
 from qadapt.tasks.math_sets import ALPACA_STOPS, load_eval_set
-from qadapt.generation import cut_at_stop, greedy_generate
+from qadapt.decoding.generation import cut_at_stop, greedy_generate
 from qadapt.machine import describe, one_line
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"

@@ -83,7 +83,7 @@ def qadapt_recipe_trainer(recipe):
     from qadapt.adapters import attach_adapters
     from qadapt.models import load_base, load_tokenizer
     from qadapt.quant import optimizer_class, prepare_for_kbit_training
-    from qadapt.loss import accumulate_gradients
+    from qadapt.training.loss import accumulate_gradients
 
     tokenizer = load_tokenizer(recipe.model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

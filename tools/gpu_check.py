@@ -73,7 +73,7 @@ def qadapt_trainer(model: nn.Module):
     from qadapt.adapters import attach_adapters
     from qadapt.quant import optimizer_class, prepare_for_kbit_training
     from qadapt.recipe import AdapterConfig
-    from qadapt.loss import accumulate_gradients
+    from qadapt.training.loss import accumulate_gradients
 
     prepare_for_kbit_training(model, gradient_checkpointing=True)
     attach_adapters(model, AdapterConfig(kind="lora", rank=16, alpha=32, dropout=0.05, targets=TARGETS).spec())

@@ -68,7 +68,7 @@ def train_peft(recipe, work: Path) -> dict:
 
     from qadapt import data as data_lib
     from qadapt.models import load_tokenizer
-    from qadapt.train import prepare_data
+    from qadapt.training.train import prepare_data
 
     t = recipe.train
     torch.manual_seed(t.seed)
@@ -144,9 +144,9 @@ def main() -> None:
     parser.add_argument("--eval-dtype", default="fp32")
     args = parser.parse_args()
 
-    from qadapt.evaluate import run_eval
+    from qadapt.inference.evaluate import run_eval
     from qadapt.files import atomic_file
-    from qadapt.peft_format import import_peft
+    from qadapt.export.peft_format import import_peft
     from qadapt.recipe import load_recipe
     from qadapt.run_files import SUMMARY_FILE, TRAINING_LOG, eval_dir
 

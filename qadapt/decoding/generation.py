@@ -6,7 +6,7 @@ dropped), and once a quarter of the places are free the next prompts are prefill
 (continuous batching), so the batch stays full and finished problems stop costing work. Columns of
 the cache that no row attends to any more are trimmed. Results come back in the prompts' order.
 
-With a `calculator` (qadapt.calculator), a row whose newest token ends in "=" is shown to it, and what it
+With a `calculator` (qadapt.decoding.calculator), a row whose newest token ends in "=" is shown to it, and what it
 returns (the true result of the expression before the "=") is fed to that row token by token in place of
 the model's choice; the model continues from the corrected text, except that its next token may not
 go on with the number (it would turn "15.5" into "15.57").

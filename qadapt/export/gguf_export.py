@@ -2,7 +2,7 @@
 
     qadapt export RUN_DIR --format gguf --out FILE [--type f16|bf16|q8_0] [--base dequantized|original]
 
-The run is merged and verified first (qadapt.merge), then its safetensors are streamed into the GGUF
+The run is merged and verified first (qadapt.export.merge), then its safetensors are streamed into the GGUF
 one tensor at a time (gguf-py's writer), with what llama.cpp needs besides the weights: the
 architecture's hyper-parameters, the vocabulary and merges, BOS/EOS/padding ids and the chat template
 (the Alpaca one for a run trained on Alpaca prompts). Finally transformers loads the GGUF
@@ -31,7 +31,7 @@ MIN_TOP1_AGREEMENT = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.9}
 
 
 def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", base: str = "dequantized") -> dict:
-    from qadapt.merge import merge_run, refuse_unmergeable
+    from qadapt.export.merge import merge_run, refuse_unmergeable
     from qadapt.models import meta_model
     from qadapt.run_dir import load_run_recipe
 
@@ -214,7 +214,7 @@ def verify_gguf(merged: Path, gguf_file: Path, template: str) -> dict:
     """Load the GGUF with transformers; compare tokenization and logits with the merged folder's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qadapt.merge import compare_logits, logits_on, probe_texts
+    from qadapt.export.merge import compare_logits, logits_on, probe_texts
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     read_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)

@@ -159,7 +159,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     from transformers import AutoModelForCausalLM
 
     from qadapt.models import load_full_precision
-    from qadapt.loader import load_trained_model
+    from qadapt.inference.loader import load_trained_model
     from qadapt.run_dir import load_adapter, load_run_recipe
     from qadapt.run_files import ADAPTER_DIR
 

@@ -46,7 +46,7 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers.pytorch_utils import Conv1D
 
-    from qadapt.merge import refuse_unmergeable
+    from qadapt.export.merge import refuse_unmergeable
     from qadapt.models import meta_model, resolve_model_path
     from qadapt.run_dir import load_run_recipe, read_adapter_config
     from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS

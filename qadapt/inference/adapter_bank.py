@@ -28,7 +28,7 @@ from qadapt.adapters.spec import adapter_kind
 from qadapt.adapters.lora import lora_scale
 from qadapt.base_identity import check_same_base
 from qadapt.errors import QadaptError
-from qadapt.loader import head_labels, load_frozen_base
+from qadapt.inference.loader import head_labels, load_frozen_base
 from qadapt.recipe import AdapterConfig, adapter_section
 from qadapt.run_dir import load_run_recipe, read_adapter_config
 from qadapt.run_files import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS

@@ -2,7 +2,7 @@
 
 A causal-LM target (a run, a merged folder, the embedded model, a hub id) gets the LLM-Adapters paper's
 accuracies (qadapt.tasks.math_sets); a token-classification run gets entity F1. The model is loaded by
-qadapt.loader only once the sets have been read (and, with `resume`, only if a set is left to score).
+qadapt.inference.loader only once the sets have been read (and, with `resume`, only if a set is left to score).
 Results: `metrics.json` and `predictions.jsonl` under the output folder.
 """
 
@@ -22,10 +22,10 @@ def run_eval(target: str, data: list[str], limit: int | None = None, batch_size:
 
     Results are written after each set. `resume` keeps the sets already scored in the output folder
     with the same settings and scores only the others, so an interrupted evaluation continues.
-    `calculator` writes the true results of the rationales' sums (qadapt.calculator); its results go to
+    `calculator` writes the true results of the rationales' sums (qadapt.decoding.calculator); its results go to
     a folder of their own (RUN/eval-calculator), never beside the paper protocol's.
     """
-    from qadapt.loader import load_for_scoring
+    from qadapt.inference.loader import load_for_scoring
 
     task = task_of_target(target)
     options = EvalOptions(limit, batch_size, max_new_tokens, strict, compute_dtype, calculator, resume)

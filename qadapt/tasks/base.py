@@ -125,7 +125,7 @@ class Task:
         if export not in self.exports:
             raise QadaptError(f"cannot {action} a {self.name} run: merging and export make causal language models. "
                               "Use its adapter/ folder with the base (qadapt eval RUN_DIR, load_trained_model, or "
-                              "qadapt.adapter_bank)")
+                              "qadapt.inference.adapter_bank)")
 
 
 def read_sources(sources: list[str], read) -> list:

@@ -1,6 +1,6 @@
 """Math sets scored as the LLM-Adapters paper scores them: the causal-LM task's evaluation.
 
-Each set is decoded greedily in batches (qadapt.generation) and scored by qadapt.answers. Results:
+Each set is decoded greedily in batches (qadapt.decoding.generation) and scored by qadapt.tasks.answers. Results:
 `metrics.json` (accuracy per set) and `predictions.jsonl` (one line per problem), written after each set;
 with `resume`, the sets already scored in the output folder with the same settings are kept.
 """
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from qadapt import answers
-from qadapt.calculator import calculator_result
+from qadapt.tasks import answers
+from qadapt.decoding.calculator import calculator_result
 from qadapt.data import BUILTIN_ARITHMETIC, load_examples, prompt_text
 from qadapt.errors import QadaptError
-from qadapt.generation import greedy_generate
+from qadapt.decoding.generation import greedy_generate
 from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
 from qadapt.scores import set_name, write_results
 

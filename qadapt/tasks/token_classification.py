@@ -286,7 +286,8 @@ class TokenClassification(Task):
         sentences = read_sources(d.sources, lambda source: load_sentences(source, d.split))
         labels = label_names(sentences)
         tagged = tokenize_sentences(sentences, tokenizer, labels, d.cutoff_len)
-        return split_rows(recipe, tagged.rows, labels, f"{tagged.truncated} with words cut off at {d.cutoff_len} tokens")
+        cut = f"{tagged.truncated} with words cut off at {d.cutoff_len} tokens"
+        return split_rows(recipe, tagged.rows, labels, cut)
 
     def summed_loss(self, model, batch: dict) -> torch.Tensor:
         return summed_tag_loss(model, batch)

@@ -1,7 +1,7 @@
 """What changes under `accelerate launch` when the base is sharded with FSDP (QLoRA + FSDP).
 
 DDP needs nothing here: each process holds the whole quantized base, only the adapters' gradients are
-averaged, and the loop gives each process its share of every step's batch (qadapt.train).
+averaged, and the loop gives each process its share of every step's batch (qadapt.training.train).
 
 FSDP (version 1, `fsdp_use_orig_params: false`) flattens the parameters of each unit it wraps into one
 tensor, which asks two things of a 4-bit base with adapters:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from qadapt import distributed
+from qadapt.training import distributed
 from qadapt.base_identity import check_same_base
-from qadapt.checkpoint import (
+from qadapt.training.checkpoint import (
     OPTIMIZER_FILE,
     RNG_FILE,
     Progress,

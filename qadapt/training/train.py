@@ -1,6 +1,6 @@
 """One training loop for every adapter kind: setup → loop (accumulate, backward, clip, step, log,
-eval, checkpoint) → finish. A run resumes from its checkpoints (qadapt.resume) and stops cleanly on
-Ctrl-C / SIGTERM (qadapt.stop_signals); the loss of a step is qadapt.loss's.
+eval, checkpoint) → finish. A run resumes from its checkpoints (qadapt.training.resume) and stops cleanly on
+Ctrl-C / SIGTERM (qadapt.training.stop_signals); the loss of a step is qadapt.training.loss's.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from qadapt import data as data_lib
-from qadapt import distributed
+from qadapt.training import distributed
 from qadapt.adapters import attach_adapters, count_parameters
 from qadapt.base_identity import base_identity
-from qadapt.checkpoint import (
+from qadapt.training.checkpoint import (
     Progress,
     checkpoint_folder,
     latest_checkpoint,
@@ -32,16 +32,16 @@ from qadapt.checkpoint import (
 from qadapt.console import say
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.files import atomic_file, write_errors_reported
-from qadapt.loss import accumulate_gradients, eval_loss
+from qadapt.training.loss import accumulate_gradients, eval_loss
 from qadapt.machine import describe as describe_machine
 from qadapt.models import load_base
 from qadapt.plan import choose_gradient_checkpointing
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
-from qadapt.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
+from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
 from qadapt.run_dir import MetricsLog, create_run_dir, save_adapter
 from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE, eval_dir
-from qadapt.stop_signals import EXIT_CODES, StopSignals
+from qadapt.training.stop_signals import EXIT_CODES, StopSignals
 from qadapt.tasks import EvalOptions, LoadedModel, Task, TrainingData, task_named
 
 
