@@ -25,7 +25,8 @@ _FINAL_ANSWER = re.compile(r"The answer is [^\n]*\.?\s*$")
 def multiple_choice_copies(records: list[dict], share: float, seed: int) -> list[dict]:
     """Five-option copies of a seeded `share` of the records whose answer is a number."""
     rng = random.Random(seed)
-    numeric = [r for r in records if _as_number(r["answer"]) is not None and _FINAL_ANSWER.search(r["output"])]
+    numeric = [r for r in records  # conversations have no single answer
+               if _as_number(r.get("answer")) is not None and _FINAL_ANSWER.search(r["output"])]
     chosen = rng.sample(numeric, round(share * len(numeric)))
     return [_with_choices(record, rng) for record in chosen]
 

@@ -7,6 +7,9 @@ Every source becomes records in the LLM-Adapters format — instruction, input, 
   annotations, then "The answer is N.";
 - an LLM-Adapters / Alpaca JSON or JSONL file (`instruction`, `input`, `output`, `answer`);
 - a datasets-hub id, `name` or `name:config` (e.g. `openai/gsm8k:main`), in either format.
+A file of conversations (OpenAI `messages`, ShareGPT `conversations`, `prompt` / `completion`) becomes
+records {"messages": [...]} instead (qadapt.conversations), rendered by the chat template with the loss on
+the assistant's turns.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from qadapt import arithmetic, word_problems
+from qadapt import arithmetic, conversations, word_problems
 from qadapt.console import say
 from qadapt.errors import QadaptError
 
@@ -58,11 +61,13 @@ def alpaca_chat_template() -> str:
     )
 
 
-def load_examples(path: str, split: str = "train", bad_rows: str = "fail") -> list[dict]:
-    """Records (instruction, input, output, answer) from a built-in set, a file or a hub dataset.
+def load_examples(path: str, split: str = "train", bad_rows: str = "fail", form: str = "auto") -> list[dict]:
+    """Records (instruction, input, output, answer; or a conversation's messages) from a built-in set, a file
+    or a hub dataset.
 
-    A malformed row (not JSON, not an object of a known format) is an error naming the file and line,
-    or with `bad_rows="skip"` is dropped and counted.
+    `form` is the rows' format (qadapt.recipe.DataFormat); `auto` reads it off the file's first row.
+    A malformed row (not JSON, not an object of the format) is an error naming the file and line, or with
+    `bad_rows="skip"` is dropped and counted.
     """
     if path.startswith("builtin:"):
         if path not in BUILTIN_SETS:
@@ -79,9 +84,13 @@ def load_examples(path: str, split: str = "train", bad_rows: str = "fail") -> li
         rows, source = [(index, row, None) for index, row in enumerate(_load_hub_dataset(path, split), 1)], path
     if not rows:
         raise QadaptError(f"no examples in {source}")
+    if form == "auto":
+        form = next((conversations.row_format(row) or "instruction" for _, row, problem in rows if not problem),
+                    "instruction")
+    read = _to_record if form == "instruction" else lambda row: conversations.to_conversation(row, form)
     records, bad = [], []
     for line, row, problem in rows:
-        record, problem = (None, problem) if problem else _to_record(row)
+        record, problem = (None, problem) if problem else read(row)
         if problem and bad_rows == "fail":
             raise QadaptError(f"{source}:{line}: {problem} (data.bad_rows=skip drops such rows)")
         if problem:
@@ -168,8 +177,13 @@ def gsm8k_record(question: str, answer: str) -> dict:
 
 
 def normalized_question(record: dict) -> str:
-    """A record's question as compared across data sets: lower case, words and numbers only."""
-    text = f"{record['instruction']} {record.get('input') or ''}".lower()
+    """A record's question as compared across data sets: lower case, words and numbers only.
+
+    A conversation's question is its first user turn."""
+    if "messages" in record:
+        text = next((m["content"] for m in record["messages"] if m["role"] == "user"), "").lower()
+    else:
+        text = f"{record['instruction']} {record.get('input') or ''}".lower()
     return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text))
 
 
@@ -206,6 +220,15 @@ def prompt_text(record: dict, template: str, tokenizer) -> str:
     raise QadaptError(f"unknown template {template!r}; choose alpaca or chat")
 
 
+def conversation_template(template: str, tokenizer) -> tuple[str, str]:
+    """(Jinja chat template, its name for messages) that renders conversations under data.template."""
+    if template == "alpaca":
+        return alpaca_chat_template(), "alpaca"
+    if not getattr(tokenizer, "chat_template", None):
+        raise QadaptError("data.template is chat but the tokenizer has no chat template; use alpaca")
+    return tokenizer.chat_template, f"of {getattr(tokenizer, 'name_or_path', 'the tokenizer') or 'the tokenizer'}"
+
+
 @dataclass
 class TokenizedData:
     rows: list[dict]  # input_ids and labels, lists of ints
@@ -213,16 +236,35 @@ class TokenizedData:
     dropped: int  # examples whose response did not fit at all
 
 
-def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, train_on_inputs: bool) -> TokenizedData:
-    """Prompt + response + EOS, cut at cutoff_len; labels IGNORE_INDEX on the prompt unless train_on_inputs."""
-    prompts = [prompt_text(r, template, tokenizer) for r in records]
-    # A chat template writes its own special tokens; the Alpaca text gets the tokenizer's (e.g. BOS).
-    prompt_ids = tokenizer(prompts, add_special_tokens=template == "alpaca")["input_ids"]
-    response_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, train_on_inputs: bool,
+             train_on: str = "assistant") -> TokenizedData:
+    """Prompt + response + EOS, cut at cutoff_len; labels IGNORE_INDEX on the prompt unless train_on_inputs.
+
+    A conversation is rendered whole by the chat template (the tokenizer's, or the Alpaca one), its loss on
+    the assistant's turns (`train_on`: every one, or the last).
+    """
+    talks = [i for i, r in enumerate(records) if "messages" in r]
+    pairs = [i for i, r in enumerate(records) if "messages" not in r]
+    examples: dict[int, tuple[list[int], list[int]]] = {}
+    if pairs:
+        prompts = [prompt_text(records[i], template, tokenizer) for i in pairs]
+        # A chat template writes its own special tokens; the Alpaca text gets the tokenizer's (e.g. BOS).
+        prompt_ids = tokenizer(prompts, add_special_tokens=template == "alpaca")["input_ids"]
+        response_ids = tokenizer([records[i]["output"] for i in pairs], add_special_tokens=False)["input_ids"]
+        for i, prompt, response in zip(pairs, prompt_ids, response_ids):
+            input_ids = prompt + response + [tokenizer.eos_token_id]
+            examples[i] = input_ids, [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
+    if talks:
+        chat_template, name = conversation_template(template, tokenizer)
+        for i in talks:
+            rendered = conversations.render(records[i]["messages"], tokenizer, chat_template, name, train_on)
+            examples[i] = rendered.input_ids, [t if on else IGNORE_INDEX
+                                               for t, on in zip(rendered.input_ids, rendered.trained)]
     rows, truncated, dropped = [], 0, 0
-    for prompt, response in zip(prompt_ids, response_ids):
-        input_ids = prompt + response + [tokenizer.eos_token_id]
-        labels = (list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):])
+    for i in range(len(records)):
+        input_ids, labels = examples[i]
+        if train_on_inputs:
+            labels = list(input_ids)
         if len(input_ids) > cutoff_len:
             truncated += 1
             input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]

@@ -21,6 +21,7 @@ Quant = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 Template = Literal["alpaca", "chat"]
+DataFormat = Literal["auto", "instruction", "messages", "sharegpt", "prompt_completion"]
 Task = Literal["causal-lm", "token-classification"]
 
 
@@ -101,6 +102,12 @@ class DataConfig:
     """Split of a hub dataset or of the built-in problems."""
     template: Template = "alpaca"
     """Prompt template: the paper's Alpaca template or the tokenizer's chat template."""
+    format: DataFormat = "auto"
+    """The rows' format: `auto` reads it off each file's first row; `instruction` (LLM-Adapters / Alpaca, or
+    GSM8K), or a conversation: `messages` (OpenAI roles), `sharegpt` (`conversations` with `from` / `value`),
+    `prompt_completion` (strings or message lists)."""
+    train_on: Literal["assistant", "last"] = "assistant"
+    """Of a conversation, the loss goes on every assistant turn and its end-of-turn marks, or on the last one."""
     cutoff_len: int = 256
     """Longest example in tokens; longer ones are cut (and counted)."""
     train_on_inputs: bool = False

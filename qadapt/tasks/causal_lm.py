@@ -69,14 +69,14 @@ def instruction_rows(recipe, tokenizer, eval_records: dict[str, list[dict]]) -> 
     """(rows, what was cut) of templated instruction data; the eval sets' questions are counted in it
     (and dropped with data.exclude_eval_overlap)."""
     d = recipe.data
-    records = read_sources(d.sources, lambda source: data_lib.load_examples(source, d.split, d.bad_rows))
+    records = read_sources(d.sources, lambda source: data_lib.load_examples(source, d.split, d.bad_rows, d.format))
     if eval_records:
         records = data_lib.eval_overlap(records, eval_records, d.exclude_eval_overlap)
     if d.multiple_choice:
         copies = multiple_choice_copies(records, d.multiple_choice, recipe.train.seed)
         say(f"data: {len(copies):,} five-option copies of numeric problems (data.multiple_choice={d.multiple_choice})")
         records += copies
-    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs)
+    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs, d.train_on)
     if not tokenized.rows:
         raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {', '.join(d.sources)}: no "
                           "example keeps a response token to learn from; raise data.cutoff_len")

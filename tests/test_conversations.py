@@ -1,0 +1,151 @@
+"""Conversations: three formats read to one shape, and the loss on exactly the assistant's turns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import train_tiny_run
+from qadapt import data as D
+from qadapt.errors import QadaptError
+
+TALK = [
+    {"role": "system", "content": "You answer in one sentence."},
+    {"role": "user", "content": "Mia has 3 apples and buys 4 more. How many does she have?"},
+    {"role": "assistant", "content": "3 + 4 = 7, so she has 7 apples."},
+    {"role": "user", "content": "She eats 2. How many are left?"},
+    {"role": "assistant", "content": "7 - 2 = 5 apples are left."},
+]
+SHAREGPT_SPEAKERS = {"system": "system", "user": "human", "assistant": "gpt"}
+
+# Chat templates of other families, written the way those families write their turns.
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
+          "+ m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+GEMMA = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+         "{{ '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+           "{% elif m['role'] == 'assistant' %}{% if loop.previtem is defined and loop.previtem['role'] == 'assistant' %}"
+           "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+           "{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+# A thinking template that drops the reasoning of earlier assistant turns (as Qwen3's does).
+THINKING = ("{% for m in messages %}{% set content = m['content'] %}"
+            "{% if m['role'] == 'assistant' and not loop.last %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+            "{{ '<|im_start|>' + m['role'] + '\\n' + content + '<|im_end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MARKS = {"llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+         "gemma": ["<start_of_turn>", "<end_of_turn>"], "mistral": ["[INST]", "[/INST]"], "thinking": []}
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def trained_text(tokenizer, row) -> str:
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != D.IGNORE_INDEX])
+
+
+@pytest.fixture(scope="module")
+def family_tokenizer(smol_tokenizer, tmp_path_factory):
+    """The embedded tokenizer with another family's chat template and turn markers, saved and read back."""
+    def make(family: str):
+        folder = tmp_path_factory.mktemp(family)
+        tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer.name_or_path)
+        tokenizer.add_special_tokens({"additional_special_tokens": MARKS[family]})
+        tokenizer.chat_template = {"llama3": LLAMA3, "gemma": GEMMA, "mistral": MISTRAL, "thinking": THINKING}[family]
+        if family == "llama3":
+            tokenizer.eos_token = "<|eot_id|>"
+        tokenizer.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
+    return make
+
+
+def test_the_same_conversation_in_three_formats_gives_the_same_tokens_and_mask(tmp_path, smol_tokenizer):
+    sharegpt = {"conversations": [{"from": SHAREGPT_SPEAKERS[m["role"]], "value": m["content"]} for m in TALK]}
+    prompt_completion = {"prompt": TALK[:-1], "completion": TALK[-1]["content"]}
+    rows = {}
+    for name, row in [("messages", {"messages": TALK}), ("sharegpt", sharegpt), ("pc", prompt_completion)]:
+        records = D.load_examples(write_rows(tmp_path / f"{name}.jsonl", [row]))
+        assert records == [{"messages": TALK}]
+        rows[name] = D.tokenize(records, smol_tokenizer, "chat", 512, False).rows
+    assert rows["messages"] == rows["sharegpt"] == rows["pc"]
+    assert trained_text(smol_tokenizer, rows["messages"][0]) == "".join(
+        m["content"] + "<|im_end|>" for m in TALK if m["role"] == "assistant")
+
+
+def test_a_run_trains_on_a_conversation_file(tmp_path, tiny_llama_dir, capsys):
+    # The tiny LLaMA carries the embedded tokenizer and its chat template; NF4, the real quantized path.
+    path = write_rows(tmp_path / "talks.jsonl", [{"messages": TALK}] * 6)
+    run = train_tiny_run(tmp_path / "run", tiny_llama_dir, data={"path": path, "template": "chat", "val_size": 2},
+                         train={"max_steps": 2})
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["last_loss"] > 0
+    assert "data: 4 training examples, 2 held out for eval loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_every_assistant_turn_is_trained_with_its_end_of_turn_mark_and_nothing_else(smol_tokenizer, template):
+    row = D.tokenize([{"messages": TALK}], smol_tokenizer, template, 512, False).rows[0]
+    answers = [m["content"] for m in TALK if m["role"] == "assistant"]
+    assert trained_text(smol_tokenizer, row) == "".join(a + smol_tokenizer.eos_token for a in answers)
+    last = D.tokenize([{"messages": TALK}], smol_tokenizer, template, 512, False, train_on="last").rows[0]
+    assert trained_text(smol_tokenizer, last) == answers[-1] + smol_tokenizer.eos_token
+    everything = D.tokenize([{"messages": TALK}], smol_tokenizer, template, 512, True).rows[0]
+    assert everything["labels"] == everything["input_ids"]
+
+
+@pytest.mark.parametrize("family, end", [("llama3", "<|eot_id|>"), ("gemma", "<end_of_turn>"), ("mistral", None)])
+def test_other_families_templates_mark_exactly_the_assistant_turns(family_tokenizer, family, end):
+    tokenizer = family_tokenizer(family)
+    talk = TALK[1:] if family == "mistral" else TALK  # that template has no system turn
+    row = D.tokenize([{"messages": talk}], tokenizer, "chat", 512, False).rows[0]
+    end = end or tokenizer.eos_token
+    prefix = " " if family == "mistral" else ""  # [/INST] and the answer are one space apart
+    assert trained_text(tokenizer, row) == "".join(prefix + m["content"] + end for m in talk if m["role"] == "assistant")
+
+
+def test_a_template_that_forbids_two_assistant_turns_in_a_row_says_so(family_tokenizer):
+    talk = [TALK[1], TALK[2], {"role": "assistant", "content": "Anything else?"}]
+    with pytest.raises(QadaptError, match="cannot render this conversation: roles must alternate user/assistant"):
+        D.tokenize([{"messages": talk}], family_tokenizer("mistral"), "chat", 512, False)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_unless_only_the_last_is_trained(family_tokenizer):
+    tokenizer = family_tokenizer("thinking")
+    talk = [TALK[1], {"role": "assistant", "content": "<think>3 and 4</think>7 apples."},
+            TALK[3], {"role": "assistant", "content": "<think>7 less 2</think>5 apples."}]
+    with pytest.raises(QadaptError, match="does not render a conversation's beginning as the beginning of the whole "
+                                          r"\(at turn 2\).*data.train_on: last"):
+        D.tokenize([{"messages": talk}], tokenizer, "chat", 512, False)
+    row = D.tokenize([{"messages": talk}], tokenizer, "chat", 512, False, train_on="last").rows[0]
+    assert trained_text(tokenizer, row) == "<think>7 less 2</think>5 apples.<|im_end|>"
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"messages": []}, "the conversation is empty"),
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "the conversation has no assistant turn to learn from"),
+    ({"messages": [{"role": "bot", "content": "Hi"}]}, "messages\\[1\\] has role 'bot', not one of system, user"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages\\[1\\] \\(user\\) has no text content"),
+    ({"conversations": [{"from": "robot", "value": "Hi"}]}, "conversations\\[1\\] is from 'robot'"),
+])
+def test_a_bad_conversation_names_its_file_line_and_problem(tmp_path, row, problem):
+    good = {"messages": TALK} if "messages" in row else {"conversations": [
+        {"from": SHAREGPT_SPEAKERS[m["role"]], "value": m["content"]} for m in TALK]}
+    path = write_rows(tmp_path / "talks.jsonl", [good, row])
+    with pytest.raises(QadaptError, match=f"talks.jsonl:2: {problem}"):
+        D.load_examples(path)
+    assert D.load_examples(path, bad_rows="skip") == [{"messages": TALK}]
+
+
+def test_a_file_keeps_one_format(tmp_path):
+    path = write_rows(tmp_path / "mixed.jsonl", [{"messages": TALK}, {"instruction": "2+2?", "output": "4"}])
+    with pytest.raises(QadaptError, match="mixed.jsonl:2: the example has fields \\['instruction', 'output'\\], not "
+                                          "those of the file's format \\(messages: messages\\)"):
+        D.load_examples(path)
+    forced = write_rows(tmp_path / "forced.jsonl", [{"instruction": "2+2?", "output": "4"}])
+    with pytest.raises(QadaptError, match="forced.jsonl:1: .*not those of the file's format \\(sharegpt"):
+        D.load_examples(forced, form="sharegpt")
