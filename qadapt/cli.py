@@ -86,6 +86,26 @@ def check(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesAr
 
 
 @app.command()
+def data(
+    recipe: Path = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    show: int = typer.Option(3, help="How many training examples to print."),
+    as_json: bool = typer.Option(False, "--json", help="Print the examples' segments and the counts as JSON."),
+) -> None:
+    """Show the first training examples as the model sees them, the trained tokens marked, and the counts."""
+    import sys
+    from contextlib import redirect_stdout
+
+    from qadapt.recipe import load_recipe
+    from qadapt.show_data import data_view, format_view, to_json
+
+    with _user_errors():
+        with redirect_stdout(sys.stderr):  # what reading the data says goes beside the view, not into it
+            view = data_view(load_recipe(recipe, overrides or []), show)
+        typer.echo(to_json(view) if as_json else format_view(view, colour=sys.stdout.isatty()))
+
+
+@app.command()
 def plan(
     recipe: Path = RecipeArg,
     overrides: Optional[list[str]] = OverridesArg,

@@ -130,6 +130,9 @@ class RenderedConversation:
 def render(messages: list[dict], tokenizer, template: str, template_name: str, train_on: str = "assistant",
            **template_options) -> RenderedConversation:
     """The conversation's tokens as `template` (a Jinja chat template) writes them, and which are trained."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise QadaptError("conversations need a fast (Rust) tokenizer, which maps tokens back to the text; "
+                          f"{type(tokenizer).__name__} is not one")
     def text(turns: list[dict], generation_prompt: bool) -> str:
         try:
             return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,

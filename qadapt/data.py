@@ -3,6 +3,7 @@
 Every source becomes records in the LLM-Adapters format — instruction, input, output, answer:
 - `builtin:arithmetic`: generated word problems told one way (qadapt.arithmetic), offline;
 - `builtin:word-problems`: generated everyday word problems of many kinds and phrasings (qadapt.word_problems);
+- `builtin:conversations`: those stories with follow-up questions, as conversations (qadapt.conversation_problems);
 - a GSM8K JSONL file (`question`, `answer` ending "#### N"): the rationale without its calculator
   annotations, then "The answer is N.";
 - an LLM-Adapters / Alpaca JSON or JSONL file (`instruction`, `input`, `output`, `answer`);
@@ -23,13 +24,15 @@ from typing import Iterator
 
 import torch
 
-from qadapt import arithmetic, conversations, word_problems
+from qadapt import arithmetic, conversation_problems, conversations, word_problems
 from qadapt.console import say
 from qadapt.errors import QadaptError
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
 BUILTIN_WORD_PROBLEMS = "builtin:word-problems"
-BUILTIN_SETS = {BUILTIN_ARITHMETIC: arithmetic.problems, BUILTIN_WORD_PROBLEMS: word_problems.problems}
+BUILTIN_CONVERSATIONS = "builtin:conversations"
+BUILTIN_SETS = {BUILTIN_ARITHMETIC: arithmetic.problems, BUILTIN_WORD_PROBLEMS: word_problems.problems,
+                BUILTIN_CONVERSATIONS: conversation_problems.conversations}
 BUILTIN_SIZES = {"train": 4000, "test": 500}
 IGNORE_INDEX = -100  # label of a token that carries no loss
 
@@ -256,10 +259,12 @@ def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, tra
             examples[i] = input_ids, [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
     if talks:
         chat_template, name = conversation_template(template, tokenizer)
+        # The Alpaca text starts with the tokenizer's own special tokens (e.g. BOS), as a single turn does.
+        lead = tokenizer("", add_special_tokens=True)["input_ids"] if template == "alpaca" else []
         for i in talks:
             rendered = conversations.render(records[i]["messages"], tokenizer, chat_template, name, train_on)
-            examples[i] = rendered.input_ids, [t if on else IGNORE_INDEX
-                                               for t, on in zip(rendered.input_ids, rendered.trained)]
+            examples[i] = lead + rendered.input_ids, [IGNORE_INDEX] * len(lead) + [
+                t if on else IGNORE_INDEX for t, on in zip(rendered.input_ids, rendered.trained)]
     rows, truncated, dropped = [], 0, 0
     for i in range(len(records)):
         input_ids, labels = examples[i]
@@ -276,17 +281,35 @@ def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, tra
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is masked out of attention and loss."""
+    """Right-pad a micro-batch; padding is masked out of attention and loss.
+
+    Packed rows (qadapt.packing) also carry position ids; their padding gets positions from 0, so it is
+    a sequence of its own that no example attends to.
+    """
     width = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    packed = "position_ids" in rows[0]
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long) if packed else None
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.tensor(row["input_ids"])
         labels[i, :n] = torch.tensor(row["labels"])
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if packed:
+            position_ids[i, :n] = torch.tensor(row["position_ids"])
+            position_ids[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return batch | ({"position_ids": position_ids} if packed else {})
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model's forward takes of a batch: packed rows give position ids and no attention mask (so
+    transformers masks each example apart), others the attention mask."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def split_held_out(rows: list, size: int, seed: int) -> tuple[list, list]:

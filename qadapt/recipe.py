@@ -95,9 +95,10 @@ class AdapterConfig:
 @dataclass
 class DataConfig:
     path: Union[str, list[str]] = "builtin:arithmetic"
-    """`builtin:arithmetic`, `builtin:word-problems`, a GSM8K .jsonl, an LLM-Adapters .json, or a datasets-hub
-    id; for token classification a CoNLL file (word ... tag per line) or a hub id with `tokens` and `ner_tags`.
-    A list of them is read in turn and mixed into one training set."""
+    """`builtin:arithmetic`, `builtin:word-problems`, `builtin:conversations`, a GSM8K .jsonl, an LLM-Adapters
+    .json, a file of conversations (see `format`), or a datasets-hub id; for token classification a CoNLL file
+    (word ... tag per line) or a hub id with `tokens` and `ner_tags`. A list of them is read in turn and mixed
+    into one training set."""
     split: str = "train"
     """Split of a hub dataset or of the built-in problems."""
     template: Template = "alpaca"
@@ -108,6 +109,9 @@ class DataConfig:
     `prompt_completion` (strings or message lists)."""
     train_on: Literal["assistant", "last"] = "assistant"
     """Of a conversation, the loss goes on every assistant turn and its end-of-turn marks, or on the last one."""
+    packing: bool = False
+    """Pack several training examples into each row of up to `cutoff_len` tokens (causal LM), each example
+    masked apart from the others, instead of padding every row to the longest of its micro-batch."""
     cutoff_len: int = 256
     """Longest example in tokens; longer ones are cut (and counted)."""
     train_on_inputs: bool = False

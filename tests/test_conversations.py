@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import train_tiny_run
+from conftest import qadapt, train_tiny_run, write_tiny_recipe
 from qadapt import data as D
 from qadapt.errors import QadaptError
 
@@ -149,3 +149,44 @@ def test_a_file_keeps_one_format(tmp_path):
     forced = write_rows(tmp_path / "forced.jsonl", [{"instruction": "2+2?", "output": "4"}])
     with pytest.raises(QadaptError, match="forced.jsonl:1: .*not those of the file's format \\(sharegpt"):
         D.load_examples(forced, form="sharegpt")
+
+
+def test_qadapt_data_shows_the_trained_segments_and_the_counts(tmp_path, tiny_llama_dir, smol_tokenizer):
+    talks = [TALK, TALK[1:3]]
+    path = write_rows(tmp_path / "talks.jsonl", [{"messages": talk} for talk in talks])
+    recipe = write_tiny_recipe(tmp_path / "recipe.yaml", tiny_llama_dir, data={"path": path, "template": "chat"})
+    result = qadapt("data", str(recipe), "--show", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    shown = [[s["text"] for s in example["segments"] if s["trained"]] for example in view["examples"]]
+    assert shown == [[m["content"] + "<|im_end|>" for m in talk if m["role"] == "assistant"] for talk in talks]
+    rows = D.tokenize([{"messages": talk} for talk in talks], smol_tokenizer, "chat", 512, False).rows
+    assert "".join(s["text"] for s in view["examples"][0]["segments"]) == smol_tokenizer.decode(rows[0]["input_ids"])
+    assert view["counts"] == {"examples": 2, "held_out": 0, "tokens": sum(len(r["input_ids"]) for r in rows),
+                              "trained_tokens": sum(label != D.IGNORE_INDEX for r in rows for label in r["labels"]),
+                              "cut": 0, "dropped": 0}
+    plain = qadapt("data", str(recipe), "--show", "1")  # not a terminal: trained text in brackets
+    assert plain.returncode == 0, plain.stderr
+    assert f"[[{TALK[2]['content']}<|im_end|>]]" in plain.stdout and "--- example 2" not in plain.stdout
+    assert "2 training examples (0 held out)" in plain.stdout
+
+
+def test_the_built_in_conversations_follow_one_story_over_several_turns(smol_tokenizer):
+    train, test = (D.load_examples("builtin:conversations", split) for split in ("train", "test"))
+    assert len(train) == 4000 and len(test) == 500
+    assert D.load_examples("builtin:conversations", "test") == test  # deterministic
+    firsts = {split: {next(m["content"] for m in r["messages"] if m["role"] == "user") for r in rows}
+              for split, rows in (("train", train), ("test", test))}
+    assert not firsts["train"] & firsts["test"]
+    assert 0.25 < sum(r["messages"][0]["role"] == "system" for r in train) / len(train) < 0.42
+    for record in train[:200]:
+        turns = [m for m in record["messages"] if m["role"] != "system"]
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2) and len(turns) >= 4
+        assert all(m["content"].rstrip(".").rsplit("The answer is ", 1)[1] for m in turns if m["role"] == "assistant")
+    row = D.tokenize(train[:1], smol_tokenizer, "chat", 512, False).rows[0]
+    assert trained_text(smol_tokenizer, row) == "".join(
+        m["content"] + "<|im_end|>" for m in train[0]["messages"] if m["role"] == "assistant")
+    with pytest.raises(QadaptError, match="builtin:conversations is a set of conversations, not of problems"):
+        from qadapt.tasks.math_sets import load_eval_set
+
+        load_eval_set("builtin:conversations")

@@ -72,3 +72,22 @@ def test_peer_fidelity_trains_peft_at_the_recipes_budget_and_scores_it_as_a_run(
     assert again.returncode == 0 and "peft: continuing from step 2" in again.stdout, again.stderr[-2000:]
     assert (work / "adapter" / "adapter_model.safetensors").read_bytes() == finished
     assert [loss for _, loss in read_run(out)["losses"]] == [loss for _, loss in run["losses"]]
+
+
+def test_bench_packing_trains_both_sides_and_records_the_ratios(tiny_llama_dir, tmp_path):
+    import json
+    import subprocess
+
+    from conftest import write_tiny_recipe
+
+    recipe = write_tiny_recipe(tmp_path / "tiny.yaml", tiny_llama_dir, data={"max_examples": 24, "val_size": 4})
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_packing.py"), str(recipe), "--steps", "2",
+                             "--out", str(tmp_path / "bench"), "--json", str(tmp_path / "packing.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "packing.json").read_text())
+    assert figures["unpacked"]["steps"] == figures["packed"]["steps"] == 2
+    # A packed step holds several examples per row: more real tokens in the same number of steps.
+    assert figures["packed"]["tokens_seen"] > figures["unpacked"]["tokens_seen"]
+    assert set(figures["packed_over_unpacked"]) == {"tokens_per_s", "s_per_step", "peak_memory_mb", "eval_loss"}
+    assert figures["machine"]["cpu"] and "cpu_capability" in figures["machine"]

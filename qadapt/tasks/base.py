@@ -28,6 +28,8 @@ class TrainingData:
     train_rows: list[dict]
     val_rows: list[dict]  # held out for the eval loss
     labels: list[str] | None  # the outputs of a head the task adds (token classification), else None
+    cut: int = 0  # examples cut at data.cutoff_len
+    dropped: int = 0  # examples left with nothing to learn from
 
 
 @dataclass
@@ -136,8 +138,9 @@ def read_sources(sources: list[str], read) -> list:
     return [example for part in parts for example in part]
 
 
-def split_rows(recipe, rows: list[dict], labels: list[str] | None, cut: str) -> TrainingData:
-    """Hold out the eval-loss rows, apply data.max_examples, and say what the data gave."""
+def split_rows(recipe, rows: list[dict], labels: list[str] | None, cut: str, counts: tuple[int, int]) -> TrainingData:
+    """Hold out the eval-loss rows, apply data.max_examples, and say what the data gave (`cut`, and as
+    `counts` the examples cut and dropped)."""
     d = recipe.data
     train_rows, val_rows = data_lib.split_held_out(rows, d.val_size, seed=recipe.train.seed)
     if d.max_examples:
@@ -146,7 +149,7 @@ def split_rows(recipe, rows: list[dict], labels: list[str] | None, cut: str) -> 
         raise QadaptError(f"no training examples left in {', '.join(d.sources)} after holding out {len(val_rows)}")
     say(f"data: {len(train_rows)} training examples, {len(val_rows)} held out for eval loss; {cut}"
         + (f"; {len(labels)} labels: {', '.join(labels)}" if labels else ""))
-    return TrainingData(train_rows, val_rows, labels)
+    return TrainingData(train_rows, val_rows, labels, *counts)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -17,6 +17,7 @@ from qadapt import data as data_lib
 from qadapt.choices import multiple_choice_copies
 from qadapt.console import say
 from qadapt.errors import QadaptError
+from qadapt.packing import pack, refuse_unpackable
 from qadapt.tasks.base import EvalOptions, Task, TrainingData, read_sources, split_rows
 from qadapt.tasks.math_sets import load_eval_set, score_math_sets
 
@@ -45,8 +46,13 @@ class CausalLM(Task):
     def training_data(self, recipe, tokenizer) -> TrainingData:
         # A wrong eval set fails now, not after training; its questions are counted in the training data.
         eval_sets = [load_eval_set(spec) for spec in recipe.eval.sets]
-        rows, cut = instruction_rows(recipe, tokenizer, {s.name: s.records for s in eval_sets})
-        return split_rows(recipe, rows, None, cut)
+        tokenized = instruction_rows(recipe, tokenizer, {s.name: s.records for s in eval_sets})
+        d = recipe.data
+        cut = (f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} dropped (no response left)")
+        data = split_rows(recipe, tokenized.rows, None, cut, (tokenized.truncated, tokenized.dropped))
+        if d.packing:
+            data.train_rows = packed_rows(recipe, data.train_rows)
+        return data
 
     def summed_loss(self, model, batch: dict) -> torch.Tensor:
         return summed_token_loss(model, batch)
@@ -65,9 +71,22 @@ class CausalLM(Task):
         return score_math_sets(target, specs, options, out, load)
 
 
-def instruction_rows(recipe, tokenizer, eval_records: dict[str, list[dict]]) -> tuple[list[dict], str]:
-    """(rows, what was cut) of templated instruction data; the eval sets' questions are counted in it
-    (and dropped with data.exclude_eval_overlap)."""
+def packed_rows(recipe, rows: list[dict]) -> list[dict]:
+    """The training rows packed (qadapt.packing), for a model whose layers all attend."""
+    from qadapt.models import load_config
+
+    d = recipe.data
+    refuse_unpackable(load_config(recipe.model))
+    packed = pack(rows, d.cutoff_len, recipe.train.seed)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    say(f"data: packed {len(rows):,} examples into {len(packed):,} rows of up to {d.cutoff_len} tokens "
+        f"({tokens / (len(packed) * d.cutoff_len):.0%} full)")
+    return packed
+
+
+def instruction_rows(recipe, tokenizer, eval_records: dict[str, list[dict]]) -> data_lib.TokenizedData:
+    """Templated instruction data (or conversations); the eval sets' questions are counted in it (and
+    dropped with data.exclude_eval_overlap)."""
     d = recipe.data
     records = read_sources(d.sources, lambda source: data_lib.load_examples(source, d.split, d.bad_rows, d.format))
     if eval_records:
@@ -80,8 +99,7 @@ def instruction_rows(recipe, tokenizer, eval_records: dict[str, list[dict]]) -> 
     if not tokenized.rows:
         raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {', '.join(d.sources)}: no "
                           "example keeps a response token to learn from; raise data.cutoff_len")
-    return tokenized.rows, (f"{tokenized.truncated} cut at {d.cutoff_len} tokens, {tokenized.dropped} "
-                            "dropped (no response left)")
+    return tokenized
 
 
 def summed_token_loss(model, batch: dict) -> torch.Tensor:
@@ -96,11 +114,12 @@ def summed_token_loss(model, batch: dict) -> torch.Tensor:
     from qadapt.adapters import FAMILIES
 
     labels = batch["labels"][:, 1:].flatten()
+    inputs = data_lib.model_inputs(batch)
     if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAMILIES:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**inputs).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels,
                                ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    hidden = model.base_model(**inputs)[0]
     hidden, head = hidden[:, :-1].flatten(0, 1), model.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.numel(), LOSS_CHUNK_TOKENS):

@@ -36,6 +36,9 @@ class EvalSet:
 def load_eval_set(spec: str, limit: int | None = None) -> EvalSet:
     """The first `limit` problems of a set (the test split of a built-in or hub set)."""
     records = load_examples(spec, split="test")[:limit]
+    if any("messages" in r for r in records):
+        raise QadaptError(f"{spec} is a set of conversations, not of problems with an answer; score on single "
+                          "questions (builtin:word-problems, a GSM8K or LLM-Adapters file)")
     raw = [r["answer"].strip() for r in records]
     multiple_choice = all(len(a) == 1 and a in "ABCDE" for a in raw)
     golds: list[float | str] = []

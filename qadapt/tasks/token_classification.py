@@ -282,12 +282,15 @@ class TokenClassification(Task):
 
     def training_data(self, recipe, tokenizer) -> TrainingData:
         d = recipe.data
+        if d.packing:
+            raise QadaptError("data.packing packs examples for a causal LM; a token-classification encoder attends "
+                              "both ways and needs its sentences apart: set data.packing: false")
         self.check_eval_sets(recipe.eval.sets)  # a wrong eval set fails now, not after training
         sentences = read_sources(d.sources, lambda source: load_sentences(source, d.split))
         labels = label_names(sentences)
         tagged = tokenize_sentences(sentences, tokenizer, labels, d.cutoff_len)
         cut = f"{tagged.truncated} with words cut off at {d.cutoff_len} tokens"
-        return split_rows(recipe, tagged.rows, labels, cut)
+        return split_rows(recipe, tagged.rows, labels, cut, (tagged.truncated, 0))
 
     def summed_loss(self, model, batch: dict) -> torch.Tensor:
         return summed_tag_loss(model, batch)

@@ -1,0 +1,62 @@
+"""`qadapt data`: the first training examples as the model sees them, the trained tokens marked.
+
+The rows are the run's own: read, templated, tokenized, masked and split by the recipe's task exactly as
+`qadapt train` would, without loading the model. Each example becomes segments of consecutive tokens
+that are all trained or all not, decoded; users check their loss masks here before a long run.
+"""
+
+from __future__ import annotations
+
+import json
+
+from qadapt.data import IGNORE_INDEX
+from qadapt.recipe import Recipe
+from qadapt.tasks import task_named
+
+COLOUR = ("\033[32m", "\033[0m")  # trained text in green on a terminal
+BRACKETS = ("[[", "]]")  # elsewhere, trained text in double brackets
+
+
+def data_view(recipe: Recipe, show: int) -> dict:
+    """{"examples": [{"segments": [{"text", "trained"}, ...]}, ...], "counts": {...}} of the first `show`."""
+    task = task_named(recipe.task)
+    tokenizer = task.load_tokenizer(recipe.model)
+    data = task.training_data(recipe, tokenizer)
+    rows = data.train_rows
+    counts = {
+        "examples": len(rows), "held_out": len(data.val_rows),
+        "tokens": sum(len(r["input_ids"]) for r in rows),
+        "trained_tokens": sum(label != IGNORE_INDEX for r in rows for label in r["labels"]),
+        "cut": data.cut, "dropped": data.dropped,
+    }
+    return {"examples": [{"segments": segments(row, tokenizer)} for row in rows[:show]], "counts": counts}
+
+
+def segments(row: dict, tokenizer) -> list[dict]:
+    """The row's tokens in runs of the same trained flag, each run decoded."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    return [{"text": tokenizer.decode(ids), "trained": trained} for trained, ids in runs]
+
+
+def format_view(view: dict, colour: bool) -> str:
+    start, end = COLOUR if colour else BRACKETS
+    blocks = []
+    for number, example in enumerate(view["examples"], 1):
+        text = "".join(f"{start}{s['text']}{end}" if s["trained"] else s["text"] for s in example["segments"])
+        blocks.append(f"--- example {number} ---\n{text}")
+    c = view["counts"]
+    marked = "green" if colour else f"{start}...{end}"
+    blocks.append(f"--- {c['examples']:,} training examples ({c['held_out']:,} held out), {c['tokens']:,} tokens, "
+                  f"{c['trained_tokens']:,} trained ({marked}); {c['cut']:,} cut at the cut-off, {c['dropped']:,} "
+                  "dropped ---")
+    return "\n".join(blocks)
+
+
+def to_json(view: dict) -> str:
+    return json.dumps(view, ensure_ascii=False, indent=1)
