@@ -1,10 +1,11 @@
 """Packing measured: one recipe trained unpacked and packed, the same steps on the same data, side by side.
 
     .venv/bin/python tools/bench_packing.py recipes/gsm8k-lora.yaml --steps 20 --out runs/bench-packing \\
-        [--json docs/packing.json] [override ...]
+        [--json docs/packing.json] [--packed KEY=VALUE ...] [override ...]
 
 Each side is an ordinary `qadapt train` run in its own process (so each peak resident memory is its own),
-with `data.packing` false, then true; nothing else changes. From each run's summary: non-padding tokens
+with `data.packing` false, then true; nothing else changes but the `--packed` overrides (e.g. fewer,
+longer rows per micro-batch: `--packed train.micro_batch_size=1` beside `data.cutoff_len=1024`). From each run's summary: non-padding tokens
 per second, seconds per step, peak memory and the held-out loss at the end, and the packed / unpacked
 ratios. The machine (CPU model and capability, or GPU) is recorded beside the figures.
 """
@@ -43,12 +44,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--packed", action="append", default=[], metavar="KEY=VALUE",
+                        help="An override for the packed side only; repeatable.")
     args = parser.parse_args()
-    sides = {name: train(args.recipe, args.out / name, args.steps, name == "packed", args.overrides)
-             for name in ("unpacked", "packed")}
+    sides = {"unpacked": train(args.recipe, args.out / "unpacked", args.steps, False, args.overrides),
+             "packed": train(args.recipe, args.out / "packed", args.steps, True, args.overrides + args.packed)}
     ratios = {key: sides["packed"][key] / sides["unpacked"][key] for key in FIGURES
               if sides["packed"][key] is not None and sides["unpacked"][key]}
-    result = {"recipe": str(args.recipe), "overrides": args.overrides, "steps": args.steps, "machine": describe(),
+    result = {"recipe": str(args.recipe), "overrides": args.overrides, "packed_overrides": args.packed,
+              "steps": args.steps, "machine": describe(),
               **sides, "packed_over_unpacked": ratios}
     print(json.dumps(result, indent=2))
     if args.json:
