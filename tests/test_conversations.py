@@ -190,3 +190,18 @@ def test_the_built_in_conversations_follow_one_story_over_several_turns(smol_tok
         from qadapt.tasks.math_sets import load_eval_set
 
         load_eval_set("builtin:conversations")
+
+
+def test_a_wordpiece_tokenizer_marks_the_same_turns():
+    # The embedded encoder's uncased WordPiece tokenizer, with a template of its own special tokens.
+    from qadapt import conversations
+    from qadapt.models import load_tokenizer
+    from qadapt.recipe import ModelConfig
+
+    tokenizer = load_tokenizer(ModelConfig(name="all-minilm-l6-v2"), generates=False)
+    template = ("{% for m in messages %}{{ '[CLS] ' + m['role'] + ': ' + m['content'] + ' [SEP] ' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '[CLS] assistant: ' }}{% endif %}")
+    rendered = conversations.render(TALK, tokenizer, template, "wordpiece")
+    trained = tokenizer.decode([t for t, on in zip(rendered.input_ids, rendered.trained) if on])
+    expected = " ".join(m["content"] + " [SEP]" for m in TALK if m["role"] == "assistant")
+    assert trained == tokenizer.decode(tokenizer(expected, add_special_tokens=False)["input_ids"])
