@@ -200,10 +200,13 @@ def chat(
     max_new_tokens: int = MaxNewTokensOption,
     quant: str = QuantOption,
     template: Optional[str] = TemplateOption,
+    history: bool = typer.Option(False, "--history", help="Keep the conversation: each answer sees the turns "
+                                 "before it, rendered by the run's chat template as in training."),
 ) -> None:
     """Try an adapter interactively: each line you type is answered; an empty line or Ctrl-D ends."""
     with _user_errors():
-        answer = _answerer(target, max_new_tokens, quant, template)
+        answer = _conversation(target, max_new_tokens, quant, template) if history else _answerer(
+            target, max_new_tokens, quant, template)
         while True:
             try:
                 prompt = input("you> ").strip()
@@ -283,6 +286,22 @@ def import_peft(
 
     with _user_errors():
         run_import(peft_dir, out, base, quant, template)
+
+
+def _conversation(target: str, max_new_tokens: int, quant: str, template: Optional[str]):
+    """Load the target once; return a function answering each line with the conversation so far."""
+    from qadapt.inference.loader import load_target
+    from qadapt.tasks.math_sets import answer_conversation
+
+    loaded, messages = load_target(target, quant, template), []
+
+    def answer(prompt: str) -> str:
+        messages.append({"role": "user", "content": prompt})
+        reply = answer_conversation(loaded.model, loaded.tokenizer, loaded.template, messages, max_new_tokens)
+        messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    return answer
 
 
 def _answerer(target: str, max_new_tokens: int, quant: str, template: Optional[str]):

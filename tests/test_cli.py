@@ -140,6 +140,18 @@ def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout == "you> " + expected[0] + "\nyou> " + expected[1] + "\nyou> "
 
+    # --history: the second answer sees the first exchange, rendered as training renders a conversation.
+    from qadapt.tasks.math_sets import answer_conversation
+
+    talk = [{"role": "user", "content": "Two plus two?"}]
+    first = answer_conversation(model, tokenizer, template, talk, max_new_tokens=6)
+    talk += [{"role": "assistant", "content": first}, {"role": "user", "content": "Three plus one?"}]
+    second = answer_conversation(model, tokenizer, template, talk, max_new_tokens=6)
+    kept = qadapt("chat", str(run), "--max-new-tokens", "6", "--history", stdin="Two plus two?\nThree plus one?\n\n")
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert kept.stdout == "you> " + first + "\nyou> " + second + "\nyou> "
+    assert first == expected[0]  # one Alpaca turn is the single-turn prompt
+
 
 @pytest.mark.slow
 def test_real_smollm2_merged_and_exported_answers_like_the_adapter(tmp_path):

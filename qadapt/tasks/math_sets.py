@@ -60,6 +60,16 @@ def answer_prompts(model, tokenizer, template: str, instructions: list[str], max
     return _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done)
 
 
+def answer_conversation(model, tokenizer, template: str, messages: list[dict], max_new_tokens: int = 256) -> str:
+    """The next assistant turn of `messages`, greedily, the conversation rendered as training renders one."""
+    from qadapt.data import conversation_template
+
+    chat_template, _ = conversation_template(template, tokenizer)
+    prompt = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                           add_generation_prompt=True)
+    return _decode(model, tokenizer, template, [prompt], max_new_tokens, 1)[0]
+
+
 def _decode(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int, batch_size: int,
             on_done=None, calculator: bool = False) -> list[str]:
     # The chat template writes its own special tokens; the Alpaca text gets the tokenizer's, as in training.
