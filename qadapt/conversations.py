@@ -22,12 +22,10 @@ from dataclasses import dataclass
 
 from qadapt.errors import QadaptError
 
-FORMATS = ("messages", "sharegpt", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT's speaker names, as the peers read them (LLaMA-Factory, axolotl).
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "tool": "tool", "observation": "tool", "function_response": "tool"}
-TRAIN_ON = ("assistant", "last")  # every assistant turn, or only the last one
 
 
 def row_format(row) -> str | None:
@@ -127,16 +125,18 @@ class RenderedConversation:
     trained: list[bool]  # per token: part of a trained assistant turn
 
 
-def render(messages: list[dict], tokenizer, template: str, template_name: str, train_on: str = "assistant",
-           **template_options) -> RenderedConversation:
-    """The conversation's tokens as `template` (a Jinja chat template) writes them, and which are trained."""
+def render(messages: list[dict], tokenizer, template: str, template_name: str,
+           train_on: str = "assistant") -> RenderedConversation:
+    """The conversation's tokens as `template` (a Jinja chat template) writes them, and which are trained
+    (`train_on`: every assistant turn, or the last)."""
     if not getattr(tokenizer, "is_fast", False):
         raise QadaptError("conversations need a fast (Rust) tokenizer, which maps tokens back to the text; "
                           f"{type(tokenizer).__name__} is not one")
+
     def text(turns: list[dict], generation_prompt: bool) -> str:
         try:
             return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=generation_prompt, **template_options)
+                                                 add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja's TemplateError, or raise_exception() inside the template
             raise QadaptError(f"chat template {template_name} cannot render this conversation: {exc}") from None
 

@@ -215,11 +215,10 @@ def prompt_text(record: dict, template: str, tokenizer) -> str:
         form = ALPACA_PROMPT_WITH_INPUT if record["input"] else ALPACA_PROMPT
         return form.format(instruction=record["instruction"], input=record["input"])
     if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise QadaptError("data.template is chat but the tokenizer has no chat template; use alpaca")
         content = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
         messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, chat_template=_chat_template(tokenizer), tokenize=False,
+                                             add_generation_prompt=True)
     raise QadaptError(f"unknown template {template!r}; choose alpaca or chat")
 
 
@@ -227,9 +226,13 @@ def conversation_template(template: str, tokenizer) -> tuple[str, str]:
     """(Jinja chat template, its name for messages) that renders conversations under data.template."""
     if template == "alpaca":
         return alpaca_chat_template(), "alpaca"
+    return _chat_template(tokenizer), f"of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"
+
+
+def _chat_template(tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise QadaptError("data.template is chat but the tokenizer has no chat template; use alpaca")
-    return tokenizer.chat_template, f"of {getattr(tokenizer, 'name_or_path', 'the tokenizer') or 'the tokenizer'}"
+    return tokenizer.chat_template
 
 
 @dataclass

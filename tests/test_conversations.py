@@ -108,6 +108,16 @@ def test_other_families_templates_mark_exactly_the_assistant_turns(family_tokeni
     assert trained_text(tokenizer, row) == "".join(prefix + m["content"] + end for m in talk if m["role"] == "assistant")
 
 
+def test_an_alpaca_conversation_starts_with_the_tokenizers_own_special_tokens_as_a_single_turn_does(smol_tokenizer):
+    with_bos = AutoTokenizer.from_pretrained(smol_tokenizer.name_or_path, add_bos_token=True)
+    single = D.tokenize([{"instruction": TALK[1]["content"], "input": "", "output": TALK[2]["content"]}], with_bos,
+                        "alpaca", 512, False).rows[0]
+    talk = D.tokenize([{"messages": TALK[1:3]}], with_bos, "alpaca", 512, False).rows[0]
+    assert single["input_ids"][0] == talk["input_ids"][0] == with_bos.bos_token_id
+    assert talk["input_ids"][1] != with_bos.bos_token_id and talk["labels"][0] == D.IGNORE_INDEX
+    assert talk["input_ids"][:len(single["input_ids"]) - 8] == single["input_ids"][:-8]  # the same prompt
+
+
 def test_a_template_that_forbids_two_assistant_turns_in_a_row_says_so(family_tokenizer):
     talk = [TALK[1], TALK[2], {"role": "assistant", "content": "Anything else?"}]
     with pytest.raises(QadaptError, match="cannot render this conversation: roles must alternate user/assistant"):

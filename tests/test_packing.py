@@ -58,8 +58,9 @@ def logits_packed(model, row: dict) -> list[torch.Tensor]:
     return [logits[a:b] for a, b in zip(starts, starts[1:])]
 
 
-def test_packed_logits_and_losses_are_the_unpacked_ones(model, smol_tokenizer):
-    rows = rows_of(smol_tokenizer)
+@pytest.mark.parametrize("train_on_inputs", [False, True])  # True: every example's first token is a label
+def test_packed_logits_and_losses_are_the_unpacked_ones(model, smol_tokenizer, train_on_inputs):
+    rows = rows_of(smol_tokenizer, train_on_inputs=train_on_inputs)
     [packed] = pack(rows, 512, seed=0)
     order = [next(i for i, r in enumerate(rows) if r["input_ids"] == packed["input_ids"][a:a + len(r["input_ids"])])
              for a in [i for i, p in enumerate(packed["position_ids"]) if p == 0]]

@@ -106,10 +106,6 @@ class Task:
         raise NotImplementedError
 
     # --- scoring ---
-    def check_eval_sets(self, specs: list[str]) -> None:
-        """Read every eval set once, so a wrong one fails before a model is loaded or trained."""
-        raise NotImplementedError
-
     def evaluate(self, target: str, specs: list[str], options: EvalOptions, out: Path | None,
                  load: Callable[[], LoadedModel]) -> dict:
         """Score the model `load()` gives on every set; print the table, write metrics and predictions.

@@ -63,10 +63,6 @@ class CausalLM(Task):
     def set_scores(self, metrics: dict) -> dict[str, float]:
         return {name: row["accuracy"] for name, row in metrics["sets"].items()}
 
-    def check_eval_sets(self, specs: list[str]) -> None:
-        for spec in specs:
-            load_eval_set(spec)
-
     def evaluate(self, target: str, specs: list[str], options: EvalOptions, out: Path, load) -> dict:
         return score_math_sets(target, specs, options, out, load)
 

@@ -219,6 +219,12 @@ def format_tagging_table(sets: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def read_eval_sets(specs: list[str]) -> None:
+    """Read every eval set's test split once, so that a wrong one fails before a model is loaded."""
+    for spec in specs:
+        load_sentences(spec, "test")
+
+
 def score_tagging_sets(target: str, specs: list[str], options: EvalOptions, out_dir: Path, load) -> dict:
     """Entity scores of the model `load()` gives on every CoNLL set; print, write, return them."""
     from tqdm import tqdm
@@ -226,8 +232,7 @@ def score_tagging_sets(target: str, specs: list[str], options: EvalOptions, out_
     if not specs:
         raise QadaptError("name at least one evaluation set with --data (a CoNLL file, or a hub id with tokens "
                           "and ner_tags)")
-    for spec in specs:  # read every set before loading the model
-        load_sentences(spec, "test")
+    read_eval_sets(specs)  # every set read before the model loads
     loaded = load()
     results, predictions = {}, []
     with tqdm(desc="eval", unit="sentence") as bar:
@@ -285,7 +290,7 @@ class TokenClassification(Task):
         if d.packing:
             raise QadaptError("data.packing packs examples for a causal LM; a token-classification encoder attends "
                               "both ways and needs its sentences apart: set data.packing: false")
-        self.check_eval_sets(recipe.eval.sets)  # a wrong eval set fails now, not after training
+        read_eval_sets(recipe.eval.sets)  # a wrong eval set fails now, not after training
         sentences = read_sources(d.sources, lambda source: load_sentences(source, d.split))
         labels = label_names(sentences)
         tagged = tokenize_sentences(sentences, tokenizer, labels, d.cutoff_len)
@@ -300,10 +305,6 @@ class TokenClassification(Task):
 
     def set_scores(self, metrics: dict) -> dict[str, float]:
         return {name: row["f1"] for name, row in metrics["sets"].items()}
-
-    def check_eval_sets(self, specs: list[str]) -> None:
-        for spec in specs:
-            load_sentences(spec, "test")
 
     def evaluate(self, target: str, specs: list[str], options: EvalOptions, out: Path, load) -> dict:
         return score_tagging_sets(target, specs, options, out, load)
