@@ -8,7 +8,8 @@ Formats, detected per file from its first row (or forced with `data.format`):
   or a list of messages.
 Each becomes a record {"messages": [...]}: the same conversation gives the same record in every format.
 
-The loss mask comes from the chat template itself. A template rendering is split at each assistant turn
+The loss mask comes from the chat template itself. A template that marks the assistant's text with
+transformers' `{% generation %}` tags is used as it is. For the others, the rendering is split at each assistant turn
 by rendering the conversation up to that turn (with the generation prompt) and through it: the text in
 between is the turn (its content and its end-of-turn marks, not the whitespace after them). A template
 whose renderings of a conversation's beginnings are not beginnings of its rendering (some thinking
@@ -18,6 +19,7 @@ its mask could not be exact.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from qadapt.errors import QadaptError
@@ -119,6 +121,10 @@ _FIELDS = {"messages": "messages", "sharegpt": "conversations with from and valu
            "prompt_completion": "prompt and completion"}
 
 
+_GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")
+_GENERATION_TAGS = re.compile(r"{%-?\s*(?:end)?generation\s*-?%}")
+
+
 @dataclass
 class RenderedConversation:
     input_ids: list[int]
@@ -134,12 +140,11 @@ def render(messages: list[dict], tokenizer, template: str, template_name: str,
                           f"{type(tokenizer).__name__} is not one")
 
     def text(turns: list[dict], generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
-        except Exception as exc:  # jinja's TemplateError, or raise_exception() inside the template
-            raise QadaptError(f"chat template {template_name} cannot render this conversation: {exc}") from None
+        return _apply(tokenizer, template, template_name, turns, add_generation_prompt=generation_prompt,
+                      tokenize=False)
 
+    if _GENERATION_TAG.search(template):
+        return _tagged(messages, tokenizer, template, template_name, train_on)
     whole = text(messages, False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = []
@@ -160,6 +165,48 @@ def render(messages: list[dict], tokenizer, template: str, template_name: str,
         inside = any(s <= start and end <= e for s, e in spans)
         if not inside and any(start < s < end or start < e < end for s, e in spans):
             raise QadaptError(f"chat template {template_name}: a token of {whole[start:end]!r} straddles the edge of "
-                              "an assistant turn, so the turn's tokens cannot be told apart exactly")
+                              "an assistant turn, so the turn's tokens cannot be told apart exactly (are the "
+                              "template's turn markers special tokens of this tokenizer?)")
         trained.append(inside and end > start)
     return RenderedConversation(encoded["input_ids"], trained)
+
+
+def _apply(tokenizer, template: str, template_name: str, messages: list[dict], **options):
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, **options)
+    except Exception as exc:  # jinja's TemplateError, or raise_exception() inside the template
+        raise QadaptError(f"chat template {template_name} cannot render this conversation: {exc}") from None
+
+
+def _tagged(messages: list[dict], tokenizer, template: str, template_name: str,
+            train_on: str) -> RenderedConversation:
+    """The mask a template's `{% generation %}` tags give (transformers' assistant mask), as they give it."""
+    out = _apply(tokenizer, template, template_name, messages, tokenize=True, return_dict=True,
+                 return_assistant_tokens_mask=True)
+    trained = [bool(flag) for flag in out["assistant_masks"]]
+    if not any(trained):
+        raise QadaptError(f"chat template {template_name} has generation tags, but they mark no token of this "
+                          "conversation's assistant turns")
+    if train_on == "last":  # only the last run of marked tokens: the last turn
+        start = len(trained) - 1
+        while not trained[start]:
+            start -= 1
+        while start > 0 and trained[start - 1]:
+            start -= 1
+        trained = [flag and index >= start for index, flag in enumerate(trained)]
+    return RenderedConversation(list(out["input_ids"]), trained)
+
+
+def end_of_turn(tokenizer, template: str) -> str:
+    """What the template writes after an assistant's text to end the turn (e.g. <|im_end|>, <|eot_id|>, the
+    EOS), found by rendering one short exchange: the string a reply stops at. Empty if it writes nothing."""
+    exchange = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi there."}]
+    whole = tokenizer.apply_chat_template(exchange, chat_template=template, tokenize=False)
+    reply = whole.rfind("Hi there.")
+    return whole[reply + len("Hi there."):].strip() if reply >= 0 else ""
+
+
+def without_generation_tags(template: str) -> str:
+    """`template` without transformers' `{% generation %}` tags, which mark assistant spans for training and
+    render nothing, for runtimes that do not know them (llama.cpp, Ollama)."""
+    return _GENERATION_TAGS.sub("", template)

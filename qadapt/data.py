@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from qadapt import arithmetic, conversation_problems, conversations, word_problems
+from qadapt.chat_templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, alpaca_chat_template, template_name
 from qadapt.console import say
 from qadapt.errors import QadaptError
 
@@ -35,33 +36,7 @@ BUILTIN_SETS = {BUILTIN_ARITHMETIC: arithmetic.problems, BUILTIN_WORD_PROBLEMS: 
                 BUILTIN_CONVERSATIONS: conversation_problems.conversations}
 BUILTIN_SIZES = {"train": 4000, "test": 500}
 IGNORE_INDEX = -100  # label of a token that carries no loss
-
-# The Alpaca template, as the LLM-Adapters paper trains and evaluates with it.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-ALPACA_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
-
-
-def alpaca_chat_template() -> str:
-    """A Jinja chat template that writes a user message exactly as ALPACA_PROMPT does.
-
-    A merged or exported model trained on Alpaca prompts carries it, so that chat front ends
-    (transformers' apply_chat_template, llama.cpp, Ollama) prompt it the way it was trained.
-    """
-    user = ALPACA_PROMPT.replace("{instruction}", "' + message['content'] + '").replace("\n", "\\n")
-    return (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'user' %}{{ '" + user + "' }}"
-        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\\n\\n' }}"
-        "{% endif %}{% endfor %}"
-    )
 
 
 def load_examples(path: str, split: str = "train", bad_rows: str = "fail", form: str = "auto") -> list[dict]:
@@ -94,6 +69,8 @@ def load_examples(path: str, split: str = "train", bad_rows: str = "fail", form:
     records, bad = [], []
     for line, row, problem in rows:
         record, problem = (None, problem) if problem else read(row)
+        if record is not None and "messages" in record:
+            record["where"] = f"{source}:{line}"  # named if the chat template cannot render it
         if problem and bad_rows == "fail":
             raise QadaptError(f"{source}:{line}: {problem} (data.bad_rows=skip drops such rows)")
         if problem:
@@ -226,7 +203,7 @@ def conversation_template(template: str, tokenizer) -> tuple[str, str]:
     """(Jinja chat template, its name for messages) that renders conversations under data.template."""
     if template == "alpaca":
         return alpaca_chat_template(), "alpaca"
-    return _chat_template(tokenizer), f"of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"
+    return _chat_template(tokenizer), template_name(tokenizer)
 
 
 def _chat_template(tokenizer) -> str:
@@ -243,11 +220,13 @@ class TokenizedData:
 
 
 def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, train_on_inputs: bool,
-             train_on: str = "assistant") -> TokenizedData:
+             train_on: str = "assistant", bad_rows: str = "fail") -> TokenizedData:
     """Prompt + response + EOS, cut at cutoff_len; labels IGNORE_INDEX on the prompt unless train_on_inputs.
 
     A conversation is rendered whole by the chat template (the tokenizer's, or the Alpaca one), its loss on
-    the assistant's turns (`train_on`: every one, or the last).
+    the assistant's turns (`train_on`: every one, or the last). One the template cannot render (e.g. two
+    assistant turns in a row where it forbids them) is an error naming its file and line, or with
+    `bad_rows="skip"` is dropped and counted.
     """
     talks = [i for i, r in enumerate(records) if "messages" in r]
     pairs = [i for i, r in enumerate(records) if "messages" not in r]
@@ -264,12 +243,28 @@ def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, tra
         chat_template, name = conversation_template(template, tokenizer)
         # The Alpaca text starts with the tokenizer's own special tokens (e.g. BOS), as a single turn does.
         lead = tokenizer("", add_special_tokens=True)["input_ids"] if template == "alpaca" else []
+        unrendered = []
         for i in talks:
-            rendered = conversations.render(records[i]["messages"], tokenizer, chat_template, name, train_on)
+            try:
+                rendered = conversations.render(records[i]["messages"], tokenizer, chat_template, name, train_on)
+            except QadaptError as exc:
+                where = records[i].get("where", f"conversation {i + 1}")
+                if bad_rows == "fail":
+                    raise QadaptError(f"{where}: {exc} (data.bad_rows=skip drops such rows)") from None
+                unrendered.append(f"{where}: {exc}")
+                continue
             examples[i] = lead + rendered.input_ids, [IGNORE_INDEX] * len(lead) + [
                 t if on else IGNORE_INDEX for t, on in zip(rendered.input_ids, rendered.trained)]
+        if unrendered and len(unrendered) == len(talks):  # the template, not the rows: say why
+            raise QadaptError(f"the chat template {name} renders none of the {len(talks)} conversations; the "
+                              f"first: {unrendered[0]}")
+        if unrendered:
+            shown = "; ".join(unrendered[:3]) + ("; ..." if len(unrendered) > 3 else "")
+            say(f"data: skipped {len(unrendered)} conversations the chat template {name} cannot render ({shown})")
     rows, truncated, dropped = [], 0, 0
     for i in range(len(records)):
+        if i not in examples:
+            continue
         input_ids, labels = examples[i]
         if train_on_inputs:
             labels = list(input_ids)

@@ -102,7 +102,13 @@ class DataConfig:
     split: str = "train"
     """Split of a hub dataset or of the built-in problems."""
     template: Template = "alpaca"
-    """Prompt template: the paper's Alpaca template or the tokenizer's chat template."""
+    """Prompt template: the paper's Alpaca template or a chat template (`chat_template`)."""
+    chat_template: Optional[str] = None
+    """With `template: chat`: null for the tokenizer's own, a name (`chatml`, `llama3`, `gemma`, `phi3`,
+    `alpaca`) or a Jinja file. The run keeps the text it trained with (chat_template.jinja)."""
+    thinking: Optional[bool] = None
+    """With `template: chat`, for templates with a thinking switch (Qwen3, SmolLM3: `enable_thinking`):
+    true or false fixes it in the run's template; null leaves the template's default."""
     format: DataFormat = "auto"
     """The rows' format: `auto` reads it off each file's first row; `instruction` (LLM-Adapters / Alpaca, or
     GSM8K), or a conversation: `messages` (OpenAI roles), `sharegpt` (`conversations` with `from` / `value`),
@@ -384,6 +390,9 @@ def _range_problems(r: Recipe) -> list[str]:
         ("adapter.scale", r.adapter.scale == "learned" or r.adapter.scale > 0, "must be positive, or learned"),
         ("data.path", len(r.data.sources) > 0, "must name a data source, or a list of them"),
         ("data.cutoff_len", r.data.cutoff_len >= 8, "must be at least 8 tokens"),
+        ("data.chat_template", r.data.chat_template is None or r.data.template == "chat",
+         "applies with data.template: chat"),
+        ("data.thinking", r.data.thinking is None or r.data.template == "chat", "applies with data.template: chat"),
         ("data.multiple_choice", 0 <= r.data.multiple_choice <= 1, "must be in [0, 1]"),
         ("data.max_examples", r.data.max_examples is None or r.data.max_examples >= 1, "must be at least 1"),
         ("data.val_size", r.data.val_size >= 0, "must be 0 or more"),

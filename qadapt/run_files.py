@@ -2,6 +2,7 @@
 
     <output_dir>/
       recipe.yaml                      the resolved recipe (overrides applied)
+      chat_template.jinja              the chat template a data.template: chat run trained with
       adapter/                         the final adapter
         adapter.safetensors            adapter weights only, fp32, named as in the model (and a trained head)
         adapter_config.json            kind, options, wrapped modules, base model (and the head's labels)
@@ -23,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 RECIPE_FILE = "recipe.yaml"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,8 +44,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
 
 # What a run writes: `train --overwrite` removes these, and nothing else in the folder.
-QADAPT_OUTPUTS = (RECIPE_FILE, ADAPTER_DIR, CHECKPOINTS_DIR, TRAINING_LOG, SUMMARY_FILE, EVAL_DIR,
-                  EVAL_DIR + CALCULATOR_SUFFIX, TENSORBOARD_DIR)
+QADAPT_OUTPUTS = (RECIPE_FILE, CHAT_TEMPLATE_FILE, ADAPTER_DIR, CHECKPOINTS_DIR, TRAINING_LOG, SUMMARY_FILE,
+                  EVAL_DIR, EVAL_DIR + CALCULATOR_SUFFIX, TENSORBOARD_DIR)
 
 
 def eval_dir(run_dir: Path, calculator: bool = False) -> Path:

@@ -20,7 +20,7 @@ BRACKETS = ("[[", "]]")  # elsewhere, trained text in double brackets
 def data_view(recipe: Recipe, show: int) -> dict:
     """{"examples": [{"segments": [{"text", "trained"}, ...]}, ...], "counts": {...}} of the first `show`."""
     task = task_named(recipe.task)
-    tokenizer = task.load_tokenizer(recipe.model)
+    tokenizer = task.run_tokenizer(recipe)
     data = task.training_data(recipe, tokenizer)
     rows = data.train_rows
     counts = {

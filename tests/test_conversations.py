@@ -70,7 +70,7 @@ def test_the_same_conversation_in_three_formats_gives_the_same_tokens_and_mask(t
     rows = {}
     for name, row in [("messages", {"messages": TALK}), ("sharegpt", sharegpt), ("pc", prompt_completion)]:
         records = D.load_examples(write_rows(tmp_path / f"{name}.jsonl", [row]))
-        assert records == [{"messages": TALK}]
+        assert records == [{"messages": TALK, "where": str(tmp_path / f"{name}.jsonl") + ":1"}]
         rows[name] = D.tokenize(records, smol_tokenizer, "chat", 512, False).rows
     assert rows["messages"] == rows["sharegpt"] == rows["pc"]
     assert trained_text(smol_tokenizer, rows["messages"][0]) == "".join(
@@ -118,10 +118,18 @@ def test_an_alpaca_conversation_starts_with_the_tokenizers_own_special_tokens_as
     assert talk["input_ids"][:len(single["input_ids"]) - 8] == single["input_ids"][:-8]  # the same prompt
 
 
-def test_a_template_that_forbids_two_assistant_turns_in_a_row_says_so(family_tokenizer):
+def test_a_template_that_forbids_two_assistant_turns_in_a_row_names_the_row_or_skips_it(family_tokenizer, tmp_path,
+                                                                                        capsys):
     talk = [TALK[1], TALK[2], {"role": "assistant", "content": "Anything else?"}]
-    with pytest.raises(QadaptError, match="cannot render this conversation: roles must alternate user/assistant"):
-        D.tokenize([{"messages": talk}], family_tokenizer("mistral"), "chat", 512, False)
+    path = write_rows(tmp_path / "talks.jsonl", [{"messages": TALK[1:]}, {"messages": talk}])
+    records = D.load_examples(path)
+    with pytest.raises(QadaptError, match=f"{path}:2: chat template .* cannot render this conversation: roles must "
+                                          "alternate user/assistant .*data.bad_rows=skip"):
+        D.tokenize(records, family_tokenizer("mistral"), "chat", 512, False)
+    kept = D.tokenize(records, family_tokenizer("mistral"), "chat", 512, False, bad_rows="skip")
+    assert len(kept.rows) == 1 and "skipped 1 conversations the chat template" in capsys.readouterr().out
+    with pytest.raises(QadaptError, match=f"renders none of the 1 conversations; the first: {path}:2"):
+        D.tokenize(records[1:], family_tokenizer("mistral"), "chat", 512, False, bad_rows="skip")
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_unless_only_the_last_is_trained(family_tokenizer):
@@ -148,7 +156,7 @@ def test_a_bad_conversation_names_its_file_line_and_problem(tmp_path, row, probl
     path = write_rows(tmp_path / "talks.jsonl", [good, row])
     with pytest.raises(QadaptError, match=f"talks.jsonl:2: {problem}"):
         D.load_examples(path)
-    assert D.load_examples(path, bad_rows="skip") == [{"messages": TALK}]
+    assert D.load_examples(path, bad_rows="skip") == [{"messages": TALK, "where": f"{path}:1"}]
 
 
 def test_a_file_keeps_one_format(tmp_path):

@@ -138,15 +138,24 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict:
 
 
 def save_hf_folder(model: nn.Module, tokenizer, template: str, folder: Path) -> None:
-    """A folder transformers loads: safetensors shards, config, generation config, tokenizer, template."""
-    from qadapt.data import alpaca_chat_template
+    """A folder transformers loads: safetensors shards, config, generation config, tokenizer, and the chat
+    template the run trained with (generation tags removed: other runtimes do not know them)."""
+    from qadapt.conversations import end_of_turn, without_generation_tags
+    from qadapt.chat_templates import alpaca_chat_template
 
     if template == "alpaca":
         tokenizer.chat_template = alpaca_chat_template()  # prompt it as it was trained
+    elif tokenizer.chat_template:
+        tokenizer.chat_template = without_generation_tags(tokenizer.chat_template)
     generation = model.generation_config
     eos_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-    if tokenizer.eos_token_id not in eos_ids:  # trained to end with the tokenizer's EOS: stop there
-        generation.eos_token_id = [i for i in eos_ids if i is not None] + [tokenizer.eos_token_id]
+    # Trained to end a reply with the tokenizer's EOS, or the template's end-of-turn token: stop at either.
+    ends = [tokenizer.eos_token_id]
+    if tokenizer.chat_template:
+        mark = tokenizer(end_of_turn(tokenizer, tokenizer.chat_template), add_special_tokens=False).input_ids
+        ends += mark if len(mark) == 1 else []
+    if any(end not in eos_ids for end in ends):
+        generation.eos_token_id = [i for i in eos_ids if i is not None] + [e for e in ends if e not in eos_ids]
     if generation.pad_token_id is None:
         generation.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, max_shard_size="2GB")

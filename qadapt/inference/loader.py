@@ -62,7 +62,7 @@ def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_
     """
     run_dir = Path(run_dir)
     recipe = load_run_recipe(run_dir)
-    tokenizer = task_named(recipe.task).load_tokenizer(recipe.model)
+    tokenizer = task_named(recipe.task).run_tokenizer(recipe, run_dir)
     model, base = load_frozen_base(recipe.model, head_labels(run_dir / adapter), compute_dtype)
     attach_adapters(model, recipe.adapter.spec())
     load_adapter(model, run_dir / adapter, base)

@@ -65,6 +65,10 @@ class Task:
     def load_tokenizer(self, cfg):
         raise NotImplementedError
 
+    def run_tokenizer(self, recipe, run_dir: Path | None = None):
+        """The tokenizer a run trains and answers with (`run_dir`: the run's, once it has trained)."""
+        return self.load_tokenizer(recipe.model)
+
     def auto_class(self):
         """The transformers auto class of the model this task trains."""
         raise NotImplementedError

@@ -35,6 +35,13 @@ class CausalLM(Task):
 
         return load_tokenizer(cfg, generates=True)
 
+    def run_tokenizer(self, recipe, run_dir=None):
+        from qadapt.chat_templates import use_run_template
+
+        tokenizer = self.load_tokenizer(recipe.model)
+        use_run_template(tokenizer, recipe.data, run_dir)  # the chat template it trains, or trained, with
+        return tokenizer
+
     def auto_class(self):
         from transformers import AutoModelForCausalLM
 
@@ -91,7 +98,8 @@ def instruction_rows(recipe, tokenizer, eval_records: dict[str, list[dict]]) -> 
         copies = multiple_choice_copies(records, d.multiple_choice, recipe.train.seed)
         say(f"data: {len(copies):,} five-option copies of numeric problems (data.multiple_choice={d.multiple_choice})")
         records += copies
-    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs, d.train_on)
+    tokenized = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, d.train_on_inputs, d.train_on,
+                                  d.bad_rows)
     if not tokenized.rows:
         raise QadaptError(f"data.cutoff_len {d.cutoff_len} is shorter than every prompt in {', '.join(d.sources)}: no "
                           "example keeps a response token to learn from; raise data.cutoff_len")

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from qadapt.tasks import answers
+from qadapt.conversations import end_of_turn
+from qadapt.data import BUILTIN_ARITHMETIC, conversation_template, load_examples, prompt_text
 from qadapt.decoding.calculator import calculator_result
-from qadapt.data import BUILTIN_ARITHMETIC, load_examples, prompt_text
-from qadapt.errors import QadaptError
 from qadapt.decoding.generation import greedy_generate
+from qadapt.errors import QadaptError
 from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
 from qadapt.scores import set_name, write_results
+from qadapt.tasks import answers
 
 # Where a model starts a new Alpaca turn, the answer is over (the paper's template has no stop marker).
 ALPACA_STOPS = ("### Instruction", "### Input", "### Response")
@@ -62,8 +63,6 @@ def answer_prompts(model, tokenizer, template: str, instructions: list[str], max
 
 def answer_conversation(model, tokenizer, template: str, messages: list[dict], max_new_tokens: int = 256) -> str:
     """The next assistant turn of `messages`, greedily, the conversation rendered as training renders one."""
-    from qadapt.data import conversation_template
-
     chat_template, _ = conversation_template(template, tokenizer)
     prompt = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                            add_generation_prompt=True)
@@ -74,9 +73,18 @@ def _decode(model, tokenizer, template: str, prompts: list[str], max_new_tokens:
             on_done=None, calculator: bool = False) -> list[str]:
     # The chat template writes its own special tokens; the Alpaca text gets the tokenizer's, as in training.
     return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size,
-                           stop_strings=ALPACA_STOPS if template == "alpaca" else (),
+                           stop_strings=stop_strings(template, tokenizer),
                            add_special_tokens=template == "alpaca", on_done=on_done,
                            calculator=calculator_result if calculator else None)
+
+
+def stop_strings(template: str, tokenizer) -> tuple[str, ...]:
+    """Where an answer is over: a new Alpaca turn, or the chat template's end of turn when that is not the
+    EOS the decoder stops at anyway (llama3's <|eot_id|>, or a marker the tokenizer writes as text)."""
+    if template == "alpaca":
+        return ALPACA_STOPS
+    mark = end_of_turn(tokenizer, conversation_template(template, tokenizer)[0])
+    return (mark,) if mark and mark != tokenizer.eos_token else ()
 
 
 def evaluate_set(model, tokenizer, template: str, eval_set: EvalSet, batch_size: int, max_new_tokens: int,

@@ -19,6 +19,7 @@ from qadapt import data as data_lib
 from qadapt.training import distributed
 from qadapt.adapters import attach_adapters, count_parameters
 from qadapt.base_identity import base_identity
+from qadapt.chat_templates import save_run_template
 from qadapt.training.checkpoint import (
     Progress,
     checkpoint_folder,
@@ -84,7 +85,9 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     run_dir, metrics = _open_run_dir(recipe, accelerator, resume_step, overwrite)
     set_seed(recipe.train.seed)
     task = task_named(recipe.task)
-    tokenizer = task.load_tokenizer(recipe.model)
+    tokenizer = task.run_tokenizer(recipe, run_dir)
+    if accelerator.is_main_process and recipe.data.template == "chat":
+        save_run_template(tokenizer, run_dir)  # eval, chat, merge and export prompt as it trained
     data = task.training_data(recipe, tokenizer)
     sharded = distributed.is_fsdp(accelerator)
     model = load_base(recipe.model, accelerator.device, quant_storage_like_compute=sharded, labels=data.labels)
