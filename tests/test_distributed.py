@@ -37,10 +37,10 @@ def launch(processes: int, recipe: Path, *args: str) -> str:
     return result.stdout
 
 
-def write_recipe(folder: Path, model: str, compute_dtype: str, **train) -> Path:
+def write_recipe(folder: Path, model: str, compute_dtype: str, data: dict | None = None, **train) -> Path:
     return write_tiny_recipe(folder / "recipe.yaml", model, model={"compute_dtype": compute_dtype},
                              adapter={"alpha": 8, "dropout": 0.0},  # each process draws its own dropout masks
-                             data={"max_examples": 64, "val_size": 4, "cutoff_len": 96},
+                             data={"max_examples": 64, "val_size": 4, "cutoff_len": 96, **(data or {})},
                              train={"lr": 1e-2, "warmup_steps": 1, **train})
 
 
@@ -50,11 +50,13 @@ def losses(run: Path) -> list[float]:
 
 
 def compare_one_and_two_processes(tmp_path: Path, model: str, compute_dtype: str, steps: int, micro: int,
-                                  **train) -> tuple:
+                                  data: dict | None = None, **train) -> tuple:
     """Losses and adapters of one process (micro x 4) and of two (micro x 2 each): the same global batch."""
-    one = write_recipe(tmp_path, model, compute_dtype, max_steps=steps, micro_batch_size=micro, grad_accum=4, **train)
+    one = write_recipe(tmp_path, model, compute_dtype, data, max_steps=steps, micro_batch_size=micro, grad_accum=4,
+                       **train)
     launch(1, one, f"output_dir={tmp_path / 'one'}")
-    two = write_recipe(tmp_path, model, compute_dtype, max_steps=steps, micro_batch_size=micro, grad_accum=2, **train)
+    two = write_recipe(tmp_path, model, compute_dtype, data, max_steps=steps, micro_batch_size=micro, grad_accum=2,
+                       **train)
     output = launch(2, two, f"output_dir={tmp_path / 'two'}")
     assert f"steps: {steps} of {4 * micro} examples (2 processes)" in output
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -80,6 +82,19 @@ def test_two_processes_match_one_on_a_tiny_model_and_resume(tiny_llama_dir, tmp_
     output = launch(2, tmp_path / "recipe.yaml", f"output_dir={run}", "--resume")
     assert "resume: continuing from" in output and "step-000002" in output
     assert losses(run) == pytest.approx(two, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_packed_rows(tiny_llama_dir, tmp_path):
+    # Each process takes its share of the same packed rows; their padding shares are logged per step.
+    one, two, (adapter_one, adapter_two) = compare_one_and_two_processes(
+        tmp_path, str(tiny_llama_dir), "fp32", 3, micro=1, data={"packing": True, "cutoff_len": 256})
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, rel=1e-6)
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=ADAM_ATOL)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= row["padding_share"] < 1 for row in rows if "loss" in row)
 
 
 @pytest.mark.slow

@@ -91,3 +91,5 @@ def test_bench_packing_trains_both_sides_and_records_the_ratios(tiny_llama_dir, 
     assert figures["packed"]["tokens_seen"] > figures["unpacked"]["tokens_seen"]
     assert set(figures["packed_over_unpacked"]) == {"tokens_per_s", "s_per_step", "peak_memory_mb", "eval_loss"}
     assert figures["machine"]["cpu"] and "cpu_capability" in figures["machine"]
+    assert 0 <= figures["packed"]["padding_share"] < figures["unpacked"]["padding_share"] < 1
+    assert figures["padding_ceiling"] > 1
