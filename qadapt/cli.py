@@ -151,6 +151,10 @@ TemplateOption = typer.Option(None, help="Prompt template, alpaca or chat (defau
 MaxNewTokensOption = typer.Option(256, help="Longest answer in tokens.")
 DTypeOption = typer.Option(None, help="Override the compute dtype (auto, bf16, fp16, fp32); fp32 makes greedy "
                                       "answers independent of the batch.")
+TemperatureOption = typer.Option(0.0, help="Sample at this temperature; 0: greedy (the default).")
+TopPOption = typer.Option(1.0, "--top-p", help="Sampling: keep the most likely tokens whose probabilities sum to P.")
+TopKOption = typer.Option(0, "--top-k", help="Sampling: keep the K most likely tokens (0: all).")
+SeedOption = typer.Option(0, help="Sampling: the seed (the same seed and prompt give the same answer).")
 
 
 @app.command("eval")
@@ -188,10 +192,26 @@ def generate(
     max_new_tokens: int = MaxNewTokensOption,
     quant: str = QuantOption,
     template: Optional[str] = TemplateOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    top_k: int = TopKOption,
+    samples: int = typer.Option(1, help="Sampling: this many answers (each printed under its number)."),
+    seed: int = SeedOption,
 ) -> None:
-    """Answer one prompt with a trained adapter (or a bare model), greedily."""
+    """Answer one prompt with a trained adapter (or a bare model), greedily or sampled."""
+    from qadapt.inference.loader import load_target
+    from qadapt.tasks.math_sets import sample_answers
+
     with _user_errors():
-        typer.echo(_answerer(target, max_new_tokens, quant, template)(prompt))
+        sampling = _sampling(temperature, top_p, top_k, samples, seed)
+        if sampling is None:
+            typer.echo(_answerer(target, max_new_tokens, quant, template)(prompt))
+            return
+        loaded = load_target(target, quant, template)
+        answers = sample_answers(loaded.model, loaded.tokenizer, loaded.template,
+                                 [{"instruction": prompt, "input": ""}], sampling, max_new_tokens)[0]
+        for number, answer in enumerate(answers, 1):
+            typer.echo(f"--- sample {number} ---\n{answer}" if samples > 1 else answer)
 
 
 @app.command()
@@ -202,11 +222,16 @@ def chat(
     template: Optional[str] = TemplateOption,
     history: bool = typer.Option(False, "--history", help="Keep the conversation: each answer sees the turns "
                                  "before it, rendered by the run's chat template as in training."),
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    top_k: int = TopKOption,
+    seed: int = SeedOption,
 ) -> None:
     """Try an adapter interactively: each line you type is answered; an empty line or Ctrl-D ends."""
     with _user_errors():
-        answer = _conversation(target, max_new_tokens, quant, template) if history else _answerer(
-            target, max_new_tokens, quant, template)
+        sampling = _sampling(temperature, top_p, top_k, 1, seed)
+        answer = (_conversation(target, max_new_tokens, quant, template, sampling, history) if history or sampling
+                  else _answerer(target, max_new_tokens, quant, template))
         while True:
             try:
                 prompt = input("you> ").strip()
@@ -288,20 +313,42 @@ def import_peft(
         run_import(peft_dir, out, base, quant, template)
 
 
-def _conversation(target: str, max_new_tokens: int, quant: str, template: Optional[str]):
-    """Load the target once; return a function answering each line with the conversation so far."""
-    from qadapt.inference.loader import load_target
-    from qadapt.tasks.math_sets import answer_conversation
+def _conversation(target: str, max_new_tokens: int, quant: str, template: Optional[str], sampling=None,
+                  history: bool = True):
+    """Load the target once; return a function answering each line (with the conversation so far, or
+    alone), greedily or with `sampling`."""
+    import itertools
 
-    loaded, messages = load_target(target, quant, template), []
+    from qadapt.inference.loader import load_target
+    from qadapt.tasks.math_sets import answer_conversation, sample_answers
+
+    loaded, messages, turn = load_target(target, quant, template), [], itertools.count(1)
 
     def answer(prompt: str) -> str:
+        if not history:  # one turn as `generate` prompts it; each line its own sample (seeded by its number)
+            return sample_answers(loaded.model, loaded.tokenizer, loaded.template,
+                                  [{"instruction": prompt, "input": ""}], sampling, max_new_tokens, 1,
+                                  keys=[next(turn)])[0][0]
         messages.append({"role": "user", "content": prompt})
-        reply = answer_conversation(loaded.model, loaded.tokenizer, loaded.template, messages, max_new_tokens)
+        reply = answer_conversation(loaded.model, loaded.tokenizer, loaded.template, messages, max_new_tokens,
+                                    sampling)
         messages.append({"role": "assistant", "content": reply})
         return reply
 
     return answer
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, samples: int, seed: int):
+    """The sampling the options ask for, or None for greedy decoding (temperature 0)."""
+    from qadapt.decoding.sampling import Sampling
+
+    if temperature < 0:
+        raise QadaptError(f"--temperature must be 0 (greedy) or more, got {temperature}")
+    if temperature == 0:
+        if samples > 1 or top_p != 1.0 or top_k:
+            raise QadaptError("--samples, --top-p and --top-k sample: give a --temperature above 0 too")
+        return None
+    return Sampling(temperature, top_p, top_k, samples, seed)
 
 
 def _answerer(target: str, max_new_tokens: int, quant: str, template: Optional[str]):

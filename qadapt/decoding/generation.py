@@ -1,4 +1,4 @@
-"""Batched greedy decoding with the KV cache, for evaluation and for trying an adapter.
+"""Batched decoding with the KV cache, greedy (evaluation, trying an adapter) or sampled (qadapt.decoding.sampling).
 
 Prompts are sorted by length (so a batch carries little padding), left-padded and decoded greedily
 together. A row that has produced EOS or a stop string leaves the batch at once (its KV-cache rows are
@@ -10,6 +10,9 @@ With a `calculator` (qadapt.decoding.calculator), a row whose newest token ends 
 returns (the true result of the expression before the "=") is fed to that row token by token in place of
 the model's choice; the model continues from the corrected text, except that its next token may not
 go on with the number (it would turn "15.5" into "15.57").
+
+Sampled, each prompt is prefilled once and its KV cache copied into one row per sample; each row draws
+from its own random stream (qadapt.decoding.sampling), so the samples do not depend on the batch.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from qadapt.decoding.sampling import Sampling, row_generator, sample_tokens
+
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 16,
@@ -29,19 +34,46 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
                     on_done: Callable[[int], None] | None = None,
                     calculator: Callable[[str], str | None] | None = None) -> list[str]:
     """The greedy continuation of every prompt, cut before the first stop string."""
+    decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, calculator)
+    return _run(decoder, prompts, batch_size, add_special_tokens, on_done)
+
+
+@torch.no_grad()
+def sample_generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling, max_new_tokens: int = 256,
+                    batch_size: int = 16, stop_strings: Sequence[str] = (), add_special_tokens: bool = True,
+                    on_done: Callable[[int], None] | None = None,
+                    prompt_keys: Sequence[int] | None = None) -> list[list[str]]:
+    """`sampling.samples` sampled continuations of every prompt, cut before the first stop string.
+
+    `prompt_keys` (default: the prompts' positions) seed each prompt's samples: give a problem the same
+    key on every call (its index in its data set) and it gets the same samples, whatever else is asked.
+    `batch_size` counts rows, one per sample; `on_done` is told of finished samples.
+    """
+    keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
+    decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, sampling=sampling, prompt_keys=keys)
+    flat = _run(decoder, prompts, batch_size, add_special_tokens, on_done)
+    n = sampling.samples
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _run(decoder: "_Decoder", prompts: Sequence[str], batch_size: int, add_special_tokens: bool,
+         on_done: Callable[[int], None] | None) -> list[str]:
+    """Every row's text, rows numbered prompt × samples + sample: longest prompts first, new ones admitted
+    once a quarter of the places are free."""
+    tokenizer, per_prompt = decoder.tokenizer, decoder.per_prompt
     ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     queue = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-    decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, calculator)
-    outputs: list[str] = [""] * len(ids)
+    outputs: list[str] = [""] * (len(ids) * per_prompt)
     while queue or decoder.rows:
         free = batch_size - len(decoder.rows)
-        if queue and (free >= max(1, batch_size // 4) or not decoder.rows):
-            admitted, queue = queue[:free], queue[free:]
+        if queue and (free >= max(per_prompt, batch_size // 4) or not decoder.rows):
+            take = max(1, free // per_prompt)
+            admitted, queue = queue[:take], queue[take:]
             finished = decoder.admit(admitted, [ids[i] for i in admitted])
         else:
             finished = decoder.step()
-        for index, tokens in finished:
-            outputs[index] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings)
+        for row, tokens in finished:
+            outputs[row] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), decoder.stop_strings)
         if on_done and finished:
             on_done(len(finished))
     return outputs
@@ -60,13 +92,20 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 class _Decoder:
-    """The running batch: one KV cache, an attention mask and the tokens generated per row."""
+    """The running batch: one KV cache, an attention mask and the tokens generated per row.
+
+    A row is one continuation, numbered prompt index × samples per prompt + sample number.
+    """
 
     def __init__(self, model, tokenizer, max_new_tokens: int, stop_strings: Sequence[str],
-                 calculator: Callable[[str], str | None] | None = None):
+                 calculator: Callable[[str], str | None] | None = None, sampling: Sampling | None = None,
+                 prompt_keys: Sequence[int] = ()):
         from transformers import DynamicCache
 
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.sampling, self.prompt_keys = sampling, prompt_keys
+        self.per_prompt = sampling.samples if sampling else 1
+        self.generators: dict[int, torch.Generator] = {}  # row -> its random stream, when sampling
         self.calculator = calculator
         self.forced: dict[int, list[int]] = {}  # prompt index -> tokens the calculator writes next
         self.after_result: set[int] = set()  # rows whose last token ended a calculator's result
@@ -99,14 +138,23 @@ class _Decoder:
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = self.new_cache()
-        next_tokens = self._forward(input_ids, mask, positions, cache)
-        for index in indices:
-            self.generated[index] = []
-        finished, keep = self._record(indices, next_tokens)
+        logits = self._forward(input_ids, mask, positions, cache)
+        n = self.per_prompt
+        rows = [index * n + sample for index in indices for sample in range(n)]
+        if n > 1:  # every sample of a prompt starts from its one prefill
+            copies = torch.arange(len(indices), device=device).repeat_interleave(n)
+            cache.batch_select_indices(copies)
+            logits, mask, positions = logits[copies], mask[copies], positions[copies]
+        for row in rows:
+            self.generated[row] = []
+            if self.sampling:
+                self.generators[row] = row_generator(self.sampling.seed, self.prompt_keys[row // n], row % n)
+        next_tokens = self._choose(logits, rows)
+        finished, keep = self._record(rows, next_tokens)
         if keep:
-            rows = torch.tensor(keep, device=device)
-            cache.batch_select_indices(rows)
-            joining = ([indices[r] for r in keep], mask[rows], next_tokens[rows], positions[rows, -1:] + 1)
+            kept = torch.tensor(keep, device=device)
+            cache.batch_select_indices(kept)
+            joining = ([rows[r] for r in keep], mask[kept], next_tokens[kept], positions[kept, -1:] + 1)
             if self.rows:
                 self._join(cache, *joining)
             else:
@@ -116,26 +164,34 @@ class _Decoder:
     def step(self) -> list[tuple[int, list[int]]]:
         """Decode one more token for every row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        self.next_tokens = self._forward(self.next_tokens[:, None], self.mask, self.next_positions, self.cache,
-                                         self.rows)
+        logits = self._forward(self.next_tokens[:, None], self.mask, self.next_positions, self.cache)
+        self.next_tokens = self._choose(logits, self.rows)
         self.next_positions = self.next_positions + 1
         finished, keep = self._record(self.rows, self.next_tokens)
         if finished:
             self._keep_rows(keep)
         return finished
 
-    def _forward(self, input_ids, mask, positions, cache, rows: list[int] = ()) -> torch.Tensor:
-        """The next token of each row: the greedy choice, or what the calculator writes."""
+    def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        """The last position's logits of each row."""
         kwargs = {self.cache_name: cache, **({"position_ids": positions} if self.takes_positions else {}),
                   **self.last_logits_only}
-        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs).logits[:, -1]
-        if not self.calculator:
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs).logits[:, -1]
+
+    def _pick(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if self.sampling is None:
             return logits.argmax(-1)
+        return sample_tokens(logits, self.sampling, [self.generators[row] for row in rows]).to(logits.device)
+
+    def _choose(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The next token of each row: the greedy or sampled choice, or what the calculator writes."""
+        if not self.calculator:
+            return self._pick(logits, rows)
         for position, index in enumerate(rows):
             if index in self.after_result:
                 logits[position, self.number_tokens] = float("-inf")
                 self.after_result.discard(index)
-        next_tokens = logits.argmax(-1)
+        next_tokens = self._pick(logits, rows)
         for position, index in enumerate(rows):
             if self.forced.get(index):
                 next_tokens[position] = self.forced[index].pop(0)
@@ -153,6 +209,7 @@ class _Decoder:
                 self._calculate(index, tokens)
             if token in self.stop_ids or len(tokens) >= self.max_new_tokens or self._stopped(tokens):
                 finished.append((index, self.generated.pop(index)))
+                self.generators.pop(index, None)
                 self.forced.pop(index, None)
                 self.after_result.discard(index)
             else:

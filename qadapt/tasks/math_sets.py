@@ -16,7 +16,8 @@ from typing import Callable
 from qadapt.conversations import end_of_turn
 from qadapt.data import BUILTIN_ARITHMETIC, conversation_template, load_examples, prompt_text
 from qadapt.decoding.calculator import calculator_result
-from qadapt.decoding.generation import greedy_generate
+from qadapt.decoding.generation import greedy_generate, sample_generate
+from qadapt.decoding.sampling import Sampling
 from qadapt.errors import QadaptError
 from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
 from qadapt.scores import set_name, write_results
@@ -61,12 +62,28 @@ def answer_prompts(model, tokenizer, template: str, instructions: list[str], max
     return _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done)
 
 
-def answer_conversation(model, tokenizer, template: str, messages: list[dict], max_new_tokens: int = 256) -> str:
-    """The next assistant turn of `messages`, greedily, the conversation rendered as training renders one."""
+def sample_answers(model, tokenizer, template: str, records: list[dict], sampling: Sampling,
+                   max_new_tokens: int = 256, batch_size: int = 64, keys: list[int] | None = None,
+                   on_done=None) -> list[list[str]]:
+    """`sampling.samples` sampled answers to each record's prompt (as training templates it); `keys` seed
+    each record's samples (qadapt.decoding.generation.sample_generate)."""
+    prompts = [prompt_text(r, template, tokenizer) for r in records]
+    return sample_generate(model, tokenizer, prompts, sampling, max_new_tokens, batch_size,
+                           stop_strings(template, tokenizer), add_special_tokens=template == "alpaca",
+                           on_done=on_done, prompt_keys=keys)
+
+
+def answer_conversation(model, tokenizer, template: str, messages: list[dict], max_new_tokens: int = 256,
+                        sampling: Sampling | None = None) -> str:
+    """The next assistant turn of `messages` (greedy, or one sample seeded by the turn's number), the
+    conversation rendered as training renders one."""
     chat_template, _ = conversation_template(template, tokenizer)
     prompt = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                            add_generation_prompt=True)
-    return _decode(model, tokenizer, template, [prompt], max_new_tokens, 1)[0]
+    if sampling is None:
+        return _decode(model, tokenizer, template, [prompt], max_new_tokens, 1)[0]
+    return sample_generate(model, tokenizer, [prompt], sampling, max_new_tokens, 1, stop_strings(template, tokenizer),
+                           add_special_tokens=template == "alpaca", prompt_keys=[len(messages)])[0][0]
 
 
 def _decode(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int, batch_size: int,
