@@ -152,6 +152,20 @@ def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
     assert kept.stdout == "you> " + first + "\nyou> " + second + "\nyou> "
     assert first == expected[0]  # one Alpaca turn is the single-turn prompt
 
+    # Sampled: the samples the decoder draws for the prompt, each under its number.
+    from qadapt.decoding.sampling import Sampling
+    from qadapt.tasks.math_sets import sample_answers
+
+    sampling = Sampling(temperature=1.5, samples=2, seed=3)
+    drawn = sample_answers(model, tokenizer, template, [{"instruction": "Two plus two?", "input": ""}], sampling,
+                           max_new_tokens=6)[0]
+    sampled = qadapt("generate", str(run), "Two plus two?", "--max-new-tokens", "6", "--temperature", "1.5",
+                     "--samples", "2", "--seed", "3")
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    assert sampled.stdout == f"--- sample 1 ---\n{drawn[0]}\n--- sample 2 ---\n{drawn[1]}\n"
+    assert_one_line_error(qadapt("generate", str(run), "hi", "--samples", "2"),
+                          "--samples, --top-p and --top-k sample: give a --temperature above 0 too")
+
 
 @pytest.mark.slow
 def test_real_smollm2_merged_and_exported_answers_like_the_adapter(tmp_path):
