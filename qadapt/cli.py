@@ -215,6 +215,42 @@ def generate(
 
 
 @app.command()
+def rationales(
+    teacher: str = typer.Option(..., "--teacher", help="A run, a merged folder or a bare model (as for eval), or "
+                                "an OpenAI-compatible endpoint: http://127.0.0.1:8080/v1.", show_default=False),
+    data: list[str] = typer.Option(..., "--data", help="Problems with answers: builtin:arithmetic, a GSM8K .jsonl, "
+                                   "an LLM-Adapters .json. Repeat for more sets.", show_default=False),
+    out: Path = typer.Option(..., "--out", help="The rationales (LLM-Adapters JSON); beside it OUT.samples.jsonl "
+                             "(every sample, for resuming) and OUT.stats.json.", show_default=False),
+    samples: int = typer.Option(8, help="Solutions sampled per problem (K)."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature."),
+    top_p: float = TopPOption,
+    top_k: int = TopKOption,
+    seed: int = SeedOption,
+    split: str = typer.Option("train", help="Split of a built-in or hub set."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N problems of each set."),
+    max_new_tokens: int = MaxNewTokensOption,
+    batch_size: int = typer.Option(64, help="A local teacher: rows (samples) decoded together."),
+    quant: str = QuantOption,
+    template: Optional[str] = TemplateOption,
+    model: Optional[str] = typer.Option(None, help="An endpoint: the model to ask (default: the first it lists)."),
+    api_key_env: Optional[str] = typer.Option(None, help="An endpoint: the environment variable holding its API "
+                                              "key (read, sent, never written)."),
+    concurrency: int = typer.Option(4, help="An endpoint: requests in flight at once."),
+    timeout: float = typer.Option(120.0, help="An endpoint: seconds to wait for one answer (retried)."),
+    system: Optional[str] = typer.Option(None, help="An endpoint: the system prompt (default: solve step by step "
+                                         "and end with 'The answer is N.'; '' for none)."),
+) -> None:
+    """Training data from a teacher: K sampled solutions per problem, kept when the answer is right."""
+    from qadapt.decoding.sampling import Sampling
+    from qadapt.inference.rationales import run_rationales
+
+    with _user_errors():
+        run_rationales(teacher, data, out, Sampling(temperature, top_p, top_k, samples, seed), split, limit,
+                       max_new_tokens, batch_size, quant, template, model, api_key_env, concurrency, timeout, system)
+
+
+@app.command()
 def chat(
     target: str = TargetArg,
     max_new_tokens: int = MaxNewTokensOption,

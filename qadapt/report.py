@@ -14,7 +14,6 @@ math_10k), so the table keeps them apart from GSM8K, SVAMP and AQuA.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from qadapt.errors import QadaptError
@@ -22,20 +21,10 @@ from qadapt.files import atomic_file
 from qadapt.machine import one_line
 from qadapt.recipe import load_recipe
 from qadapt.run_files import EVAL_METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, TRAINING_LOG, eval_dir
+from qadapt.scores import wilson_interval
 
-Z_95 = 1.959964  # two-sided 95% normal quantile
 HELD_OUT_SETS = ("gsm8k", "svamp", "aqua")  # no MAWPS-derived training problem shares their text
 MAWPS_SETS = ("addsub", "multiarith", "singleeq", "mawps")  # overlap MAWPS-derived training data
-
-
-def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (good at 0 and at small n, unlike p ± z·se)."""
-    if total == 0:
-        return 0.0, 1.0
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def read_runs(run_dir: Path) -> list[dict]:

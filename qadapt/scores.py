@@ -1,12 +1,16 @@
-"""Scores on disk, for every task: a set's name, and a scoring's metrics.json and predictions.jsonl."""
+"""Scores, for every task: a set's name, a proportion's interval, and a scoring's metrics.json and
+predictions.jsonl on disk."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from qadapt.files import atomic_file
 from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
+
+Z_95 = 1.959964  # two-sided 95% normal quantile
 
 
 def set_name(spec: str) -> str:
@@ -27,3 +31,13 @@ def write_results(out_dir: Path, metrics: dict, predictions: list[dict]) -> None
                        (EVAL_METRICS_FILE, json.dumps(metrics, indent=2))]:
         with atomic_file(out_dir / name) as tmp:
             tmp.write_text(text)
+
+
+def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (good at 0 and at small n, unlike p ± z·se)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)

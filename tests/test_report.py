@@ -9,7 +9,8 @@ import pytest
 
 from qadapt.errors import QadaptError
 from qadapt.recipe import recipe_from_dict
-from qadapt.report import markdown_table, report, wilson_interval
+from qadapt.report import markdown_table, report
+from qadapt.scores import wilson_interval
 from qadapt.training.train import train
 
 

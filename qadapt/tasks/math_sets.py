@@ -35,9 +35,9 @@ class EvalSet:
     multiple_choice: bool
 
 
-def load_eval_set(spec: str, limit: int | None = None) -> EvalSet:
-    """The first `limit` problems of a set (the test split of a built-in or hub set)."""
-    records = load_examples(spec, split="test")[:limit]
+def load_eval_set(spec: str, limit: int | None = None, split: str = "test") -> EvalSet:
+    """The first `limit` problems of a set (the `split` of a built-in or hub set)."""
+    records = load_examples(spec, split=split)[:limit]
     if any("messages" in r for r in records):
         raise QadaptError(f"{spec} is a set of conversations, not of problems with an answer; score on single "
                           "questions (builtin:word-problems, a GSM8K or LLM-Adapters file)")
