@@ -73,6 +73,9 @@ class AdapterConfig:
     init: Literal["bert", "zero"] = "zero"
     """series/parallel: `zero` (up-projection zero: starts as the base model) or `bert` (both
     projections normal(0, 0.02), as the LLM-Adapters paper)."""
+    start_from: Optional[str] = None
+    """A finished run (or an adapter folder) whose adapter weights this run starts from instead of `init`:
+    the same adapter settings and base; the optimizer, schedule and step count start afresh."""
 
     @property
     def low_rank(self) -> bool:

@@ -93,3 +93,20 @@ def test_bench_packing_trains_both_sides_and_records_the_ratios(tiny_llama_dir, 
     assert figures["machine"]["cpu"] and "cpu_capability" in figures["machine"]
     assert 0 <= figures["packed"]["padding_share"] < figures["unpacked"]["padding_share"] < 1
     assert figures["padding_ceiling"] > 1
+
+
+def test_bench_sampling_times_both_decoders_on_the_same_prompts(tiny_llama_dir, tmp_path):
+    import json
+    import subprocess
+
+    data = tmp_path / "problems.json"
+    data.write_text(json.dumps([{"instruction": f"What is {n} plus 1?", "input": "", "output": "", "answer": str(n + 1)}
+                                for n in range(3)]))
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_sampling.py"), "--target", str(tiny_llama_dir),
+                             "--data", str(data), "--samples", "2", "--max-new-tokens", "6", "--out",
+                             str(tmp_path / "sampling.json")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "sampling.json").read_text())
+    assert [row["samples"] for row in figures["rows"]] == [6, 6]
+    assert set(figures["qadapt_over_plain"]) == {"samples_per_s", "tokens_per_s"}
+    assert figures["machine"]["cpu"]

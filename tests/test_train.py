@@ -157,3 +157,19 @@ def test_grouping_rows_by_length_cuts_padding_and_keeps_every_step(tiny_llama_di
     plain, grouped = run(False), run(True)
     assert [r["loss"] for r in grouped] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
     assert sum(r["padding_share"] for r in grouped) < 0.6 * sum(r["padding_share"] for r in plain)
+
+
+def test_a_run_starts_from_another_runs_adapter(tiny_llama_dir, tmp_path):
+    from conftest import train_tiny_run
+    from qadapt.errors import QadaptError
+
+    first = train_tiny_run(tmp_path / "first", tiny_llama_dir, train={"max_steps": 2}, data={"val_size": 4})
+    second = train_tiny_run(tmp_path / "second", tiny_llama_dir, train={"max_steps": 1}, data={"val_size": 4},
+                            adapter={"start_from": str(first)})
+    # The same held-out rows: the second run's loss before its first step is the first run's at its end.
+    before = json.loads((second / "summary.json").read_text())["eval_loss_before"]
+    assert before == pytest.approx(json.loads((first / "summary.json").read_text())["eval_loss"], rel=1e-6)
+    with pytest.raises(QadaptError, match=f"adapter.start_from {first / 'adapter'}: adapter weight .* has shape"):
+        train_tiny_run(tmp_path / "third", tiny_llama_dir, adapter={"start_from": str(first), "rank": 8})
+    with pytest.raises(QadaptError, match="adapter.start_from: no run or adapter folder at"):
+        train_tiny_run(tmp_path / "fourth", tiny_llama_dir, adapter={"start_from": str(tmp_path / "nowhere")})

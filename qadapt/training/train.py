@@ -40,7 +40,7 @@ from qadapt.plan import choose_gradient_checkpointing
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
 from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
-from qadapt.run_dir import MetricsLog, create_run_dir, save_adapter
+from qadapt.run_dir import MetricsLog, create_run_dir, load_adapter, save_adapter
 from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE, eval_dir
 from qadapt.training.stop_signals import EXIT_CODES, StopSignals
 from qadapt.tasks import EvalOptions, LoadedModel, Task, TrainingData, task_named
@@ -97,6 +97,8 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
         say(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
     prepare_for_kbit_training(model, checkpointing)
     wrapped = attach_adapters(model, recipe.adapter.spec())
+    if recipe.adapter.start_from:
+        start_from_adapter(model, recipe.adapter.start_from, base)
     params = [p for p in model.parameters() if p.requires_grad]
     t = recipe.train
     require_disk_space(run_dir, sum(p.numel() * p.element_size() for p in params), t.optimizer,
@@ -111,6 +113,19 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train_rows) / examples_per_step))
     return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, task,
                  wrapped, base, run_dir, metrics, max_steps)
+
+
+def start_from_adapter(model: torch.nn.Module, path: str, base: dict) -> None:
+    """Load a finished run's (or an adapter folder's) weights into the freshly attached adapters."""
+    folder = Path(path).expanduser()
+    folder = folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else folder
+    if not folder.is_dir():
+        raise QadaptError(f"adapter.start_from: no run or adapter folder at {folder}")
+    try:
+        load_adapter(model, folder, base)
+    except QadaptError as exc:
+        raise QadaptError(f"adapter.start_from {folder}: {exc}") from None
+    say(f"adapter: starting from the weights in {folder}")
 
 
 def param_groups(model: torch.nn.Module, lr_ratio: float) -> list[dict]:
