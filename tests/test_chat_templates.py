@@ -138,3 +138,12 @@ def test_a_run_keeps_the_template_it_trained_with_through_eval_and_merge(tmp_pat
     assert AutoTokenizer.from_pretrained(merged).chat_template == TEMPLATES["phi3"]
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] in (
         loaded.tokenizer.eos_token_id, [loaded.tokenizer.eos_token_id])
+
+
+def test_a_tool_turn_goes_through_the_template_and_is_not_trained(smol_tokenizer):
+    talk = [TALK[1], {"role": "assistant", "content": "Let me add them: 3 + 4."},
+            {"role": "tool", "content": "7"}, {"role": "assistant", "content": "She has 7 apples."}]
+    tokenizer = choose(smol_tokenizer, "chatml")
+    row = D.tokenize([{"messages": talk}], tokenizer, "chat", 512, False).rows[0]
+    assert "<|im_start|>tool\n7<|im_end|>" in tokenizer.decode(row["input_ids"])
+    assert trained_text(tokenizer, row) == "Let me add them: 3 + 4.<|im_end|>She has 7 apples.<|im_end|>"
