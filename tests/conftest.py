@@ -158,11 +158,19 @@ def _tiny_config(family: str):
 
     llama_like = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    small_ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary
     configs = {
         "llama": lambda: t.LlamaConfig(**llama_like),
         "mistral": lambda: t.MistralConfig(**llama_like),
         "qwen2": lambda: t.Qwen2Config(**llama_like),
         "qwen3": lambda: t.Qwen3Config(**llama_like, head_dim=16),
+        # Granite's logits are divided and Gemma's capped before the loss: set both, to test that path.
+        "gemma3_text": lambda: t.Gemma3TextConfig(**llama_like, **small_ids, head_dim=16, sliding_window=8,
+                                                  final_logit_softcapping=0.3),
+        "smollm3": lambda: t.SmolLM3Config(**llama_like, **small_ids),
+        "granite": lambda: t.GraniteConfig(**llama_like, **small_ids, logits_scaling=4.0),
+        "olmo2": lambda: t.Olmo2Config(**llama_like, **small_ids),
+        "phi3": lambda: t.Phi3Config(**llama_like, **small_ids),
         "bloom": lambda: t.BloomConfig(vocab_size=TINY_VOCAB, hidden_size=64, n_layer=2, n_head=4),
         "gptj": lambda: t.GPTJConfig(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
                                      n_positions=128, bos_token_id=0, eos_token_id=0),

@@ -305,3 +305,16 @@ def test_dora_norm_is_recomputed_after_every_optimizer_step(load_tiny, foreach):
         cached = layer.adapted_row_norms().clone()
         layer._norms_cache = None
         assert torch.equal(cached, layer.adapted_row_norms()), f"stale norm after step {step + 1}"
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ENCODER_FAMILIES])
+def test_the_chunked_loss_is_the_models_own(load_family, family):
+    """The loss computed from the head a chunk at a time is the model's own, Granite's scaled logits and
+    Gemma's capped ones included (both set in the tiny configs)."""
+    model = load_family(family, "none")
+    batch = token_batch(vocab=TINY_VOCAB)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                     batch["labels"][:, 1:].flatten(), reduction="sum")
+        assert summed_token_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-5)

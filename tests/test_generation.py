@@ -72,7 +72,8 @@ def test_prompts_joining_a_running_batch_decode_as_if_alone(load_tiny, smol_toke
                                stop_strings=[stop]) == alone
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "bloom", "gptj", "gpt_neox", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3", "granite", "olmo2",
+                                    "phi3", "bloom", "gptj", "gpt_neox", "opt", "gpt2"])
 def test_every_family_decodes_as_transformers_generate(tiny_family_dir, family):
     """80 tokens, so each family's attention reads a KV cache that has outgrown its first room (64 columns)."""
     from transformers import AutoModelForCausalLM, ByT5Tokenizer

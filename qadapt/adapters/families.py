@@ -62,6 +62,17 @@ FAMILIES: dict[str, Family] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    # Later decoders with LLaMA's layer names (Gemma 3 text, SmolLM3, Granite, OLMo 2).
+    "gemma3_text": _LLAMA,
+    "smollm3": _LLAMA,
+    "granite": _LLAMA,
+    "olmo2": _LLAMA,
+    # Phi-3 / Phi-4: query, key and value in one linear, gate and up in another.
+    "phi3": Family(
+        linears=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        attention="self_attn", mlp="mlp", attention_output="o_proj",
+        mlp_inputs=("gate_up_proj",), mlp_output="down_proj",
+    ),
     "bloom": Family(
         linears=("query_key_value", "self_attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
         attention="self_attention", mlp="mlp", attention_output="self_attention.dense",

@@ -125,18 +125,32 @@ def summed_token_loss(model, batch: dict) -> torch.Tensor:
                                ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
     hidden = model.base_model(**inputs)[0]
     hidden, head = hidden[:, :-1].flatten(0, 1), model.get_output_embeddings()
+    scaling, cap = head_output_transform(model.config)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.numel(), LOSS_CHUNK_TOKENS):
         rows = slice(start, start + LOSS_CHUNK_TOKENS)
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, head, hidden[rows], labels[rows], use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, head, hidden[rows], labels[rows], scaling, cap,
+                                       use_reentrant=False)
         else:
-            total = total + _chunk_loss(head, hidden[rows], labels[rows])
+            total = total + _chunk_loss(head, hidden[rows], labels[rows], scaling, cap)
     return total
 
 
-def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+def head_output_transform(config) -> tuple[float, float | None]:
+    """(divisor, soft cap) that a family's forward applies to the LM head's output before the loss:
+    Granite divides the logits by `logits_scaling`, Gemma caps them softly at `final_logit_softcapping`."""
+    return float(getattr(config, "logits_scaling", None) or 1.0), getattr(config, "final_logit_softcapping", None)
+
+
+def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor, scaling: float = 1.0,
+                cap: float | None = None) -> torch.Tensor:
+    logits = head(hidden)
+    if scaling != 1.0:
+        logits = logits / scaling
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
 
 
 def target_tokens(batch: dict) -> int:
