@@ -31,9 +31,12 @@ from qadapt.tasks.token_classification import summed_tag_loss
 KINDS = ["lora", "dora", "series", "parallel"]
 QUANTS = ["nf4", "int8", "none"]
 # Every decoder, and BERT, in every storage; the other encoders share BERT's code paths but their own
-# module names, so they run in NF4 only (test_token_classification.py loads one in int8 too).
+# module names, so they run in NF4 only (test_token_classification.py loads one in int8 too), as do the
+# later decoders with LLaMA's layer names (the same linears, quantized the same way).
+LLAMA_NAMED_LATER = ("gemma3_text", "smollm3", "granite", "olmo2")
 FAMILY_QUANTS = [(family, quant) for family in FAMILIES for quant in QUANTS
-                 if family not in ENCODER_FAMILIES or family == "bert" or quant == "nf4"]
+                 if quant == "nf4" or (family not in ENCODER_FAMILIES and family not in LLAMA_NAMED_LATER)
+                 or family == "bert"]
 
 
 def adapter_config(kind: str, family: str, **options) -> AdapterConfig:
