@@ -104,15 +104,13 @@ def use_run_template(tokenizer, data_config, run_dir: Path | None = None) -> Non
     if thinking is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise QadaptError("data.thinking is set, but the tokenizer has no chat template")
-        name = choice or f"of {getattr(tokenizer, 'name_or_path', None) or 'the tokenizer'}"
-        tokenizer.chat_template = with_thinking(tokenizer.chat_template, thinking, name)
+        tokenizer.chat_template = with_thinking(tokenizer.chat_template, thinking, template_name(tokenizer))
 
 
 def save_run_template(tokenizer, run_dir: Path) -> None:
     """Keep the template a chat run trains with in its directory (atomically)."""
     with atomic_file(Path(run_dir) / CHAT_TEMPLATE_FILE) as tmp:
         tmp.write_text(tokenizer.chat_template, encoding="utf-8")
-
 
 
 def template_name(tokenizer) -> str:
