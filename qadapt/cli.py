@@ -314,13 +314,16 @@ def merge(
 @app.command()
 def export(
     run_dir: Path = RunArg,
-    format: str = typer.Option(..., "--format", help="peft (the adapter alone) or gguf (merged, for llama.cpp).",
-                               show_default=False),
-    out: Path = typer.Option(..., help="Folder (peft) or .gguf file to write.", show_default=False),
-    type: str = typer.Option("f16", "--type", help="GGUF weights type: f16, bf16 or q8_0."),
+    format: str = typer.Option(..., "--format", help="peft (the adapter alone), gguf (merged, for llama.cpp), "
+                               "gguf-lora (a folder: llama.cpp's adapter file and its base) or ollama (a folder: "
+                               "the GGUF and a Modelfile).", show_default=False),
+    out: Path = typer.Option(..., help="Folder (peft, gguf-lora, ollama) or .gguf file to write.",
+                             show_default=False),
+    type: str = typer.Option("f16", "--type", help="GGUF weights type: f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, "
+                             "or a K-quant (q4_k_m, q5_k_m, q6_k, ...: needs the llamacpp extra)."),
     base: str = MergeBaseOption,
 ) -> None:
-    """Export a run's adapter for other tools: PEFT / vLLM (peft) or llama.cpp / Ollama (gguf)."""
+    """Export a run's adapter for other tools: PEFT / vLLM (peft), llama.cpp (gguf) or Ollama (ollama)."""
     with _user_errors():
         if format == "peft":
             from qadapt.export.peft_format import export_peft
@@ -330,8 +333,17 @@ def export(
             from qadapt.export.gguf_export import export_gguf
 
             export_gguf(run_dir, out, type, base)
+        elif format == "gguf-lora":
+            from qadapt.export.gguf_lora import export_gguf_lora
+
+            export_gguf_lora(run_dir, out, type)
+        elif format == "ollama":
+            from qadapt.export.ollama import export_ollama
+
+            export_ollama(run_dir, out, type, base)
         else:
-            raise QadaptError(f"--format {format!r} is not one of peft, gguf (for a Hugging Face folder: qadapt merge)")
+            raise QadaptError(f"--format {format!r} is not one of peft, gguf, gguf-lora, ollama "
+                              "(for a Hugging Face folder: qadapt merge)")
 
 
 @app.command("import-peft")

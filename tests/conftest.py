@@ -143,6 +143,13 @@ def run_with_visible_adapter(folder: Path, model_dir: Path, kind: str = "lora", 
     return run
 
 
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, tiny_llama_dir) -> Path:
+    """run_with_visible_adapter on the tiny LLaMA (LoRA, NF4), trained once for the tests that only read it
+    (merge, export): do not change it."""
+    return run_with_visible_adapter(tmp_path_factory.mktemp("lora-run"), tiny_llama_dir, "lora", "nf4")
+
+
 def token_batch(seed: int = 0, batch: int = 2, length: int = 12, vocab: int = 1000) -> dict:
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(10, vocab, (batch, length), generator=generator)
@@ -166,7 +173,7 @@ def _tiny_config(family: str):
         "qwen3": lambda: t.Qwen3Config(**llama_like, head_dim=16),
         # Granite's logits are divided and Gemma's capped before the loss: set both, to test that path.
         "gemma3_text": lambda: t.Gemma3TextConfig(**llama_like, **small_ids, head_dim=16, sliding_window=8,
-                                                  final_logit_softcapping=0.3),
+                                                  query_pre_attn_scalar=16, final_logit_softcapping=0.3),
         "smollm3": lambda: t.SmolLM3Config(**llama_like, **small_ids),
         "granite": lambda: t.GraniteConfig(**llama_like, **small_ids, logits_scaling=4.0),
         "olmo2": lambda: t.Olmo2Config(**llama_like, **small_ids),
@@ -206,6 +213,29 @@ def tiny_family_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     return _model_folders(tmp_path_factory, lambda family: AutoModelForCausalLM.from_config(_tiny_config(family)))
+
+
+@pytest.fixture(scope="session")
+def tokenized_family_dir(tmp_path_factory, smol_tokenizer):
+    """tokenized_family_dir(family) -> a folder with a tiny random decoder of that family, its vocabulary
+    the SmolLM2 tokenizer's (saved beside it): a model that reads text, for exports (made once, seed 0)."""
+    from transformers import AutoModelForCausalLM
+
+    def build(family: str):
+        config = _tiny_config(family)
+        config.vocab_size = len(smol_tokenizer)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, name, getattr(smol_tokenizer, name))
+        return AutoModelForCausalLM.from_config(config)
+
+    folder_for = _model_folders(tmp_path_factory, build)
+
+    def folder_with_tokenizer(family: str) -> Path:
+        folder = folder_for(family)
+        smol_tokenizer.save_pretrained(folder)
+        return folder
+
+    return folder_with_tokenizer
 
 
 @pytest.fixture

@@ -321,3 +321,23 @@ def test_the_chunked_loss_is_the_models_own(load_family, family):
         expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                                      batch["labels"][:, 1:].flatten(), reduction="sum")
         assert summed_token_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ENCODER_FAMILIES])
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_a_folded_adapter_computes_what_it_did_unfolded(load_family, kind, family):
+    """merge ≈ unmerged for every decoder: the fold qadapt merge runs (fp32, no quantization: exact)."""
+    from qadapt.export.merge import fold_adapters
+
+    model = load_family(family, "none").eval()
+    attach_adapters(model, adapter_config(kind, family).spec())
+    base = logits(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("lora_b.weight", "magnitude")):
+                param.add_(0.1 * torch.randn_like(param))  # B starts at zero: make the adapter change something
+    unfolded = logits(model)
+    assert not torch.allclose(unfolded, base, atol=1e-3)
+    assert fold_adapters(model)
+    assert not any(isinstance(m, (LoRALinear, DoRALinear)) for m in model.modules())
+    torch.testing.assert_close(logits(model), unfolded, atol=1e-4, rtol=1e-4)

@@ -84,10 +84,9 @@ def test_fold_is_exactly_w_plus_scaled_ba_on_the_chosen_base(tmp_path, tiny_llam
     assert torch.equal(merged.get_submodule(norm).weight, expected)
 
 
-def test_sixteen_bit_merges_are_verified_and_report_their_cost(tmp_path, tiny_llama_dir):
-    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
+def test_sixteen_bit_merges_are_verified_and_report_their_cost(tmp_path, lora_run):
     for dtype in ["bf16", "fp16"]:
-        info = merge_run(run, tmp_path / dtype, dtype=dtype)
+        info = merge_run(lora_run, tmp_path / dtype, dtype=dtype)
         assert info["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
         assert json.loads((tmp_path / dtype / "config.json").read_text())["dtype"] == info["dtype"]
         assert info["vs_adapter_on_same_base"]["top1_agreement"] >= 0.95
@@ -132,16 +131,15 @@ def test_broken_adapter_weights_write_nothing(tmp_path, tiny_llama_dir):
     assert not (tmp_path / "merged").exists()
 
 
-def test_merge_mistakes_are_clear(tmp_path, tiny_llama_dir):
+def test_merge_mistakes_are_clear(tmp_path, lora_run):
     with pytest.raises(QadaptError, match=f"{tmp_path} is not a run directory: it has no recipe.yaml"):
         merge_run(tmp_path, tmp_path / "merged")
-    run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
     with pytest.raises(QadaptError, match="--base 'quantized' is not one of dequantized, original"):
-        merge_run(run, tmp_path / "merged", base="quantized")
+        merge_run(lora_run, tmp_path / "merged", base="quantized")
     with pytest.raises(QadaptError, match="--dtype 'int4' is not one of auto, bf16, fp16, fp32"):
-        merge_run(run, tmp_path / "merged", dtype="int4")
+        merge_run(lora_run, tmp_path / "merged", dtype="int4")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("keep me")
     with pytest.raises(QadaptError, match="already exists; remove it or choose another --out"):
-        merge_run(run, tmp_path / "taken")
+        merge_run(lora_run, tmp_path / "taken")
     assert (tmp_path / "taken" / "file").read_text() == "keep me"

@@ -1,12 +1,16 @@
-"""A merged LLaMA-family model as one GGUF file for llama.cpp / Ollama, read back and checked.
+"""A merged model as one GGUF file for llama.cpp / Ollama, checked where it will run.
 
-    qadapt export RUN_DIR --format gguf --out FILE [--type f16|bf16|q8_0] [--base dequantized|original]
+    qadapt export RUN_DIR --format gguf --out FILE [--type f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0|q4_k_m|...]
+                  [--base dequantized|original]
 
 The run is merged and verified first (qadapt.export.merge), then its safetensors are streamed into the GGUF
-one tensor at a time (gguf-py's writer), with what llama.cpp needs besides the weights: the
-architecture's hyper-parameters, the vocabulary and merges, BOS/EOS/padding ids and the chat template
-(the Alpaca one for a run trained on Alpaca prompts). Finally transformers loads the GGUF
-(`gguf_file=`), and its logits and tokenization are compared with the merged model's.
+one tensor at a time (gguf-py's writer), laid out for the family's llama.cpp architecture
+(qadapt.export.gguf_families), with what llama.cpp needs besides the weights: hyper-parameters,
+vocabulary and merges, BOS/EOS/padding ids and the run's chat template. K-quants (q4_k_m, ...) are made
+from a 16-bit GGUF by llama.cpp's own quantizer. Then the file is checked where it will run:
+llama.cpp (the optional `qadapt[llamacpp]` extra) runs it beside the merged model in transformers; without
+the extra, transformers reads it back (`gguf_file=`) for the architectures it knows, and refuses the others. Below a type's floor of top-1
+agreement, nothing is written.
 """
 
 from __future__ import annotations
@@ -19,15 +23,25 @@ import numpy as np
 import torch
 
 from qadapt.errors import QadaptError
+from qadapt.export import llamacpp
+from qadapt.export.gguf_families import GgufFamily, add_hyperparameters, gguf_family, to_gguf_layout
 from qadapt.files import atomic_file, describe_written, refuse_existing
 
-GGUF_TYPES = ("f16", "bf16", "q8_0")
-# The merged folder's dtype for each GGUF type: the same rounding, once; q8_0 starts from the checkpoint's.
-MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "auto"}
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # model_type → GGUF architecture
-# Least top-1 agreement of the GGUF, read back by transformers, with the merged model. q8_0 rounds every
-# weight (measured on the embedded model: 98% agreement); a wrong layout gives a different model entirely.
-MIN_TOP1_AGREEMENT = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.9}
+PYTHON_TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # written by gguf-py, tensor by tensor
+GGUF_TYPES = PYTHON_TYPES + llamacpp.K_QUANTS
+# The merged folder's dtype for each GGUF type: the same rounding, once; quantized types start from the
+# checkpoint's.
+MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16"}
+# Least top-1 agreement with the merged model on the check prompts, per type: below it the file is
+# refused. A floor catches a broken file (a wrong layout or tokenizer gives another model), not a
+# quality bar: what each type costs is measured in docs/benchmarks.md. The 4- and 5-bit floors are set
+# so that a tiny random model's flat logits pass (0.41 measured for q4_0 in the tests).
+MIN_TOP1_AGREEMENT = {"f16": 0.99, "bf16": 0.98, "q8_0": 0.9, "q6_k": 0.9, "q5_1": 0.5, "q5_0": 0.5,
+                      "q5_k_m": 0.5, "q5_k_s": 0.5, "q4_1": 0.3, "q4_0": 0.3, "q4_k_m": 0.3, "q4_k_s": 0.3,
+                      "q3_k_l": 0.2, "q3_k_m": 0.2, "q3_k_s": 0.2, "q2_k": 0.1}
+# The tensors that set every next token (the output head, or the embedding when tied to it) stay in
+# q8_0 for 4- and 5-bit types: llama.cpp keeps them in Q6_K, which gguf-py cannot write.
+HEAD_TYPE_FOR_LOW_BITS = "q8_0"
 
 
 def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", base: str = "dequantized") -> dict:
@@ -41,36 +55,90 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", ba
     recipe = load_run_recipe(run_dir)
     refuse_unmergeable(recipe, "gguf", "export to GGUF")
     refuse_existing(out)
-    model_type = meta_model(recipe.model).config.model_type
-    if model_type not in GGUF_ARCHITECTURES:
-        raise QadaptError(f"GGUF export supports {', '.join(GGUF_ARCHITECTURES)} models, not {model_type}; "
-                          "merge to a Hugging Face folder (qadapt merge) and convert it with llama.cpp")
+    config = meta_model(recipe.model).config.to_dict()
+    family = gguf_family(config)
+    if gguf_type in llamacpp.K_QUANTS:
+        llamacpp.require(f"--type {gguf_type}")
+    if not llamacpp.installed() and not transformers_reads(family):
+        raise QadaptError(f"a {config['model_type']} GGUF can only be checked by running it in llama.cpp: "
+                          f"{llamacpp.INSTALL_HINT}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tmp-merge-") as tmp:
         merged = Path(tmp) / "merged"
-        merge_run(run_dir, merged, MERGE_DTYPE[gguf_type], base, show_written=False)
+        merge_run(run_dir, merged, MERGE_DTYPE.get(gguf_type, "auto"), base, show_written=False)
+        pre = tokenizer_pre(recipe.model.name, merged, family)
         with atomic_file(out) as gguf_tmp:
-            write_gguf(merged, gguf_tmp, gguf_type, tokenizer_pre(recipe.model.name), name=run_dir.resolve().name)
-            check = verify_gguf(merged, gguf_tmp, recipe.data.template)
-            if check["top1_agreement"] < MIN_TOP1_AGREEMENT[gguf_type]:
-                raise QadaptError(f"the GGUF read back disagrees with the merged model: {check}; nothing was written")
+            write_gguf_as(merged, gguf_tmp, gguf_type, pre, run_dir.resolve().name, scratch=Path(tmp))
+            checks = verify_gguf(merged, gguf_tmp, recipe.data.template, family)
+            failed = {reader: check for reader, check in checks.items()
+                      if check["top1_agreement"] < MIN_TOP1_AGREEMENT[gguf_type]}
+            if failed:
+                raise QadaptError(f"the GGUF disagrees with the merged model (top-1 floor for {gguf_type}: "
+                                  f"{MIN_TOP1_AGREEMENT[gguf_type]:.0%}): {failed}; nothing was written")
     print(describe_written(out))
-    print(f"verified: read back by transformers, vs the merged model: max |Δlogit| {check['max_abs_diff']:.4g}  "
-          f"mean {check['mean_abs_diff']:.4g}  top-1 agreement {check['top1_agreement']:.2%}")
-    return check
+    for reader, check in checks.items():
+        print(f"verified in {reader}, vs the merged model: " + "  ".join(f"{k} {v}" for k, v in check.items()))
+    return checks
 
 
-def tokenizer_pre(model_name: str) -> str:
-    """llama.cpp's pre-tokenizer name: the source GGUF's when the base came from one, else 'default'."""
+def write_gguf_as(folder: Path, out: Path, gguf_type: str, pre: str, name: str, scratch: Path) -> None:
+    """write_gguf, or for a K-quant, a 16-bit file in `scratch` quantized by llama.cpp."""
+    if gguf_type not in llamacpp.K_QUANTS:
+        write_gguf(folder, out, gguf_type, pre, name=name)
+        return
+    sixteen = scratch / "16-bit.gguf"
+    write_gguf(folder, sixteen, sixteen_bit_type(folder), pre, name=name)
+    llamacpp.quantize(sixteen, out, gguf_type)
+    sixteen.unlink()
+
+
+def sixteen_bit_type(merged: Path) -> str:
+    """The 16-bit type llama.cpp quantizes from: bf16 for a bf16 checkpoint (f16 would clip its range)."""
+    dtype = json.loads((merged / "config.json").read_text()).get("dtype")
+    return "bf16" if dtype == "bfloat16" else "f16"
+
+
+def transformers_reads(family: GgufFamily) -> bool:
+    """Whether transformers loads a GGUF of this architecture (gguf_file=) as the model it is."""
     import gguf
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.arch)]
+    return family.transformers_reads_it and arch in GGUF_CONFIG_MAPPING
+
+
+# How a byte-level BPE tokenizer, as transformers loads it, splits text before merging → llama.cpp's name for
+# the same splitting. (transformers may replace tokenizer.json's pre-tokenizer by its class's own, as
+# Qwen2Tokenizer does, so the loaded tokenizer is read, not the file.)
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = _QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")
+_PRE_TOKENIZERS = {
+    (("Split", _QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
+    (("Split", _LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
+    (("Digits", True), ("ByteLevel", True)): "smollm",  # single digits, then GPT-2's regex
+    (("ByteLevel", True),): "gpt-2",
+}
+
+
+def tokenizer_pre(model_name: str, folder: Path, family: GgufFamily) -> str:
+    """llama.cpp's pre-tokenizer name: the source GGUF's when the base came from one; else the one whose
+    splitting the tokenizer's matches; else the family's. The checks compare tokenizations after."""
+    import gguf
+    from transformers import AutoTokenizer
 
     from qadapt.models import EMBEDDED_MODELS, embedded_model
 
     source = embedded_model(model_name) if model_name in EMBEDDED_MODELS else Path(model_name)
-    if source.suffix != ".gguf" or not source.is_file():
-        return "default"
-    field = gguf.GGUFReader(source).get_field(gguf.Keys.Tokenizer.PRE)
-    return field.contents() if field is not None else "default"
+    if source.suffix == ".gguf" and source.is_file():
+        field = gguf.GGUFReader(source).get_field(gguf.Keys.Tokenizer.PRE)
+        if field is not None:
+            return field.contents()
+    backend = getattr(AutoTokenizer.from_pretrained(folder), "_tokenizer", None)
+    pre = (json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None) or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    shape = tuple((step.get("type"), (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split"
+                   else bool(step.get("individual_digits", step.get("use_regex")))) for step in steps)
+    return _PRE_TOKENIZERS.get(shape, family.pre_tokenizer)
 
 
 def write_gguf(folder: Path, out: Path, gguf_type: str, pre: str = "default", name: str | None = None) -> None:
@@ -79,91 +147,67 @@ def write_gguf(folder: Path, out: Path, gguf_type: str, pre: str = "default", na
     from safetensors import safe_open
 
     config = json.loads((folder / "config.json").read_text())
-    arch = GGUF_ARCHITECTURES[config["model_type"]]
-    writer = gguf.GGUFWriter(out, arch)
-    _add_hyperparameters(writer, config, name or folder.name, gguf_type)
+    family = gguf_family(config)
+    arch = getattr(gguf.MODEL_ARCH, family.arch)
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(name or folder.name)
+    add_hyperparameters(writer, family, config)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{gguf_type.upper()}"))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, folder, config["vocab_size"], pre)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(arch, config.get("num_hidden_layers") or config["n_layer"])
     files = sorted(folder.glob("*.safetensors"))
-    plan = []  # (file, hf name, gguf name, GGML type), in writing order
-    for file in files:
+    keys = [(file, key) for file in files for key in _keys(file)]
+    tied = not any(names.get_name(_strip(key, family), try_suffixes=(".weight",)) == "output.weight"
+                   for _, key in keys)
+    plan = []  # (file, hf name, GGML type), in writing order
+    for file, key in keys:
+        target = names.get_name(_strip(key, family), try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise QadaptError(f"{key}: no GGUF tensor name for it in the {family.arch.lower()} architecture")
         with safe_open(file, "pt") as f:
-            for key in f.keys():
-                target = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                if target is None:
-                    raise QadaptError(f"{key}: no GGUF tensor name for it in the {arch} architecture")
-                shape = f.get_slice(key).get_shape()
-                qtype = _tensor_type(shape, gguf_type)
-                block, size = gguf.GGML_QUANT_SIZES[qtype]
-                nbytes = int(np.prod(shape)) // block * size
-                writer.add_tensor_info(target, shape, np.float32 if qtype == gguf.GGMLQuantizationType.F32 else
-                                       np.float16, nbytes, raw_dtype=qtype)
-                plan.append((file, key, qtype))
+            shape = f.get_slice(key).get_shape()
+        sets_next_token = target == "output.weight" or (tied and target == "token_embd.weight")
+        qtype = _tensor_type(shape, gguf_type, sets_next_token)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        nbytes = int(np.prod(shape)) // block * size
+        writer.add_tensor_info(target, shape, np.float32 if qtype == gguf.GGMLQuantizationType.F32 else
+                               np.float16, nbytes, raw_dtype=qtype)
+        plan.append((file, key, qtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for file, key, qtype in plan:
         with safe_open(file, "pt") as f:
-            tensor = f.get_tensor(key).to(torch.float32)
-        writer.write_tensor_data(_to_gguf(key, tensor, qtype, config))
+            tensor = to_gguf_layout(key, f.get_tensor(key).to(torch.float32), family, config)
+        writer.write_tensor_data(gguf.quants.quantize(tensor.numpy(), qtype))
     writer.close()
 
 
-def _tensor_type(shape: list[int], gguf_type: str):
+def _keys(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as f:
+        return list(f.keys())
+
+
+def _strip(key: str, family: GgufFamily) -> str:
+    return key.removeprefix(family.strip_prefix) if family.strip_prefix else key
+
+
+def _tensor_type(shape: list[int], gguf_type: str, sets_next_token: bool):
     import gguf
 
     types = gguf.GGMLQuantizationType
     if len(shape) < 2:
         return types.F32  # norms and biases stay exact, as llama.cpp keeps them
-    wanted = {"f16": types.F16, "bf16": types.BF16, "q8_0": types.Q8_0}[gguf_type]
+    if sets_next_token and gguf_type[:2] in ("q4", "q5"):
+        gguf_type = HEAD_TYPE_FOR_LOW_BITS
+    wanted = getattr(types, gguf_type.upper())
     if shape[-1] % gguf.GGML_QUANT_SIZES[wanted][0] != 0:
-        return types.F16  # rows that do not split into q8_0 blocks
+        return types.F16  # rows that do not split into the type's blocks
     return wanted
-
-
-def _to_gguf(key: str, tensor: torch.Tensor, qtype, config: dict) -> np.ndarray:
-    """One tensor, laid out and encoded as GGUF stores it."""
-    import gguf
-
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    if key.endswith("q_proj.weight"):
-        tensor = _interleave_rotary_halves(tensor, config["num_attention_heads"], head_dim)
-    elif key.endswith("k_proj.weight"):
-        tensor = _interleave_rotary_halves(tensor, config["num_key_value_heads"], head_dim)
-    return gguf.quants.quantize(tensor.numpy(), qtype)
-
-
-def _interleave_rotary_halves(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Hugging Face rotates the two halves of each head (rotate_half); llama.cpp rotates adjacent pairs.
-
-    Reorder each head's rows from [x0..x(d/2-1), y0..y(d/2-1)] to [x0, y0, x1, y1, ...].
-    """
-    return weight.reshape(heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(weight.shape)
-
-
-def _add_hyperparameters(writer, config: dict, name: str, gguf_type: str) -> None:
-    import gguf
-
-    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise QadaptError(f"rope scaling {rope['rope_type']!r} is not written to GGUF by qadapt; convert the merged "
-                          "folder with llama.cpp's convert_hf_to_gguf.py")
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    writer.add_name(name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config.get("num_key_value_heads", config["num_attention_heads"]))
-    writer.add_rope_freq_base(rope["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_vocab_size(config["vocab_size"])
-    file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    writer.add_file_type(file_types[gguf_type])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _add_tokenizer(writer, folder: Path, vocab_size: int, pre: str) -> None:
@@ -210,15 +254,33 @@ def _byte_level_vocab(tokenizer_json: dict, vocab_size: int) -> tuple[list[str],
     return tokens, [int(types.get(i, gguf.TokenType.UNUSED)) for i in range(size)]
 
 
-def verify_gguf(merged: Path, gguf_file: Path, template: str) -> dict:
+def verify_gguf(merged: Path, gguf_file: Path, template: str, family: GgufFamily) -> dict[str, dict]:
+    """The GGUF against the merged folder on the check prompts, {reader: figures}: run in llama.cpp when
+    it is installed (where the file will run), else read back by transformers where it can."""
+    from transformers import AutoTokenizer
+
+    from qadapt.export.merge import probe_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    texts = probe_texts(template, tokenizer)
+    if not llamacpp.installed():
+        return {"transformers": read_back_in_transformers(merged, gguf_file, texts)}
+    rows = llamacpp.run_side_by_side(merged, gguf_file, texts, probe_texts(template, tokenizer, answered=False))
+    split = [row["text"] for row in rows if not row["same_tokenization"]]
+    if split:
+        raise QadaptError(f"llama.cpp splits {split[0]!r}... differently from the model's tokenizer "
+                          "(its pre-tokenizer name may be wrong); nothing was written")
+    return {"llama.cpp": llamacpp.summary(rows)}
+
+
+def read_back_in_transformers(merged: Path, gguf_file: Path, texts: list[str]) -> dict:
     """Load the GGUF with transformers; compare tokenization and logits with the merged folder's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qadapt.export.merge import compare_logits, logits_on, probe_texts
+    from qadapt.export.merge import compare_logits, logits_on
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
     read_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    texts = probe_texts(template, tokenizer)
     for text in texts:
         if tokenizer(text).input_ids != read_tokenizer(text).input_ids:
             raise QadaptError(f"the GGUF's tokenizer splits {text[:60]!r}... differently from the model's")

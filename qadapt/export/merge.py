@@ -108,12 +108,14 @@ def fold_adapters(model: nn.Module) -> list[str]:
     return folded
 
 
-def probe_texts(template: str, tokenizer, count: int = 6) -> list[str]:
-    """Templated prompts with their answers: what the merged model is compared on."""
+def probe_texts(template: str, tokenizer, count: int = 6, answered: bool = True) -> list[str]:
+    """Templated prompts with their answers (or without: what a reply is asked for): what the merged model
+    is compared on."""
     from qadapt import arithmetic
     from qadapt.data import prompt_text
 
-    return [prompt_text(r, template, tokenizer) + r["output"] for r in arithmetic.problems("test", count)]
+    return [prompt_text(r, template, tokenizer) + (r["output"] if answered else "")
+            for r in arithmetic.problems("test", count)]
 
 
 @torch.no_grad()
@@ -140,13 +142,9 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> dict:
 def save_hf_folder(model: nn.Module, tokenizer, template: str, folder: Path) -> None:
     """A folder transformers loads: safetensors shards, config, generation config, tokenizer, and the chat
     template the run trained with (generation tags removed: other runtimes do not know them)."""
-    from qadapt.conversations import end_of_turn, without_generation_tags
-    from qadapt.chat_templates import alpaca_chat_template
+    from qadapt.conversations import end_of_turn
 
-    if template == "alpaca":
-        tokenizer.chat_template = alpaca_chat_template()  # prompt it as it was trained
-    elif tokenizer.chat_template:
-        tokenizer.chat_template = without_generation_tags(tokenizer.chat_template)
+    tokenizer.chat_template = exported_chat_template(tokenizer, template)
     generation = model.generation_config
     eos_ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
     # Trained to end a reply with the tokenizer's EOS, or the template's end-of-turn token: stop at either.
@@ -160,6 +158,18 @@ def save_hf_folder(model: nn.Module, tokenizer, template: str, folder: Path) -> 
         generation.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, max_shard_size="2GB")
     tokenizer.save_pretrained(folder)
+
+
+def exported_chat_template(tokenizer, template: str) -> str | None:
+    """The chat template a merged or exported model carries: the Alpaca one for a run trained on Alpaca
+    prompts (prompt it as it was trained), else the run's, without `generation` tags (other runtimes do
+    not know them)."""
+    from qadapt.chat_templates import alpaca_chat_template
+    from qadapt.conversations import without_generation_tags
+
+    if template == "alpaca":
+        return alpaca_chat_template()
+    return without_generation_tags(tokenizer.chat_template) if tokenizer.chat_template else None
 
 
 def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: str = "dequantized",
@@ -211,6 +221,22 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
         print(describe_written(out))
     print(format_checks(info))
     return info
+
+
+def save_base(run_dir: str | Path, out: Path, dtype: str = "auto") -> None:
+    """The base the run's adapter was trained against (its quantized linears de-quantized), without the
+    adapter, as a Hugging Face folder: what a LoRA exported alone is applied to."""
+    from qadapt.inference.loader import load_trained_model
+    from qadapt.models import load_full_precision
+    from qadapt.run_dir import load_run_recipe
+
+    recipe = load_run_recipe(Path(run_dir))
+    trained, tokenizer, _ = load_trained_model(run_dir, compute_dtype="fp32")
+    full = load_full_precision(recipe.model, dtype)
+    copy_trained_weights(trained, full)
+    del trained
+    gc.collect()
+    save_hf_folder(full, tokenizer, recipe.data.template, out)
 
 
 def _check_agreement(info: dict, dtype: torch.dtype) -> None:

@@ -1,0 +1,111 @@
+"""A run's LoRA as llama.cpp's adapter file, beside the base it was trained against, checked in llama.cpp.
+
+    qadapt export RUN_DIR --format gguf-lora --out DIR [--type f16|q8_0|q4_k_m|...]
+    llama-cli -m DIR/base.gguf --lora DIR/adapter.gguf
+
+adapter.gguf holds each wrapped linear's A and B in float32 under the base's GGUF tensor names
+(`blk.0.attn_q.weight.lora_a`), B's rows laid out as the base's rows are (qadapt.export.gguf_families),
+and an alpha that makes llama.cpp's scale (alpha / rank) the run's. base.gguf is the base the adapter was
+trained against, its quantized linears de-quantized (qadapt.export.merge.save_base), in --type: one file
+serves every adapter trained on that base with that quantization. Before the folder appears, llama.cpp
+runs base + adapter beside the merged model in transformers; this needs the llamacpp extra, since no
+other reader applies a GGUF adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from qadapt.errors import QadaptError
+from qadapt.export import llamacpp
+from qadapt.export.gguf_families import GgufFamily, gguf_family, to_gguf_layout
+from qadapt.files import refuse_existing
+
+BASE_NAME, ADAPTER_NAME = "base.gguf", "adapter.gguf"
+
+
+def export_gguf_lora(run_dir: str | Path, out: str | Path, gguf_type: str = "f16") -> dict:
+    from transformers import AutoTokenizer
+
+    from qadapt.export.gguf_export import (GGUF_TYPES, MERGE_DTYPE, MIN_TOP1_AGREEMENT, tokenizer_pre,
+                                           write_gguf_as)
+    from qadapt.export.merge import merge_run, probe_texts, refuse_unmergeable, save_base
+    from qadapt.models import meta_model
+    from qadapt.run_dir import load_run_recipe
+
+    if gguf_type not in GGUF_TYPES:
+        raise QadaptError(f"--type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    run_dir, out = Path(run_dir), Path(out)
+    recipe = load_run_recipe(run_dir)
+    refuse_unmergeable(recipe, "gguf", "export to GGUF")
+    if recipe.adapter.kind != "lora":
+        raise QadaptError(f"llama.cpp's adapter files hold LoRA only, not {recipe.adapter.kind}; export the "
+                          "merged model instead (--format gguf)")
+    llamacpp.require("--format gguf-lora (checked by running base + adapter)")
+    refuse_existing(out)
+    config = meta_model(recipe.model).config.to_dict()
+    family = gguf_family(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        base, merged, building = scratch / "base", scratch / "merged", scratch / "out"
+        dtype = MERGE_DTYPE.get(gguf_type, "auto")
+        save_base(run_dir, base, dtype)
+        merge_run(run_dir, merged, dtype, "dequantized", show_written=False)
+        building.mkdir()
+        pre = tokenizer_pre(recipe.model.name, base, family)
+        write_gguf_as(base, building / BASE_NAME, gguf_type, pre, f"{run_dir.resolve().name}-base", scratch)
+        write_lora_gguf(run_dir, building / ADAPTER_NAME, family, config)
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+        texts, prompts = (probe_texts(recipe.data.template, tokenizer, answered=answered) for answered in (True, False))
+        rows = llamacpp.run_side_by_side(merged, building / BASE_NAME, texts, prompts, lora=building / ADAPTER_NAME)
+        check = llamacpp.summary(rows)
+        if check["same_tokenization"] < check["texts"] or check["top1_agreement"] < MIN_TOP1_AGREEMENT[gguf_type]:
+            raise QadaptError(f"llama.cpp's base + adapter disagree with the merged model (top-1 floor for "
+                              f"{gguf_type}: {MIN_TOP1_AGREEMENT[gguf_type]:.0%}): {check}; nothing was written")
+        building.rename(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"wrote {out / BASE_NAME} and {out / ADAPTER_NAME}; run: llama-cli -m {out / BASE_NAME} "
+          f"--lora {out / ADAPTER_NAME}")
+    print("verified in llama.cpp (base + adapter), vs the merged model: "
+          + "  ".join(f"{k} {v}" for k, v in check.items()))
+    return check
+
+
+def write_lora_gguf(run_dir: Path, out: Path, family: GgufFamily, config: dict) -> None:
+    """The run's LoRA weights as a llama.cpp adapter GGUF (see the module's docstring)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from qadapt.adapters.lora import lora_scale
+    from qadapt.run_dir import load_run_recipe
+    from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
+
+    adapter = load_run_recipe(run_dir).adapter
+    weights = load_file(run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    arch = getattr(gguf.MODEL_ARCH, family.arch)
+    names = gguf.get_tensor_name_map(arch, config.get("num_hidden_layers") or config["n_layer"])
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    # llama.cpp scales by alpha / rank; the run by lora_scale (alpha / √rank with rsLoRA).
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_scale(adapter.alpha, adapter.rank, adapter.rslora)
+                       * adapter.rank)
+    modules = sorted({key.rsplit(".lora_", 1)[0] for key in weights})
+    for module in modules:
+        key = module + ".weight"
+        target = names.get_name(key.removeprefix(family.strip_prefix), try_suffixes=(".weight",))
+        if target is None or target in ("token_embd.weight", "output.weight"):
+            raise QadaptError(f"{module}: llama.cpp's adapter file cannot hold a LoRA on it; export the merged "
+                              "model instead (--format gguf)")
+        lora_a = weights[f"{module}.lora_a.weight"].float()
+        lora_b = to_gguf_layout(key, weights[f"{module}.lora_b.weight"].float(), family, config)
+        writer.add_tensor(f"{target}.lora_a", lora_a.contiguous().numpy())
+        writer.add_tensor(f"{target}.lora_b", lora_b.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
