@@ -40,8 +40,11 @@ FAMILY_QUANTS = [(family, quant) for family in FAMILIES for quant in QUANTS
 
 
 def adapter_config(kind: str, family: str, **options) -> AdapterConfig:
-    """Small adapters; bottlenecks on both sub-layers (OPT has no MLP block: beside its linears)."""
+    """Small adapters; bottlenecks on both sub-layers (OPT has no MLP block: beside its linears; a mixture of
+    experts has no linear after its experts: series after the attention only)."""
     placement = "linears" if kind == "parallel" and FAMILIES[family].mlp is None else "both"
+    if kind == "series" and FAMILIES[family].mlp_output is None:
+        placement = "attention"
     defaults = dict(kind=kind, rank=4, alpha=8, dropout=0.0, bottleneck_size=8, placement=placement)
     return AdapterConfig(**{**defaults, **options})
 

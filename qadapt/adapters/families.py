@@ -28,14 +28,20 @@ class Family:
     """The attention's output projection (series placement `attention`: after it)."""
     mlp_inputs: tuple[str, ...]
     """Linears that read the MLP's input (LLM-Adapters puts a series adapter on their input)."""
-    mlp_output: str
-    """The MLP's output projection (series placement `mlp`: after it, "AdapterP")."""
+    mlp_output: Optional[str]
+    """The MLP's output projection (series placement `mlp`: after it, "AdapterP"); None for a mixture of
+    experts, whose experts are not linear modules."""
 
 
 _LLAMA = Family(
     linears=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     attention="self_attn", mlp="mlp", attention_output="o_proj",
     mlp_inputs=("gate_proj", "up_proj"), mlp_output="down_proj",
+)
+
+_MIXTURE_OF_EXPERTS = Family(
+    linears=("q_proj", "k_proj", "v_proj", "o_proj"),
+    attention="self_attn", mlp="mlp", attention_output="o_proj", mlp_inputs=(), mlp_output=None,
 )
 
 # BERT-style encoders: layer.N.attention.output.dense ends the attention, layer.N.output.dense the FFN.
@@ -67,6 +73,21 @@ FAMILIES: dict[str, Family] = {
     "smollm3": _LLAMA,
     "granite": _LLAMA,
     "olmo2": _LLAMA,
+    # Qwen3.5: three of four layers are linear attention (a gated delta net); its projections take
+    # adapters as the full-attention layers' do, but not in_proj_a / in_proj_b (one row per head: the
+    # decay gates). The attention block is whichever of the two a layer has.
+    "qwen3_5_text": Family(
+        linears=("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj",
+                 "gate_proj", "up_proj", "down_proj"),
+        attention=r"^.*layers\.\d+\.(self_attn|linear_attn)",
+        mlp="mlp", attention_output=r"^.*layers\.\d+\.(self_attn\.o_proj|linear_attn\.out_proj)",
+        mlp_inputs=("gate_proj", "up_proj"), mlp_output="down_proj",
+    ),
+    # Mixtures of experts (Qwen3-MoE, gpt-oss): transformers keeps each layer's experts as 3-D parameters,
+    # not linear modules, so bitsandbytes leaves them unquantized (in the compute dtype) and adapters
+    # cannot wrap them. Adapters go on the attention's linears, or beside the whole MoE block (parallel).
+    "qwen3_moe": _MIXTURE_OF_EXPERTS,
+    "gpt_oss": _MIXTURE_OF_EXPERTS,
     # Phi-3 / Phi-4: query, key and value in one linear, gate and up in another.
     "phi3": Family(
         linears=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),

@@ -37,7 +37,7 @@ def plan_adapters(model: nn.Module, cfg: AdapterSpec) -> dict[str, Wrap]:
     family = family_of(model, f"{cfg.placement} placement")
     placements = ["attention", "mlp"] if cfg.placement == "both" else [cfg.placement]
     if cfg.kind == "series":
-        outputs = [family.attention_output if p == "attention" else family.mlp_output for p in placements]
+        outputs = [family.attention_output if p == "attention" else _mlp_output(model, family) for p in placements]
         return {name: partial(_series, cfg=cfg, on_input=False) for name in match_linears(model, outputs)}
     if "mlp" in placements and family.mlp is None:
         raise QadaptError(
@@ -59,7 +59,7 @@ def _plan_on_linears(model: nn.Module, cfg: BottleneckSpec) -> dict[str, Wrap]:
             targets = list(cfg.targets)
         else:
             family = family_of(model, "linear targets")
-            targets = [*family.mlp_inputs, family.mlp_output]
+            targets = [*family.mlp_inputs, _mlp_output(model, family)]
         return {name: partial(_parallel_linear, cfg=cfg) for name in match_linears(model, targets)}
     sides = _series_sides(model, cfg)
     names = match_linears(model, list(sides))
@@ -74,7 +74,7 @@ def _series_sides(model: nn.Module, cfg: BottleneckSpec) -> dict[str, str]:
     the MLP output on the output, as LLM-Adapters' `mh_adapter` / `output_adapter` table does."""
     if not cfg.targets:
         family = family_of(model, "linear targets")
-        return {**{t: "input" for t in family.mlp_inputs}, family.mlp_output: "output"}
+        return {**{t: "input" for t in family.mlp_inputs}, _mlp_output(model, family): "output"}
     sides = {}
     for target in cfg.targets:
         name, _, side = target.partition(":")
@@ -95,6 +95,15 @@ def _bottleneck(cfg: BottleneckSpec, in_features: int, out_features: int, like: 
     device = next(like.parameters()).device
     return Bottleneck(in_features, out_features, cfg.bottleneck_size, cfg.activation, cfg.scale, cfg.dropout,
                       cfg.init, device)
+
+
+def _mlp_output(model: nn.Module, family) -> str:
+    if family.mlp_output is None:
+        raise QadaptError(
+            f"{model.config.model_type}'s MLP is a mixture of experts, with no linear layer to put an adapter "
+            "after or beside: put series adapters after the attention (placement: attention), or a parallel "
+            "adapter beside the whole MoE block (placement: mlp)")
+    return family.mlp_output
 
 
 def _series(base: nn.Module, cfg: BottleneckSpec, on_input: bool) -> SeriesAdapter:

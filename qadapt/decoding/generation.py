@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from qadapt.decoding.sampling import Sampling, row_generator, sample_tokens
+from qadapt.errors import QadaptError
 
 
 @torch.no_grad()
@@ -34,8 +35,37 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
                     on_done: Callable[[int], None] | None = None,
                     calculator: Callable[[str], str | None] | None = None) -> list[str]:
     """The greedy continuation of every prompt, cut before the first stop string."""
+    if not regroupable(model):
+        if calculator is not None:
+            raise QadaptError(f"the calculator needs qadapt's batched decoder, which cannot regroup "
+                              f"{model.config.model_type}'s linear-attention state")
+        return _one_at_a_time(model, tokenizer, prompts, max_new_tokens, stop_strings, add_special_tokens, on_done)
     decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, calculator)
     return _run(decoder, prompts, batch_size, add_special_tokens, on_done)
+
+
+def regroupable(model) -> bool:
+    """Whether every layer's cache can be regrouped row by row (attention caches can; the fixed-size state
+    of a linear-attention layer, as Qwen3.5's, cannot), as the batched decoder does when rows join or leave."""
+    from transformers import DynamicCache
+
+    return all(hasattr(layer, "batch_select_indices") for layer in DynamicCache(config=model.config).layers)
+
+
+def _one_at_a_time(model, tokenizer, prompts, max_new_tokens, stop_strings, add_special_tokens, on_done):
+    """Greedy decoding by transformers' generate, one prompt at a time (no padding for a recurrent state to
+    run through): for models whose cache the batched decoder cannot regroup."""
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids.to(model.device)
+        stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=sorted(eos_ids(model, tokenizer)),
+                                pad_token_id=tokenizer.pad_token_id, **stops)[0, ids.shape[1]:]
+        outputs.append(cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop_strings))
+        if on_done:
+            on_done(1)
+    return outputs
 
 
 @torch.no_grad()
@@ -49,6 +79,9 @@ def sample_generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling
     key on every call (its index in its data set) and it gets the same samples, whatever else is asked.
     `batch_size` counts rows, one per sample; `on_done` is told of finished samples.
     """
+    if not regroupable(model):
+        raise QadaptError(f"sampling runs in qadapt's batched decoder, which cannot regroup "
+                          f"{model.config.model_type}'s linear-attention state; decode greedily")
     keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
     decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, sampling=sampling, prompt_keys=keys)
     flat = _run(decoder, prompts, batch_size, add_special_tokens, on_done)
