@@ -336,6 +336,9 @@ def export(
         elif format == "gguf-lora":
             from qadapt.export.gguf_lora import export_gguf_lora
 
+            if base != "dequantized":
+                raise QadaptError("--base is for merged exports; gguf-lora ships the base the adapter was trained "
+                                  "against (de-quantized) beside it")
             export_gguf_lora(run_dir, out, type)
         elif format == "ollama":
             from qadapt.export.ollama import export_ollama

@@ -174,6 +174,9 @@ def _tiny_config(family: str):
         # Granite's logits are divided and Gemma's capped before the loss: set both, to test that path.
         "gemma3_text": lambda: t.Gemma3TextConfig(**llama_like, **small_ids, head_dim=16, sliding_window=8,
                                                   query_pre_attn_scalar=16, final_logit_softcapping=0.3),
+        "gemma4_text": lambda: t.Gemma4TextConfig(**llama_like, **small_ids, head_dim=16, sliding_window=8,
+                                                  hidden_size_per_layer_input=16, vocab_size_per_layer_input=TINY_VOCAB),
+        "lfm2": lambda: t.Lfm2Config(**llama_like, **small_ids, layer_types=["conv", "full_attention"]),
         "smollm3": lambda: t.SmolLM3Config(**llama_like, **small_ids),
         "granite": lambda: t.GraniteConfig(**llama_like, **small_ids, logits_scaling=4.0),
         "olmo2": lambda: t.Olmo2Config(**llama_like, **small_ids),

@@ -33,7 +33,7 @@ QUANTS = ["nf4", "int8", "none"]
 # Every decoder, and BERT, in every storage; the other encoders share BERT's code paths but their own
 # module names, so they run in NF4 only (test_token_classification.py loads one in int8 too), as do the
 # later decoders with LLaMA's layer names (the same linears, quantized the same way).
-LLAMA_NAMED_LATER = ("gemma3_text", "smollm3", "granite", "olmo2")
+LLAMA_NAMED_LATER = ("gemma3_text", "gemma4_text", "smollm3", "granite", "olmo2")
 FAMILY_QUANTS = [(family, quant) for family in FAMILIES for quant in QUANTS
                  if quant == "nf4" or (family not in ENCODER_FAMILIES and family not in LLAMA_NAMED_LATER)
                  or family == "bert"]

@@ -72,9 +72,9 @@ def test_prompts_joining_a_running_batch_decode_as_if_alone(load_tiny, smol_toke
                                stop_strings=[stop]) == alone
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3", "granite", "olmo2",
-                                    "phi3", "qwen3_5_text", "qwen3_moe", "gpt_oss", "bloom", "gptj", "gpt_neox", "opt",
-                                    "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma4_text", "smollm3",
+                                    "granite", "olmo2", "phi3", "lfm2", "qwen3_5_text", "qwen3_moe", "gpt_oss", "bloom",
+                                    "gptj", "gpt_neox", "opt", "gpt2"])
 def test_every_family_decodes_as_transformers_generate(tiny_family_dir, family):
     """80 tokens, so each family's attention reads a KV cache that has outgrown its first room (64 columns)."""
     from transformers import AutoModelForCausalLM, ByT5Tokenizer
@@ -97,7 +97,7 @@ def test_every_family_decodes_as_transformers_generate(tiny_family_dir, family):
         width = encoded["input_ids"].shape[1]
         expected += [tokenizer.decode(s[width:], skip_special_tokens=True) for s in sequences]
     assert ours == expected
-    assert alone == (family == "qwen3_5_text")
+    assert alone == (family in ("qwen3_5_text", "lfm2"))
 
 
 def test_a_cache_layer_reads_back_what_the_decoder_assigned_keys_first_then_values():

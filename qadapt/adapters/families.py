@@ -68,8 +68,11 @@ FAMILIES: dict[str, Family] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    # Later decoders with LLaMA's layer names (Gemma 3 text, SmolLM3, Granite, OLMo 2).
+    # Later decoders with LLaMA's layer names (Gemma 3 and 4 text, SmolLM3, Granite, OLMo 2). Gemma 4's
+    # per-layer-input linears (per_layer_input_gate, per_layer_projection) feed its per-layer embeddings:
+    # not targeted by default.
     "gemma3_text": _LLAMA,
+    "gemma4_text": _LLAMA,
     "smollm3": _LLAMA,
     "granite": _LLAMA,
     "olmo2": _LLAMA,
@@ -82,6 +85,13 @@ FAMILIES: dict[str, Family] = {
         attention=r"^.*layers\.\d+\.(self_attn|linear_attn)",
         mlp="mlp", attention_output=r"^.*layers\.\d+\.(self_attn\.o_proj|linear_attn\.out_proj)",
         mlp_inputs=("gate_proj", "up_proj"), mlp_output="down_proj",
+    ),
+    # LFM2: short-convolution layers (conv.in_proj → conv → conv.out_proj) among attention layers, and a
+    # SwiGLU feed_forward (w1, w3 → w2).
+    "lfm2": Family(
+        linears=("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w3", "w2"),
+        attention=r"^.*layers\.\d+\.(self_attn|conv)", mlp="feed_forward",
+        attention_output=r"^.*layers\.\d+\.(self_attn|conv)\.out_proj", mlp_inputs=("w1", "w3"), mlp_output="w2",
     ),
     # Mixtures of experts (Qwen3-MoE, gpt-oss): transformers keeps each layer's experts as 3-D parameters,
     # not linear modules, so bitsandbytes leaves them unquantized (in the compute dtype) and adapters
