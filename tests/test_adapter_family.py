@@ -32,10 +32,13 @@ KINDS = ["lora", "dora", "series", "parallel"]
 QUANTS = ["nf4", "int8", "none"]
 # Every decoder, and BERT, in every storage; the other encoders share BERT's code paths but their own
 # module names, so they run in NF4 only (test_token_classification.py loads one in int8 too), as do the
-# later decoders with LLaMA's layer names (the same linears, quantized the same way).
-LLAMA_NAMED_LATER = ("gemma3_text", "gemma4_text", "smollm3", "granite", "olmo2")
+# later decoders: where their adapters go differs, how a linear is quantized does not (nn.Linear in all
+# of them, and bitsandbytes' int8 path is the same for every family above). Unquantized, every decoder
+# folds its adapters below.
+LATER_DECODERS = ("gemma3_text", "gemma4_text", "smollm3", "granite", "olmo2", "qwen3_5_text", "lfm2",
+                  "qwen3_moe", "gpt_oss")
 FAMILY_QUANTS = [(family, quant) for family in FAMILIES for quant in QUANTS
-                 if quant == "nf4" or (family not in ENCODER_FAMILIES and family not in LLAMA_NAMED_LATER)
+                 if quant == "nf4" or (family not in ENCODER_FAMILIES and family not in LATER_DECODERS)
                  or family == "bert"]
 
 
