@@ -90,12 +90,20 @@ def test_check_prints_the_resolved_recipe():
     assert result.returncode == 0 and "quant: int8" in result.stdout
 
 
-@pytest.mark.slow
-def test_real_smollm2_nf4_trains_through_the_cli_and_reloads(tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def quickstart_cli_run(tmp_path_factory):
+    """The quickstart recipe, 8 steps, trained once through the CLI on the real embedded model: (run, output).
+    Read-only for the tests that use it."""
+    run = tmp_path_factory.mktemp("quickstart") / "run"
     result = qadapt("train", "recipes/quickstart.yaml", "train.max_steps=8", "train.eval_every=0",
                     "data.val_size=8", f"output_dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
+    return run, result
+
+
+@pytest.mark.slow
+def test_real_smollm2_nf4_trains_through_the_cli_and_reloads(quickstart_cli_run):
+    run, result = quickstart_cli_run
     assert "trainable parameters: 4,884,480" in result.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -169,13 +177,10 @@ def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_merged_and_exported_answers_like_the_adapter(tmp_path):
+def test_real_smollm2_merged_and_exported_answers_like_the_adapter(tmp_path, quickstart_cli_run):
     """Train → merge → the merged folder, loaded by transformers, answers as the adapter model does;
     the PEFT and GGUF exports are written and verified."""
-    run = tmp_path / "run"
-    trained = qadapt("train", "recipes/quickstart.yaml", "train.max_steps=8", "train.eval_every=0",
-                     "data.val_size=8", f"output_dir={run}")
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    run, _ = quickstart_cli_run
     merged = qadapt("merge", str(run), "--out", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert "vs adapter on the same base" in merged.stdout and "model.safetensors" in merged.stdout
