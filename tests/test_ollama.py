@@ -15,7 +15,8 @@ from conftest import train_tiny_run
 
 from qadapt.chat_templates import TEMPLATES, alpaca_chat_template, template_text
 from qadapt.errors import QadaptError
-from qadapt.export.ollama import check_conversations, export_ollama, render_pieces, turn_pieces
+from qadapt.export.ollama import (as_ollama_sends, check_conversations, export_ollama, render_pieces,
+                                  turn_pieces)
 
 GO = shutil.which("go") or str(Path(sys.executable).parent / "go")
 
@@ -39,13 +40,6 @@ def go_render(tmp_path_factory):
         return done.stdout
 
     return render
-
-
-def as_ollama_sends(pieces, messages):
-    """The messages Ollama renders: the Modelfile's SYSTEM first when the request has no system message."""
-    if pieces.default_system is not None and not any(m["role"] == "system" for m in messages):
-        return [{"role": "system", "content": pieces.default_system}] + messages
-    return messages
 
 
 def chat_templates(tokenizer):

@@ -38,7 +38,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     if not regroupable(model):
         if calculator is not None:
             raise QadaptError(f"the calculator needs qadapt's batched decoder, which cannot regroup "
-                              f"{model.config.model_type}'s linear-attention state")
+                              f"{model.config.model_type}'s sequence state (linear attention, short convolutions)")
         return _one_at_a_time(model, tokenizer, prompts, max_new_tokens, stop_strings, add_special_tokens, on_done)
     decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, calculator)
     return _run(decoder, prompts, batch_size, add_special_tokens, on_done)
@@ -81,7 +81,8 @@ def sample_generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling
     """
     if not regroupable(model):
         raise QadaptError(f"sampling runs in qadapt's batched decoder, which cannot regroup "
-                          f"{model.config.model_type}'s linear-attention state; decode greedily")
+                          f"{model.config.model_type}'s sequence state (linear attention, short convolutions); "
+                          "decode greedily")
     keys = list(range(len(prompts))) if prompt_keys is None else list(prompt_keys)
     decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, sampling=sampling, prompt_keys=keys)
     flat = _run(decoder, prompts, batch_size, add_special_tokens, on_done)

@@ -8,9 +8,9 @@ one tensor at a time (gguf-py's writer), laid out for the family's llama.cpp arc
 (qadapt.export.gguf_families), with what llama.cpp needs besides the weights: hyper-parameters,
 vocabulary and merges, BOS/EOS/padding ids and the run's chat template. K-quants (q4_k_m, ...) are made
 from a 16-bit GGUF by llama.cpp's own quantizer. Then the file is checked where it will run:
-llama.cpp (the optional `qadapt[llamacpp]` extra) runs it beside the merged model in transformers; without
-the extra, transformers reads it back (`gguf_file=`) for the architectures it knows, and refuses the others. Below a type's floor of top-1
-agreement, nothing is written.
+llama.cpp (the optional `qadapt[llamacpp]` extra) runs it beside the merged model in transformers;
+without the extra, transformers reads it back (`gguf_file=`) for the architectures it knows, and refuses
+the others. Below a type's floor of top-1 agreement, nothing is written.
 """
 
 from __future__ import annotations
@@ -70,11 +70,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", ba
         with atomic_file(out) as gguf_tmp:
             write_gguf_as(merged, gguf_tmp, gguf_type, pre, run_dir.resolve().name, scratch=Path(tmp))
             checks = verify_gguf(merged, gguf_tmp, recipe.data.template, family)
-            failed = {reader: check for reader, check in checks.items()
-                      if check["top1_agreement"] < MIN_TOP1_AGREEMENT[gguf_type]}
-            if failed:
-                raise QadaptError(f"the GGUF disagrees with the merged model (top-1 floor for {gguf_type}: "
-                                  f"{MIN_TOP1_AGREEMENT[gguf_type]:.0%}): {failed}; nothing was written")
+            refuse_below_floor(checks, gguf_type, "the GGUF")
     print(describe_written(out))
     for reader, check in checks.items():
         print(f"verified in {reader}, vs the merged model: " + "  ".join(f"{k} {v}" for k, v in check.items()))
@@ -157,17 +153,17 @@ def write_gguf(folder: Path, out: Path, gguf_type: str, pre: str = "default", na
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, folder, config["vocab_size"], pre)
     names = gguf.get_tensor_name_map(arch, config.get("num_hidden_layers") or config["n_layer"])
-    files = sorted(folder.glob("*.safetensors"))
-    keys = [(file, key) for file in files for key in _keys(file)]
-    tied = not any(names.get_name(_strip(key, family), try_suffixes=(".weight",)) == "output.weight"
-                   for _, key in keys)
-    plan = []  # (file, hf name, GGML type), in writing order
-    for file, key in keys:
-        target = names.get_name(_strip(key, family), try_suffixes=(".weight", ".bias"))
-        if target is None:
-            raise QadaptError(f"{key}: no GGUF tensor name for it in the {family.arch.lower()} architecture")
+    tensors = []  # (file, hf name, shape, gguf name)
+    for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
-            shape = f.get_slice(key).get_shape()
+            for key in f.keys():
+                target = names.get_name(_strip(key, family), try_suffixes=(".weight", ".bias"))
+                if target is None:
+                    raise QadaptError(f"{key}: no GGUF tensor name for it in the {family.arch.lower()} architecture")
+                tensors.append((file, key, f.get_slice(key).get_shape(), target))
+    tied = not any(target == "output.weight" for *_, target in tensors)
+    plan = []  # (file, hf name, GGML type), in writing order
+    for file, key, shape, target in tensors:
         sets_next_token = target == "output.weight" or (tied and target == "token_embd.weight")
         qtype = _tensor_type(shape, gguf_type, sets_next_token)
         block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -183,13 +179,6 @@ def write_gguf(folder: Path, out: Path, gguf_type: str, pre: str = "default", na
             tensor = to_gguf_layout(key, f.get_tensor(key).to(torch.float32), family, config)
         writer.write_tensor_data(gguf.quants.quantize(tensor.numpy(), qtype))
     writer.close()
-
-
-def _keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(file, "pt") as f:
-        return list(f.keys())
 
 
 def _strip(key: str, family: GgufFamily) -> str:
@@ -261,16 +250,36 @@ def verify_gguf(merged: Path, gguf_file: Path, template: str, family: GgufFamily
 
     from qadapt.export.merge import probe_texts
 
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    texts = probe_texts(template, tokenizer)
     if not llamacpp.installed():
+        texts = probe_texts(template, AutoTokenizer.from_pretrained(merged))
         return {"transformers": read_back_in_transformers(merged, gguf_file, texts)}
-    rows = llamacpp.run_side_by_side(merged, gguf_file, texts, probe_texts(template, tokenizer, answered=False))
+    return {"llama.cpp": run_in_llamacpp(merged, gguf_file, template)}
+
+
+def run_in_llamacpp(merged: Path, gguf_file: Path, template: str, lora: Path | None = None) -> dict:
+    """The GGUF (with a LoRA GGUF applied, if given) run in llama.cpp beside the merged folder on the check
+    prompts: their figures; a prompt llama.cpp tokenizes otherwise is an error."""
+    from transformers import AutoTokenizer
+
+    from qadapt.export.merge import probe_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    texts, prompts = (probe_texts(template, tokenizer, answered=answered) for answered in (True, False))
+    rows = llamacpp.run_side_by_side(merged, gguf_file, texts, prompts, lora=lora)
     split = [row["text"] for row in rows if not row["same_tokenization"]]
     if split:
         raise QadaptError(f"llama.cpp splits {split[0]!r}... differently from the model's tokenizer "
                           "(its pre-tokenizer name may be wrong); nothing was written")
-    return {"llama.cpp": llamacpp.summary(rows)}
+    return llamacpp.summary(rows)
+
+
+def refuse_below_floor(checks: dict[str, dict], gguf_type: str, what: str) -> None:
+    """An error naming every reader whose top-1 agreement is below the type's floor."""
+    floor = MIN_TOP1_AGREEMENT[gguf_type]
+    failed = {reader: check for reader, check in checks.items() if check["top1_agreement"] < floor}
+    if failed:
+        raise QadaptError(f"{what} disagrees with the merged model (top-1 floor for {gguf_type}: {floor:.0%}): "
+                          f"{failed}; nothing was written")
 
 
 def read_back_in_transformers(merged: Path, gguf_file: Path, texts: list[str]) -> dict:

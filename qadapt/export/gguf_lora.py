@@ -6,7 +6,7 @@
 adapter.gguf holds each wrapped linear's A and B in float32 under the base's GGUF tensor names
 (`blk.0.attn_q.weight.lora_a`), B's rows laid out as the base's rows are (qadapt.export.gguf_families),
 and an alpha that makes llama.cpp's scale (alpha / rank) the run's. base.gguf is the base the adapter was
-trained against, its quantized linears de-quantized (qadapt.export.merge.save_base), in --type: one file
+trained against, its quantized linears de-quantized (written by qadapt.export.merge.merge_run), in --type: one file
 serves every adapter trained on that base with that quantization. Before the folder appears, llama.cpp
 runs base + adapter beside the merged model in transformers; this needs the llamacpp extra, since no
 other reader applies a GGUF adapter.
@@ -27,11 +27,9 @@ BASE_NAME, ADAPTER_NAME = "base.gguf", "adapter.gguf"
 
 
 def export_gguf_lora(run_dir: str | Path, out: str | Path, gguf_type: str = "f16") -> dict:
-    from transformers import AutoTokenizer
-
-    from qadapt.export.gguf_export import (GGUF_TYPES, MERGE_DTYPE, MIN_TOP1_AGREEMENT, tokenizer_pre,
-                                           write_gguf_as)
-    from qadapt.export.merge import merge_run, probe_texts, refuse_unmergeable, save_base
+    from qadapt.export.gguf_export import (GGUF_TYPES, MERGE_DTYPE, refuse_below_floor, run_in_llamacpp,
+                                           tokenizer_pre, write_gguf_as)
+    from qadapt.export.merge import merge_run, refuse_unmergeable
     from qadapt.models import meta_model
     from qadapt.run_dir import load_run_recipe
 
@@ -51,20 +49,14 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, gguf_type: str = "f16
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
         base, merged, building = scratch / "base", scratch / "merged", scratch / "out"
-        dtype = MERGE_DTYPE.get(gguf_type, "auto")
-        save_base(run_dir, base, dtype)
-        merge_run(run_dir, merged, dtype, "dequantized", show_written=False)
+        merge_run(run_dir, merged, MERGE_DTYPE.get(gguf_type, "auto"), "dequantized", show_written=False,
+                  base_out=base)
         building.mkdir()
         pre = tokenizer_pre(recipe.model.name, base, family)
         write_gguf_as(base, building / BASE_NAME, gguf_type, pre, f"{run_dir.resolve().name}-base", scratch)
         write_lora_gguf(run_dir, building / ADAPTER_NAME, family, config)
-        tokenizer = AutoTokenizer.from_pretrained(merged)
-        texts, prompts = (probe_texts(recipe.data.template, tokenizer, answered=answered) for answered in (True, False))
-        rows = llamacpp.run_side_by_side(merged, building / BASE_NAME, texts, prompts, lora=building / ADAPTER_NAME)
-        check = llamacpp.summary(rows)
-        if check["same_tokenization"] < check["texts"] or check["top1_agreement"] < MIN_TOP1_AGREEMENT[gguf_type]:
-            raise QadaptError(f"llama.cpp's base + adapter disagree with the merged model (top-1 floor for "
-                              f"{gguf_type}: {MIN_TOP1_AGREEMENT[gguf_type]:.0%}): {check}; nothing was written")
+        check = run_in_llamacpp(merged, building / BASE_NAME, recipe.data.template, lora=building / ADAPTER_NAME)
+        refuse_below_floor({"llama.cpp": check}, gguf_type, "llama.cpp's base + adapter")
         building.rename(out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -173,8 +173,9 @@ def exported_chat_template(tokenizer, template: str) -> str | None:
 
 
 def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: str = "dequantized",
-              show_written: bool = True) -> dict:
-    """Merge a run's LoRA / DoRA adapter into its base, verify, write `out`; return the figures."""
+              show_written: bool = True, base_out: Path | None = None) -> dict:
+    """Merge a run's LoRA / DoRA adapter into its base, verify, write `out`; return the figures.
+    `base_out`: also write the base it folds into, before the fold (what a LoRA exported alone is applied to)."""
     from transformers import AutoModelForCausalLM
 
     from qadapt.models import load_full_precision
@@ -196,6 +197,8 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     copied = copy_trained_weights(trained, full) if base == "dequantized" else 0
     del trained
     gc.collect()
+    if base_out is not None:
+        save_hf_folder(full, tokenizer, recipe.data.template, base_out)
     attach_adapters(full, recipe.adapter.spec())
     load_adapter(full, run_dir / ADAPTER_DIR)
     full.eval()
@@ -221,22 +224,6 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
         print(describe_written(out))
     print(format_checks(info))
     return info
-
-
-def save_base(run_dir: str | Path, out: Path, dtype: str = "auto") -> None:
-    """The base the run's adapter was trained against (its quantized linears de-quantized), without the
-    adapter, as a Hugging Face folder: what a LoRA exported alone is applied to."""
-    from qadapt.inference.loader import load_trained_model
-    from qadapt.models import load_full_precision
-    from qadapt.run_dir import load_run_recipe
-
-    recipe = load_run_recipe(Path(run_dir))
-    trained, tokenizer, _ = load_trained_model(run_dir, compute_dtype="fp32")
-    full = load_full_precision(recipe.model, dtype)
-    copy_trained_weights(trained, full)
-    del trained
-    gc.collect()
-    save_hf_folder(full, tokenizer, recipe.data.template, out)
 
 
 def _check_agreement(info: dict, dtype: torch.dtype) -> None:

@@ -57,10 +57,9 @@ class TurnPieces:
 
 
 def render_pieces(pieces: TurnPieces, messages: list[dict]) -> str:
-    """What Ollama writes for `messages` with GO_TEMPLATE filled with `pieces`: it puts the Modelfile's SYSTEM
-    first when no message is a system one (tests run Go's own text/template too)."""
-    if pieces.default_system is not None and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": pieces.default_system}] + messages
+    """What Ollama writes for `messages` with GO_TEMPLATE filled with `pieces` (tests run Go's own
+    text/template too)."""
+    messages = as_ollama_sends(pieces, messages)
     out = pieces.start
     for index, message in enumerate(messages):
         last, role = index == len(messages) - 1, message["role"]
@@ -71,6 +70,13 @@ def render_pieces(pieces: TurnPieces, messages: list[dict]) -> str:
         if last and role != "assistant":
             out += pieces.reply_prefix
     return out
+
+
+def as_ollama_sends(pieces: TurnPieces, messages: list[dict]) -> list[dict]:
+    """The messages Ollama renders: the Modelfile's SYSTEM first when no message is a system one."""
+    if pieces.default_system is not None and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": pieces.default_system}] + messages
+    return messages
 
 
 def check_conversations() -> list[list[dict]]:
