@@ -262,6 +262,8 @@ def test_lora_and_dora_wrap_conv1d_on_gpt2(load_family):
     ("opt", dict(kind="parallel", placement="mlp"), "opt has no MLP block.*placement: linears.*fc1, fc2"),
     ("llama", dict(kind="series", placement="linears", targets=["gate_prj:input"]),
      "gate_prj match no linear layer.*down_proj, gate_proj"),
+    ("qwen3_moe", dict(kind="series", placement="mlp"), "qwen3_moe's MLP is a mixture of experts.*placement: attention"),
+    ("gpt_oss", dict(kind="parallel", placement="linears"), "gpt_oss's MLP is a mixture of experts"),
 ])
 def test_placement_mistakes_are_explained(load_family, family, options, message):
     from qadapt.errors import QadaptError

@@ -209,5 +209,7 @@ def test_merge_and_export_mistakes_are_one_clear_line(tmp_path):
                           f"{tmp_path} is not a run directory: it has no recipe.yaml")
     assert_one_line_error(qadapt("export", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "m")),
                           "--format 'onnx' is not one of peft, gguf, gguf-lora, ollama")
+    assert_one_line_error(qadapt("export", str(tmp_path), "--format", "gguf-lora", "--base", "original",
+                                 "--out", str(tmp_path / "m")), "--base is for merged exports")
     assert_one_line_error(qadapt("import-peft", str(tmp_path), "--out", str(tmp_path / "run")),
                           "not a PEFT adapter folder")

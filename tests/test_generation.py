@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qadapt.decoding.generation import cut_at_stop, greedy_generate
+from qadapt.decoding.generation import cut_at_stop, greedy_generate, sample_generate
 
 PROMPTS = [
     "Maya has 5 apples.",
@@ -159,3 +159,20 @@ def test_the_calculator_writes_true_sums_and_the_model_goes_on_from_them(smol_to
                 result = calculator_result(smol_tokenizer.decode(generated))
                 forced = smol_tokenizer(result, add_special_tokens=False)["input_ids"] if result else []
     assert calculated[0] == smol_tokenizer.decode(generated)
+
+
+def test_a_state_the_decoder_cannot_regroup_is_refused_for_sampling_and_the_calculator(tiny_family_dir):
+    """Qwen3.5 decodes one prompt at a time; what needs the batched decoder says why, in one line."""
+    from transformers import AutoModelForCausalLM, ByT5Tokenizer
+
+    from qadapt.decoding.sampling import Sampling
+    from qadapt.errors import QadaptError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_family_dir("qwen3_5_text")).eval()
+    tokenizer = ByT5Tokenizer()
+    with pytest.raises(QadaptError, match="sampling runs in qadapt's batched decoder, which cannot regroup "
+                                          "qwen3_5_text's sequence state"):
+        sample_generate(model, tokenizer, ["Two plus two"], Sampling(temperature=0.8, samples=2), max_new_tokens=4)
+    with pytest.raises(QadaptError, match="the calculator needs qadapt's batched decoder"):
+        greedy_generate(model, tokenizer, ["Two plus two"], max_new_tokens=4, calculator=lambda text: None)
+
