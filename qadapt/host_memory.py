@@ -1,22 +1,40 @@
 """The process's own memory on the host (Linux/glibc): give back what loading freed, bound what is kept.
 
+A checkpoint stored in the compute dtype loads its unquantized weights (embeddings, norms) as views of
+the memory-mapped file, which keeps the whole mapping alive: every page that quantizing the other
+weights read stays in the process's resident set. Measured on the embedded model in fp32, the fp32
+checkpoint held 516 MB resident after loading for 108 MB of weights in use; copying those weights out
+(`copy_out_of_file_mappings`) unmaps the file: 891 → 594 MB resident.
+
 glibc serves large allocations from its heap once one of them has been freed (its mmap threshold
 adapts upward, to 32 MB), and keeps freed heap memory for reuse. A training step allocates and frees
 many tensors of a few MB, so the resident set grew far beyond the live tensors: measured on the
-embedded model, a bf16 step peaked at 1147 MB and an fp32 step at 2518 MB. A fixed 8 MB threshold
-returns such tensors to the system when they are freed: 965 and 1946 MB, for 1-3 % more step time (a
-1 MB threshold halved the speed).
+embedded model, a bf16 step peaked at 1147 MB and an fp32 step at 2518 MB. A fixed threshold returns
+larger tensors to the system when they are freed. 8 MB gave 965 and 1946 MB for 1-3 % more step
+time; 1-2 MB halves the speed, since every 2.4 MB activation (1024 positions × 576 in fp32) then
+faults its pages in afresh.
+
+What stays in the heap still fragments: in fp32, a step's live allocations peak near 470 MB while the
+heap grows to 1.3-1.6 GB, mostly free chunks pinned between live ones, which glibc does not return.
+So the training loop trims the heap after each optimizer step (`trim_heap`): the next step faults in
+only the pages it reuses. Measured (fp32, 4 × 256 tokens, checkpointing): 8 MB threshold, untrimmed:
+peak 1.75-2.1 GB; 4 MB and trimmed after each step: 1.21-1.28 GB, step time within run-to-run noise.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
+from pathlib import Path
+
+import torch
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter, from glibc's malloc.h
-MMAP_THRESHOLD_BYTES = 8 * 2**20
+MMAP_THRESHOLD_BYTES = 4 * 2**20
 
 
+@functools.cache
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
@@ -25,7 +43,7 @@ def _libc():
 
 
 def bound_heap_retention() -> None:
-    """Serve allocations of 8 MB and more from their own mappings, returned to the system when freed."""
+    """Serve allocations of 4 MB and more from their own mappings, returned to the system when freed."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
@@ -34,6 +52,41 @@ def bound_heap_retention() -> None:
 def release_freed_memory() -> None:
     """Hand the memory freed while loading (the full-precision checkpoint) back to the system."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc keeps them otherwise); cheap, once a step."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def copy_out_of_file_mappings(module: torch.nn.Module) -> int:
+    """Copy each parameter and buffer that is a view of a memory-mapped file into the process's own
+    memory, so the mapping (and the file pages it keeps resident) goes away; returns the bytes copied."""
+    mapped = _file_mappings()
+    copied = 0
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            address = tensor.data_ptr()
+            if tensor.numel() and any(start <= address < end for start, end in mapped):
+                tensor.data = tensor.data.clone()
+                copied += tensor.numel() * tensor.element_size()
+    if copied:
+        gc.collect()
+    return copied
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped files (none where /proc is missing)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return []
+    ranges = []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges

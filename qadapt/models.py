@@ -17,7 +17,7 @@ import torch
 
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder
-from qadapt.host_memory import bound_heap_retention, release_freed_memory
+from qadapt.host_memory import bound_heap_retention, copy_out_of_file_mappings, release_freed_memory
 from qadapt.recipe import ModelConfig
 
 EMBEDDED_MODELS = {
@@ -139,6 +139,7 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, quant_storag
     if device is not None and device.type != "cuda" and qconfig is None:
         model.to(device)
     model.requires_grad_(False)
+    copy_out_of_file_mappings(model)
     release_freed_memory()
     return model
 
