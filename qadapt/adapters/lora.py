@@ -41,12 +41,20 @@ class LoRALinear(Adapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        delta = self.low_rank_delta(x)
-        # Out of place: a quantized layer's output may be a view that must not be modified.
-        return out + delta.to(out.dtype)
+        middle, b = self.scaled_middle(x)
+        if middle.dtype != out.dtype:
+            return out + F.linear(middle, b).to(out.dtype)
+        # out + middle·Bᵀ in one addmm: the full-width product is never stored on its own. Out of
+        # place: a quantized layer's output may be a view that must not be modified.
+        return torch.addmm(out.reshape(-1, out.shape[-1]), middle.reshape(-1, self.rank), b.t()).view(out.shape)
 
     def low_rank_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """s · B A dropout(x), computed as autocast would: in x's dtype when that is 16-bit, else fp32.
+        """s · B A dropout(x), in the dtype `scaled_middle` computes in."""
+        middle, b = self.scaled_middle(x)
+        return F.linear(middle, b)
+
+    def scaled_middle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s · A dropout(x), B), computed as autocast would: in x's dtype when that is 16-bit, else fp32.
 
         The weights stay fp32 (the optimizer updates them there); 16-bit matmuls keep fp32 accumulation.
         """
@@ -54,7 +62,7 @@ class LoRALinear(Adapter):
         a, b = self.lora_a.weight.to(dtype), self.lora_b.weight.to(dtype)
         dropped, rescale = self.dropout.zero_dropped(x)
         # The scale, and dropout's rescaling, multiply the r-wide middle rather than the input or output.
-        return F.linear(F.linear(dropped.to(dtype), a) * (self.scale * rescale), b)
+        return F.linear(dropped.to(dtype), a) * (self.scale * rescale), b
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_a.weight": self.lora_a.weight, "lora_b.weight": self.lora_b.weight}
