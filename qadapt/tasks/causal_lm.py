@@ -109,9 +109,11 @@ def instruction_rows(recipe, tokenizer, eval_records: dict[str, list[dict]]) -> 
 def summed_token_loss(model, batch: dict) -> torch.Tensor:
     """Cross-entropy summed over target tokens (next-token prediction), computed in fp32.
 
-    A model of a known family computes its logits a chunk of positions at a time, each chunk checkpointed,
-    so the (tokens × vocabulary) logits, their fp32 copy and their gradient never exist whole. A model
-    wrapped for several processes (DDP/FSDP) runs its plain forward, which its gradient hooks need.
+    A model of a known family computes its logits a chunk of positions at a time, so the (tokens ×
+    vocabulary) logits, their fp32 copy and their gradient never exist whole. With a frozen plain head
+    (the usual case) each chunk's gradient to the hidden states is computed with its loss
+    (`LinearCrossEntropy`); a head that trains (adapters on it) is checkpointed chunk by chunk instead.
+    A model wrapped for several processes (DDP/FSDP) runs its plain forward, which its gradient hooks need.
     """
     from transformers import PreTrainedModel
 
@@ -126,6 +128,8 @@ def summed_token_loss(model, batch: dict) -> torch.Tensor:
     hidden = model.base_model(**inputs)[0]
     hidden, head = hidden[:, :-1].flatten(0, 1), model.get_output_embeddings()
     scaling, cap = head_output_transform(model.config)
+    if hidden.requires_grad and torch.is_grad_enabled() and _frozen_plain_linear(head):
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, scaling, cap)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.numel(), LOSS_CHUNK_TOKENS):
         rows = slice(start, start + LOSS_CHUNK_TOKENS)
@@ -141,6 +145,58 @@ def head_output_transform(config) -> tuple[float, float | None]:
     """(divisor, soft cap) that a family's forward applies to the LM head's output before the loss:
     Granite divides the logits by `logits_scaling`, Gemma caps them softly at `final_logit_softcapping`."""
     return float(getattr(config, "logits_scaling", None) or 1.0), getattr(config, "final_logit_softcapping", None)
+
+
+def _frozen_plain_linear(head) -> bool:
+    """A head whose output is hidden · Wᵀ (+ b) with nothing in it to train (no adapter, not quantized)."""
+    return (type(head) is torch.nn.Linear and not head.weight.requires_grad
+            and (head.bias is None or not head.bias.requires_grad))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ cross-entropy of a frozen head's logits, with the gradient to the hidden states computed in
+    the forward pass, chunk by chunk, while each chunk's logits are at hand.
+
+    Checkpointing the chunks instead computes every chunk's logits twice (forward, then again in
+    backward): on the embedded model that is a 1024 × 576 × 49152 matmul and a log-softmax more per
+    step. For z = cap · tanh(logits / scaling / cap) (without a cap: logits / scaling), the loss of a
+    row is logsumexp(z) − z[label], and its gradient to the logits is (softmax(z) − onehot(label)) ·
+    dz/dlogits, where dz/dlogits = (1 − (z / cap)²) / scaling.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, scaling: float, cap: float | None):
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)  # contiguous rows
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, labels.numel(), LOSS_CHUNK_TOKENS):
+            rows = slice(start, start + LOSS_CHUNK_TOKENS)
+            z = F.linear(hidden[rows], weight, bias).float()
+            if scaling != 1.0:
+                z /= scaling
+            if cap is not None:
+                z = torch.tanh(z / cap).mul_(cap)
+            targets = labels[rows]
+            counted = targets != data_lib.IGNORE_INDEX
+            picked = targets.clamp_min(0).unsqueeze(1)
+            log_norm = torch.logsumexp(z, dim=1, keepdim=True)
+            total += ((log_norm - z.gather(1, picked)).squeeze(1) * counted).sum()
+            # z becomes the gradient to z, in place: softmax − onehot on counted rows, zero elsewhere.
+            slope = 1 - (z / cap).square_() if cap is not None else None
+            grad = z.sub_(log_norm).exp_()
+            grad.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad.dtype))
+            grad *= counted.unsqueeze(1)
+            if slope is not None:
+                grad *= slope
+            if scaling != 1.0:
+                grad /= scaling
+            torch.mm(grad.to(weight.dtype), weight, out=grad_hidden[rows])
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total, None, None, None, None, None  # grad_total is 0-d: keeps the dtype
 
 
 def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor, scaling: float = 1.0,
