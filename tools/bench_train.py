@@ -81,6 +81,7 @@ def qadapt_recipe_trainer(recipe):
     from accelerate import Accelerator
 
     from qadapt.adapters import attach_adapters
+    from qadapt.host_memory import trim_heap
     from qadapt.models import load_base, load_tokenizer
     from qadapt.quant import optimizer_class, prepare_for_kbit_training
     from qadapt.training.loss import accumulate_gradients
@@ -100,6 +101,7 @@ def qadapt_recipe_trainer(recipe):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        trim_heap()  # as qadapt's loop does
         return loss
 
     return tokenizer, model, optimizer, step

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from qadapt import data as data_lib
+from qadapt.host_memory import trim_heap
 from qadapt.tasks import DEFAULT_TASK, Task
 from qadapt.tasks.base import to_device
 
@@ -29,6 +30,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator, task: Ta
         last = index == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             loss = task.summed_loss(model, batch)
+            trim_heap()  # what the forward pass freed; the backward pass would fault it all in again
             accelerator.backward(loss * scale)
         loss_sum += loss.item()
     total = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()

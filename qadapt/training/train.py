@@ -33,6 +33,7 @@ from qadapt.training.checkpoint import (
 from qadapt.console import say
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.files import atomic_file, write_errors_reported
+from qadapt.host_memory import trim_heap
 from qadapt.training.loss import accumulate_gradients, eval_loss
 from qadapt.machine import describe as describe_machine
 from qadapt.models import load_base
@@ -223,6 +224,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             _refuse_divergence(s, recipe, step + 1, loss, grad_norm)
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
+            trim_heap()  # qadapt.host_memory: what the step freed, fragmented, would stay resident
             progress.elapsed_s = elapsed_before + time.perf_counter() - started
             progress.cpu_s = cpu_before + time.process_time() - cpu_started
             _record_step(s, recipe, progress, micro_batches, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, bar)
