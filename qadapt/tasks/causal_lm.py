@@ -160,7 +160,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     Checkpointing the chunks instead computes every chunk's logits twice (forward, then again in
     backward): on the embedded model that is a 1024 × 576 × 49152 matmul and a log-softmax more per
     step. For z = cap · tanh(logits / scaling / cap) (without a cap: logits / scaling), the loss of a
-    row is logsumexp(z) − z[label], and its gradient to the logits is (softmax(z) − onehot(label)) ·
+    row is −log_softmax(z)[label], and its gradient to the logits is (softmax(z) − onehot(label)) ·
     dz/dlogits, where dz/dlogits = (1 − (z / cap)²) / scaling.
     """
 
@@ -178,11 +178,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             targets = labels[rows]
             counted = targets != data_lib.IGNORE_INDEX
             picked = targets.clamp_min(0).unsqueeze(1)
-            log_norm = torch.logsumexp(z, dim=1, keepdim=True)
-            total += ((log_norm - z.gather(1, picked)).squeeze(1) * counted).sum()
-            # z becomes the gradient to z, in place: softmax − onehot on counted rows, zero elsewhere.
             slope = 1 - (z / cap).square_() if cap is not None else None
-            grad = z.sub_(log_norm).exp_()
+            # log_softmax, as cross_entropy computes it, so the gradient is the one autograd would take.
+            log_probs = torch.log_softmax(z, dim=1)
+            del z
+            total -= (log_probs.gather(1, picked).squeeze(1) * counted).sum()
+            # The gradient to z, in place: softmax − onehot on counted rows, zero elsewhere.
+            grad = log_probs.exp_()
             grad.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad.dtype))
             grad *= counted.unsqueeze(1)
             if slope is not None:
