@@ -70,7 +70,7 @@ def copy_out_of_file_mappings(module: torch.nn.Module) -> int:
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             address = tensor.data_ptr()
-            if tensor.numel() and any(start <= address < end for start, end in mapped):
+            if tensor.device.type == "cpu" and tensor.numel() and any(start <= address < end for start, end in mapped):
                 tensor.data = tensor.data.clone()
                 copied += tensor.numel() * tensor.element_size()
     if copied:
