@@ -17,7 +17,7 @@ faults its pages in afresh.
 What stays in the heap still fragments: in fp32, a step's live allocations peak near 470 MB while the
 heap grows to 1.3-1.6 GB, mostly free chunks pinned between live ones, which glibc does not return.
 So the training loop trims the heap (`trim_heap`) before each backward pass and after each optimizer
-step: what follows faults in only the pages it reuses. Measured (fp32, 4 × 256 tokens, checkpointing): 8 MB threshold, untrimmed:
+step: what follows faults in only the pages it reuses. Measured (Intel Xeon, AVX512 without BF16, 2 threads; fp32, 4 × 256 tokens, checkpointing): 8 MB threshold, untrimmed:
 peak 1.75-2.1 GB; 4 MB and trimmed after each step: 1.21-1.28 GB, step time within run-to-run noise.
 """
 
