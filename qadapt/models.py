@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from qadapt import lean_cpu
+from qadapt.devices import compute_device, with_index
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder
-from qadapt.host_memory import bound_heap_retention, copy_out_of_file_mappings, release_freed_memory
 from qadapt.recipe import ModelConfig
 
 EMBEDDED_MODELS = {
@@ -86,9 +87,9 @@ def gguf_to_folder(gguf_path: Path) -> Path:
 def resolve_compute_dtype(name: str) -> torch.dtype:
     if name != "auto":
         return _DTYPES[name]
-    from qadapt.quant import fast_bf16_available
+    from qadapt.quant import auto_compute_dtype
 
-    return torch.bfloat16 if fast_bf16_available() else torch.float32
+    return auto_compute_dtype()
 
 
 def load_tokenizer(cfg: ModelConfig, generates: bool = True):
@@ -110,7 +111,8 @@ def load_tokenizer(cfg: ModelConfig, generates: bool = True):
 
 def load_base(cfg: ModelConfig, device: torch.device | None = None, quant_storage_like_compute: bool = False,
               labels: list[str] | None = None):
-    """The frozen base model, quantized as `cfg.quant` says, with its compute dtype.
+    """The frozen base model on `device` (default: the GPU if any, else the CPU), quantized as `cfg.quant`
+    says, with its compute dtype.
 
     `quant_storage_like_compute` stores 4-bit codes in the compute dtype rather than uint8, as FSDP
     needs to shard them with the rest of a layer (the codes, and so the numbers, are the same).
@@ -121,7 +123,9 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, quant_storag
     from qadapt.adapters import TOKEN_CLASSIFIER
     from qadapt.quant import quantization_config
 
-    bound_heap_retention()
+    device = with_index(device or compute_device())
+    if lean_cpu.applies(device):
+        lean_cpu.before_loading()
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     kwargs: dict = {"dtype": dtype}
     auto_class = AutoModelForCausalLM
@@ -133,14 +137,13 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, quant_storag
                                   skip=[TOKEN_CLASSIFIER] if labels is not None else None)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    if device is not None and device.type == "cuda":
-        kwargs["device_map"] = {"": device}
+    if qconfig is not None or device.type != "cpu":
+        # Placed by device map, quantized or not; bitsandbytes quantizes each weight where it lands.
+        kwargs["device_map"] = {"": "cpu" if device.type == "cpu" else device}
     model = _from_pretrained(auto_class, resolve_model_path(cfg.name), cfg, **kwargs)
-    if device is not None and device.type != "cuda" and qconfig is None:
-        model.to(device)
     model.requires_grad_(False)
-    copy_out_of_file_mappings(model)
-    release_freed_memory()
+    if lean_cpu.applies(device):
+        lean_cpu.after_loading(model)
     return model
 
 

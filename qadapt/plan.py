@@ -107,6 +107,8 @@ def choose_gradient_checkpointing(recipe: Recipe, device: torch.device) -> tuple
     """
     import dataclasses
 
+    from qadapt.devices import free_memory
+
     setting = recipe.train.gradient_checkpointing
     if setting != "auto":
         return setting, "as the recipe says"
@@ -124,18 +126,6 @@ def _fast_16bit(recipe: Recipe) -> bool:
     from qadapt.models import resolve_compute_dtype
 
     return resolve_compute_dtype(recipe.model.compute_dtype) != torch.float32
-
-
-def free_memory(device: torch.device) -> float:
-    """Bytes free on `device`: the GPU's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0])
-    from pathlib import Path
-
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return float(line.split()[1]) * 1024
-    return 8.0 * GIB  # no /proc: assume a modest machine
 
 
 def _bytes_per_quantized_weight(recipe: Recipe, dtype_bytes: int) -> float:

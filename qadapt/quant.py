@@ -24,11 +24,17 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def fast_bf16_available() -> bool:
-    """True where bf16 matmuls run fast: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX."""
+def auto_compute_dtype() -> torch.dtype:
+    """The compute dtype `auto` means here: the fastest one that keeps training stable.
+
+    A GPU from Ampere on (compute capability 8.0: A100, RTX 30/40) runs bf16 at full speed. Older ones
+    (T4, V100, RTX 20) have fast fp16 but emulate bf16 slowly, although torch.cuda.is_bf16_supported()
+    says yes: fp16 there, with loss scaling in training (qadapt.training.loss_scale). A CPU with
+    AVX512-BF16 or AMX runs bf16 ~4.5x faster than fp32; without it, bf16 crawls: fp32.
+    """
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(_bitsandbytes().functional.has_avx512bf16())
+        return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+    return torch.bfloat16 if _bitsandbytes().functional.has_avx512bf16() else torch.float32
 
 
 def quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -175,3 +181,53 @@ def unpacked_bytes(model: torch.nn.Module) -> int:
             dtype = module.compute_dtype or torch.float32
             total += module.in_features * module.out_features * dtype.itemsize - module.weight.numel()
     return total
+
+
+def four_bit_layer_states(model: torch.nn.Module) -> dict[str, dict]:
+    """{name: what rebuilds that 4-bit layer on another process}: its sizes, the shape and storage dtype of
+    its codes, its compute dtype and its quantization state (block scales, code map), on the CPU."""
+    bnb = _bitsandbytes()
+    states = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state.as_dict()
+            states[name] = {
+                "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None, "codes_shape": tuple(module.weight.shape),
+                "storage": module.weight.dtype, "compute_dtype": module.compute_dtype,
+                "quant_state": {key: value.cpu() if torch.is_tensor(value) else value for key, value in state.items()},
+            }
+    return states
+
+
+def rebuild_four_bit_layers(model: torch.nn.Module, states: dict[str, dict], device: torch.device) -> None:
+    """Turn the named linears of a model built on the meta device into 4-bit layers like the ones
+    `four_bit_layer_states` read: codes still on the meta device (to be filled: FSDP's sync_module_states
+    sends them), quantization state on `device`, kept on the layer too (FSDP's flat parameters lose it)."""
+    from qadapt.adapters.inject import replace_module
+
+    bnb = _bitsandbytes()
+    for name, layer_state in states.items():
+        state = bnb.functional.QuantState.from_dict(layer_state["quant_state"], device)
+        storage = layer_state["storage"]
+        layer = bnb.nn.Linear4bit(layer_state["in_features"], layer_state["out_features"], bias=layer_state["bias"],
+                                  compute_dtype=layer_state["compute_dtype"], compress_statistics=state.nested,
+                                  quant_type=state.quant_type, quant_storage=storage, device="meta")
+        layer.weight = bnb.nn.Params4bit(torch.empty(layer_state["codes_shape"], dtype=storage, device="meta"),
+                                         requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                                         compress_statistics=state.nested, quant_type=state.quant_type,
+                                         quant_storage=storage, module=layer, bnb_quantized=True)
+        if layer.bias is not None:
+            layer.bias = torch.nn.Parameter(torch.empty_like(layer.bias, dtype=layer_state["compute_dtype"]),
+                                            requires_grad=False)
+        layer.quant_state = state
+        replace_module(model, name, layer)
+
+
+def keep_quant_states_on_layers(model: torch.nn.Module) -> None:
+    """Keep each 4-bit layer's quantization state on the layer itself, where bitsandbytes finds it again
+    once FSDP has flattened the weight into a plain tensor."""
+    bnb = _bitsandbytes()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.quant_state = module.weight.quant_state

@@ -316,3 +316,54 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     AutoModel.from_config(_tiny_encoder_config("bert", len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class CudaStandIn:
+    """What qadapt asks of torch.cuda, answered as one GPU would (monkeypatched), with what it was asked
+    recorded. `from_pretrained` keyword arguments are captured and the model is built on the CPU, so that
+    whatever qadapt decides for a GPU runs here: `loads` holds each load's keyword arguments."""
+
+    def __init__(self, monkeypatch, capability=(8, 6), free_bytes=20 * 2**30, total_bytes=24 * 2**30):
+        self.capability, self.free_bytes, self.total_bytes = capability, free_bytes, total_bytes
+        self.loads: list[dict] = []
+        self.peak_resets: list = []
+        self.allocated_peak, self.reserved_peak = 3 * 2**30, 4 * 2**30
+        from qadapt.quant import _bitsandbytes
+
+        _bitsandbytes()  # imported for this CPU first: with a GPU in sight it would load its CUDA kernels
+        cuda = torch.cuda
+        answers = {
+            "is_available": lambda: True,
+            "device_count": lambda: 1,
+            "current_device": lambda: 0,
+            "get_device_capability": lambda device=None: self.capability,
+            "is_bf16_supported": lambda including_emulation=True: True,  # as torch answers on a T4 too
+            "get_device_name": lambda device=None: "CUDA stand-in",
+            "mem_get_info": lambda device=None: (self.free_bytes, self.total_bytes),
+            "memory_reserved": lambda device=None: 0,
+            "memory_allocated": lambda device=None: 0,
+            "max_memory_allocated": lambda device=None: self.allocated_peak,
+            "max_memory_reserved": lambda device=None: self.reserved_peak,
+            "reset_peak_memory_stats": lambda device=None: self.peak_resets.append(device),
+            "empty_cache": lambda: None,
+        }
+        for name, answer in answers.items():
+            monkeypatch.setattr(cuda, name, answer)
+        import qadapt.models
+
+        real = qadapt.models._from_pretrained
+
+        def from_pretrained(auto_class, path, cfg, **kwargs):
+            if "dtype" in kwargs:  # a model (not its tokenizer or config)
+                self.loads.append(kwargs)
+            on_cpu = {**kwargs, "device_map": {"": "cpu"}} if "quantization_config" in kwargs else \
+                {k: v for k, v in kwargs.items() if k != "device_map"}
+            return real(auto_class, path, cfg, **on_cpu)
+
+        monkeypatch.setattr(qadapt.models, "_from_pretrained", from_pretrained)
+
+
+@pytest.fixture
+def cuda_stand_in(monkeypatch):
+    """A CudaStandIn: qadapt sees one GPU (Ampere, 20 of 24 GiB free) that does not exist."""
+    return CudaStandIn(monkeypatch)

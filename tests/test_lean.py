@@ -1,7 +1,12 @@
-"""The speed and memory techniques keep the numbers: same loss, same gradients, same loss curve."""
+"""The speed and memory techniques keep the numbers: same loss, same gradients, same loss curve.
+
+The CPU-only ones (qadapt.lean_cpu) are compared with the plain path every GPU run takes.
+"""
 
 from __future__ import annotations
 
+import copy
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,9 +16,10 @@ from conftest import token_batch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qadapt.adapters import LoRALinear, attach_adapters
-from qadapt.adapters.dropout import AdapterDropout, keep_mask
+from qadapt import lean_cpu
+from qadapt.adapters import DoRALinear, LoRALinear, attach_adapters
 from qadapt.data import IGNORE_INDEX
+from qadapt.lean_cpu.masks import CheapDropout, keep_mask
 from qadapt.recipe import AdapterConfig
 from qadapt.tasks.causal_lm import summed_token_loss
 
@@ -29,18 +35,46 @@ def test_keep_mask_drops_p_of_the_elements():
     assert abs((kept[:-1] * kept[1:]).mean().item() - 0.25) < 0.002
 
 
-def test_adapter_dropout_scales_what_it_keeps_and_is_off_in_eval():
+def test_cheap_dropout_scales_what_it_keeps_and_is_off_in_eval():
     torch.manual_seed(0)
-    dropout, x = AdapterDropout(0.1), torch.randn(500, 64)
+    dropout, x = CheapDropout(0.1), torch.randn(500, 64)
     y = dropout(x)
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] / 0.9)
-    assert dropout.eval()(x) is x and AdapterDropout(0.0)(x) is x
+    assert dropout.eval()(x) is x and CheapDropout(0.0)(x) is x
 
 
-def test_checkpoint_recompute_draws_the_same_dropout_mask():
+@pytest.mark.parametrize("kind", [LoRALinear, DoRALinear])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_lora_forward_computes_the_plain_one(kind, dtype):
+    """lean_cpu's fused sum (addmm, scale on the middle) against LoRALinear's own equation: outputs and the
+    gradients of the input, A and B, with dropout off (eval) and B ≠ 0."""
+    torch.manual_seed(0)
+    plain = kind(nn.Linear(48, 40).to(dtype), rank=4, alpha=8, dropout=0.1)
+    nn.init.normal_(plain.lora_b.weight)
+    fused = copy.deepcopy(plain)
+    model = nn.Sequential(fused)
+    lean_cpu.for_training(model)
+    assert isinstance(fused.dropout, CheapDropout)
+    results = []
+    for layer in (plain.eval(), fused.eval()):
+        x = torch.randn(3, 5, 48, dtype=dtype, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = layer(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, layer.lora_a.weight, layer.lora_b.weight])
+        results.append((out, *grads))
+    for expected, actual in zip(*results):
+        if dtype == torch.float32:
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        else:  # rounded to bf16 at other points (the scale before B, the sum in one addmm): relative error
+            assert ((actual.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_checkpoint_recompute_draws_the_same_dropout_mask(lean):
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(64, 32), rank=4, alpha=8, dropout=0.2)
+    if lean:
+        lean_cpu.for_training(nn.Sequential(layer))
     nn.init.normal_(layer.lora_b.weight)
     x = torch.randn(8, 64, requires_grad=True)
     grads = []
@@ -79,24 +113,23 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(load_tiny, quant
         torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-5)
 
 
-class TorchDropout(nn.Dropout):
-    """torch's own dropout, in the form LoRA calls: (dropped and rescaled input, 1.0)."""
-
-    def zero_dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        return self(x), 1.0
+def lora_in_fp32(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    out = layer.base(x)
+    return out + layer.lora_b(layer.lora_a(layer.dropout(x).float()) * layer.scale).to(out.dtype)
 
 
 def loss_curve(load_tiny, variant: str, steps: int = 8, seed: int = 0, compute_dtype: str = "bf16") -> list[float]:
-    """Training losses of the tiny LLaMA (NF4) with LoRA, with or without a technique."""
+    """Training losses of the tiny LLaMA (NF4) with LoRA: `qadapt` as it trains on a CPU (lean_cpu), `plain`
+    as on a GPU (torch's dropout), or with one technique undone."""
     torch.manual_seed(0)
     model = load_tiny("nf4", compute_dtype=compute_dtype)
     torch.manual_seed(seed)  # the adapters' initialization and dropout masks
     attach_adapters(model, AdapterConfig(kind="lora", rank=8, dropout=0.1).spec())
+    if variant != "plain":
+        lean_cpu.for_training(model)
     for module in model.modules():
-        if variant == "torch dropout" and isinstance(module, LoRALinear):
-            module.dropout = TorchDropout(0.1)
-        if variant == "fp32 LoRA" and isinstance(module, LoRALinear):
-            module.low_rank_delta = lambda x, m=module: m.lora_b(m.lora_a(m.dropout(x).float()) * m.scale)
+        if variant == "fp32 LoRA" and isinstance(module, LoRALinear):  # the same (cheap) dropout masks
+            module.forward = partial(lora_in_fp32, module)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses, batch = [], token_batch(batch=4, length=64)  # one batch, learned by heart
     for _ in range(steps):
@@ -131,7 +164,7 @@ def test_our_dropout_learns_as_torch_dropout_does(load_tiny):
     """Other masks, so the curves differ by the noise of the masks (two seeds of torch's own dropout
     differ by up to 15 % of what is learned): their means over three seeds agree (measured: within 6 %)."""
     ours = mean_curve([loss_curve(load_tiny, "qadapt", seed=seed) for seed in range(3)])
-    torchs = mean_curve([loss_curve(load_tiny, "torch dropout", seed=seed) for seed in range(3)])
+    torchs = mean_curve([loss_curve(load_tiny, "plain", seed=seed) for seed in range(3)])
     learned = ours[0] - ours[-1]
     assert learned > 0.2
     assert max(abs(a - b) for a, b in zip(ours, torchs)) <= 0.1 * learned, (ours, torchs)
@@ -210,6 +243,7 @@ def test_adapters_reading_one_input_share_its_mask_for_one_call(load_tiny):
     torch.manual_seed(0)
     model = load_tiny("nf4", gradient_checkpointing=False)
     attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.5, targets=ALL_LINEARS).spec())
+    lean_cpu.for_training(model)
     model.train()
     first, second = dropout_inputs(model), dropout_inputs(model)
     layer = "model.layers.0."
@@ -227,6 +261,7 @@ def test_checkpointing_recomputes_the_same_shared_masks(load_tiny):
         torch.manual_seed(0)
         model = load_tiny("nf4", gradient_checkpointing=checkpointing)
         attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.3, targets=ALL_LINEARS).spec())
+        lean_cpu.for_training(model)
         for module in model.modules():
             if isinstance(module, LoRALinear):
                 nn.init.normal_(module.lora_b.weight, std=0.02)

@@ -25,7 +25,8 @@ import torch
 
 from qadapt.tasks import answers
 from qadapt.data import prompt_text
-from qadapt.inference.loader import load_target, unpack_for_decoding
+from qadapt.inference.loader import load_target
+from qadapt.lean_cpu import unpack_for_decoding
 from qadapt.tasks.math_sets import ALPACA_STOPS, load_eval_set
 from qadapt.decoding.generation import cut_at_stop, greedy_generate
 from qadapt.machine import describe, one_line

@@ -74,23 +74,20 @@ def qadapt_trainer(args):
 
 
 def qadapt_recipe_trainer(recipe):
-    """qadapt's own path for a recipe: load_base, prepare_for_kbit_training, attach_adapters, the loop's step.
+    """qadapt's own path for a recipe: the model as `qadapt train` prepares it, and the loop's step.
 
     Returns (tokenizer, model, optimizer, step), step(tokens) training one batch of token ids.
     """
     from accelerate import Accelerator
 
-    from qadapt.adapters import attach_adapters
-    from qadapt.host_memory import trim_heap
-    from qadapt.models import load_base, load_tokenizer
-    from qadapt.quant import optimizer_class, prepare_for_kbit_training
+    from qadapt.models import load_tokenizer
+    from qadapt.quant import optimizer_class
     from qadapt.training.loss import accumulate_gradients
+    from qadapt.training.train import prepare_model
 
     tokenizer = load_tokenizer(recipe.model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = load_base(recipe.model, accelerator.device)
-    prepare_for_kbit_training(model, recipe.train.gradient_checkpointing)
-    attach_adapters(model, recipe.adapter.spec())
+    model, _, _ = prepare_model(recipe, accelerator.device)
     optimizer = optimizer_class(recipe.train.optimizer)([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
@@ -101,7 +98,6 @@ def qadapt_recipe_trainer(recipe):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        trim_heap()  # as qadapt's loop does
         return loss
 
     return tokenizer, model, optimizer, step

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qadapt.adapters.base import Adapter
-from qadapt.adapters.dropout import AdapterDropout
+from qadapt.adapters.lora import adapter_dropout
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -32,7 +32,7 @@ class Bottleneck(nn.Module):
     def __init__(self, in_features: int, out_features: int, size: int, activation: str, scale: float | str,
                  dropout: float, init: str, device: torch.device | None = None):
         super().__init__()
-        self.dropout = AdapterDropout(dropout)
+        self.dropout = adapter_dropout(dropout)
         self.down = nn.Linear(in_features, size, bias=False, device=device, dtype=torch.float32)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(size, out_features, bias=False, device=device, dtype=torch.float32)

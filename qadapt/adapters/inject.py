@@ -15,7 +15,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qadapt.adapters.base import Adapter, mark_only_adapters_trainable
-from qadapt.adapters.dropout import share_masks_within_blocks
 from qadapt.errors import QadaptError
 
 Wrap = Callable[[nn.Module], Adapter]
@@ -72,7 +71,6 @@ def wrap_modules(model: nn.Module, plan: dict[str, Wrap]) -> list[str]:
     for name, wrap in plan.items():
         replace_module(model, name, wrap(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
-    share_masks_within_blocks(model)
     return list(plan)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -93,24 +94,57 @@ def sample_generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling
 def _run(decoder: "_Decoder", prompts: Sequence[str], batch_size: int, add_special_tokens: bool,
          on_done: Callable[[int], None] | None) -> list[str]:
     """Every row's text, rows numbered prompt × samples + sample: longest prompts first, new ones admitted
-    once a quarter of the places are free."""
+    once a quarter of the places are free. The batch is no larger than the KV cache fits in memory
+    (qadapt.decoding.memory); on an out-of-memory error it is halved, and the prompts in flight start again
+    (greedy and seeded samples give the same text again: nothing is lost)."""
     tokenizer, per_prompt = decoder.tokenizer, decoder.per_prompt
     ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     queue = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    batch_size = _fitting_batch_size(decoder, batch_size, max(map(len, ids), default=0))
     outputs: list[str] = [""] * (len(ids) * per_prompt)
+    done: set[int] = set()
     while queue or decoder.rows:
-        free = batch_size - len(decoder.rows)
-        if queue and (free >= max(per_prompt, batch_size // 4) or not decoder.rows):
-            take = max(1, free // per_prompt)
-            admitted, queue = queue[:take], queue[take:]
-            finished = decoder.admit(admitted, [ids[i] for i in admitted])
-        else:
-            finished = decoder.step()
+        free, admitted = batch_size - len(decoder.rows), []
+        try:
+            if queue and (free >= max(per_prompt, batch_size // 4) or not decoder.rows):
+                take = max(1, free // per_prompt)
+                admitted, queue = queue[:take], queue[take:]
+                finished = decoder.admit(admitted, [ids[i] for i in admitted])
+            else:
+                finished = decoder.step()
+        except torch.OutOfMemoryError:
+            if batch_size <= per_prompt:
+                raise
+            again = sorted(set(decoder.abandon()) | set(admitted), key=lambda i: len(ids[i]), reverse=True)
+            queue, batch_size = again + queue, max(per_prompt, batch_size // 2)
+            _release_cached_memory(decoder.model.device)
+            print(f"out of memory while decoding: {batch_size} rows at a time from now on, "
+                  f"{len(again)} prompts started again", file=sys.stderr)
+            continue
+        finished = [(row, tokens) for row, tokens in finished if row not in done]
         for row, tokens in finished:
             outputs[row] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), decoder.stop_strings)
+            done.add(row)
         if on_done and finished:
             on_done(len(finished))
     return outputs
+
+
+def _fitting_batch_size(decoder: "_Decoder", requested: int, longest_prompt: int) -> int:
+    """`requested` rows, or as many as the KV cache of the longest prompts fits in memory (said when fewer)."""
+    from qadapt.decoding.memory import decode_batch_size
+
+    rows = decode_batch_size(decoder.model, requested, longest_prompt + decoder.max_new_tokens,
+                             measure=decoder.cache_bytes_of_one_token)
+    if rows < requested:
+        print(f"decoding {rows} rows at a time, not {requested}: the KV cache of more would not fit in the memory "
+              f"free on {decoder.model.device}", file=sys.stderr)
+    return rows
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -205,6 +239,24 @@ class _Decoder:
         if finished:
             self._keep_rows(keep)
         return finished
+
+    def cache_bytes_of_one_token(self) -> int:
+        """The KV cache one token takes, measured by prefilling one token."""
+        cache = self.new_cache()
+        token = torch.full((1, 1), self.tokenizer.pad_token_id, device=self.model.device)
+        self._forward(token, torch.ones_like(token), torch.zeros_like(token), cache)
+        return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)
+                   if isinstance(t, torch.Tensor))
+
+    def abandon(self) -> list[int]:
+        """Drop every row in flight and its cache (after an out-of-memory error); return their prompts."""
+        prompts = list(dict.fromkeys(row // self.per_prompt for row in self.rows))
+        self.cache, self.rows, self.mask, self.next_tokens, self.next_positions = None, [], None, None, None
+        self.generated.clear()
+        self.generators.clear()
+        self.forced.clear()
+        self.after_result.clear()
+        return prompts
 
     def _forward(self, input_ids, mask, positions, cache) -> torch.Tensor:
         """The last position's logits of each row."""

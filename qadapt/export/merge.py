@@ -7,7 +7,10 @@ The base to fold into:
   linear de-quantized from the run's 4-bit / 8-bit weights, the other weights as loaded for training;
 - `original`: the base checkpoint's full-precision weights, which the adapter never saw.
 Each fold W' = W + s·BA (DoRA: m ⊙ (W + s·BA) / ‖W + s·BA‖ per row) is computed in fp32, one layer at
-a time, on the one copy of the base that is held, in the output dtype.
+a time, on the one copy of the base that is held, in the output dtype, in the host's memory (a 7B base
+in bf16 needs ~13 GB there, in fp32 ~26 GB; the trained model stays on the GPU when there is one, and
+its de-quantized weights are copied to the host a layer at a time). The merge says what it needs before
+loading the base, and refuses when the host does not have it.
 
 Before the folder is moved into place it is loaded back with transformers and compared, on a few
 templated prompts, with the adapter on the same base in the same dtype (this must agree: the fold
@@ -69,7 +72,9 @@ def set_weight_matrix(layer: nn.Module, matrix: torch.Tensor, name: str) -> None
         raise QadaptError(f"{name}: the merged weight has NaN or inf values; the adapter weights are broken")
     if matrix.abs().max() > torch.finfo(dtype).max:
         raise QadaptError(f"{name}: the merged weight exceeds the {dtype} range; merge with --dtype bf16 or fp32")
-    value = (matrix.T if isinstance(layer, Conv1D) else matrix).to(dtype).contiguous()
+    # On the layer's device: the matrix may come from a trained model on another (a GPU).
+    value = (matrix.T if isinstance(layer, Conv1D) else matrix).to(device=layer.weight.device, dtype=dtype)
+    value = value.contiguous()
     # A new parameter, not an in-place copy: a weight tied to another (the embeddings) is untied.
     layer.weight = nn.Parameter(value, requires_grad=False)
 
@@ -191,6 +196,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     refuse_existing(out)
 
     trained, tokenizer, _ = load_trained_model(run_dir, compute_dtype="fp32")
+    require_host_memory(recipe.model, dtype, trained)
     texts = probe_texts(recipe.data.template, tokenizer)
     trained_logits = logits_on(trained, tokenizer, texts)
     full = load_full_precision(recipe.model, dtype)
@@ -224,6 +230,32 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
         print(describe_written(out))
     print(format_checks(info))
     return info
+
+
+def require_host_memory(cfg, dtype: str, trained: nn.Module) -> float:
+    """The host memory the merge needs (the full-precision base in the output dtype, beside the trained
+    model when that is on the host too), said before loading the base; refused when not available.
+    Returns the bytes needed."""
+    from qadapt.devices import free_memory
+    from qadapt.models import load_config, meta_model
+
+    checkpoint_dtype = getattr(load_config(cfg), "dtype", None) or torch.float32
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = getattr(torch, checkpoint_dtype)
+    itemsize = checkpoint_dtype.itemsize if dtype == "auto" else {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    base_bytes = sum(p.numel() for p in meta_model(cfg).parameters()) * itemsize
+    on_host = [t for t in [*trained.parameters(), *trained.buffers()] if t.device.type == "cpu"]
+    trained_bytes = sum(t.numel() * t.element_size() for t in on_host)
+    need, free = base_bytes + trained_bytes, free_memory(torch.device("cpu"))
+    what = (f"the base in {str(checkpoint_dtype if dtype == 'auto' else dtype).removeprefix('torch.')} "
+            f"({base_bytes / 2**30:.1f} GiB)" + (f" beside the trained model ({trained_bytes / 2**30:.1f} GiB)"
+                                               if trained_bytes else ""))
+    if need > free:
+        raise QadaptError(f"merging needs about {need / 2**30:.1f} GiB of host memory for {what}, and "
+                          f"{free / 2**30:.1f} GiB is available; nothing was written. Free memory, or merge in "
+                          "16 bits (--dtype bf16: half of fp32)")
+    print(f"merging in host memory: {what}, {free / 2**30:.1f} GiB available")
+    return need
 
 
 def _check_agreement(info: dict, dtype: torch.dtype) -> None:

@@ -4,8 +4,8 @@ Every reader of a trained model (eval, generate, chat, merge, export, the adapte
 here, so the rules live in one place: the base is quantized from the dtype it was trained in (the same
 4-bit codes), bitsandbytes' CPU weight repacking stays off (the kernels training used, so the numbers it
 produced), the task decides the tokenizer and the head, and the adapter must match the base it was
-trained on. A 4-bit base is unpacked for decoding when memory allows (unpack_for_decoding): the same
-numbers, faster.
+trained on. A model goes on the GPU when there is one (quantized or not), else the CPU, where what
+pays only there (fused LoRA, a 4-bit base unpacked for decoding) comes through qadapt.lean_cpu.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import get_args
 
 from torch import nn
 
+from qadapt import lean_cpu
 from qadapt.adapters import attach_adapters
 from qadapt.base_identity import base_identity
+from qadapt.devices import compute_device
 from qadapt.errors import QadaptError
 from qadapt.recipe import DType, ModelConfig, Quant, Recipe, Template
 from qadapt.run_dir import load_adapter, load_run_recipe, read_adapter_config
@@ -46,7 +48,7 @@ def load_frozen_base(cfg: ModelConfig, labels: list[str] | None = None,
     if compute_dtype and cfg.quant == "none":  # no quantized codes to keep: load straight in the dtype
         cfg = dataclasses.replace(cfg, compute_dtype=compute_dtype)
     # Quantized from the dtype it was trained in: the same 4-bit codes.
-    model = load_base(cfg, labels=labels)
+    model = load_base(cfg, compute_device(), labels=labels)
     identity = base_identity(model, cfg.name)
     disable_cpu_weight_repacking(model)  # the same kernels, so the same numbers, as in training
     if compute_dtype:
@@ -66,6 +68,8 @@ def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_
     model, base = load_frozen_base(recipe.model, head_labels(run_dir / adapter), compute_dtype)
     attach_adapters(model, recipe.adapter.spec())
     load_adapter(model, run_dir / adapter, base)
+    if lean_cpu.applies(compute_device()):
+        lean_cpu.for_answering(model)  # LoRA computed as training computed it on this CPU: the same numbers
     model.eval()
     return model, tokenizer, recipe
 
@@ -74,7 +78,7 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
                 unpack: bool = True) -> LoadedModel:
     """A run directory (its base as trained, its adapter, its template) or a bare model, ready to answer.
 
-    `unpack`: unpack a 4-bit base for decoding when memory allows (unpack_for_decoding).
+    `unpack`: on a CPU, unpack a 4-bit base for decoding when memory allows (lean_cpu.unpack_for_decoding).
     bf16 matmuls give slightly different results for different batch shapes, so a bf16 model's
     greedy answers can depend on which problems share its batch; compute_dtype fp32 avoids that.
     """
@@ -87,8 +91,8 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
         tokenizer = DEFAULT_TASK.load_tokenizer(cfg)
         model, _ = load_frozen_base(cfg)  # the kernels training uses, so a baseline compares like with like
         loaded = LoadedModel(model, tokenizer, template or "alpaca", None)
-    if unpack:
-        unpack_for_decoding(loaded.model)
+    if unpack and lean_cpu.applies(compute_device()):
+        lean_cpu.unpack_for_decoding(loaded.model)
     return loaded
 
 
@@ -119,25 +123,3 @@ def require_answering_run(target: str) -> Recipe | None:
         raise QadaptError(f"{path} is a {task.name} run: it tags words and does not answer prompts; "
                           "score it with qadapt eval RUN_DIR --data CONLL_FILE")
     return recipe
-
-
-def unpack_for_decoding(model, free_bytes: float | None = None) -> bool:
-    """Unpack the 4-bit base (same numbers, faster decoding) when that fits in half the free memory.
-
-    `free_bytes` defaults to what the model's device has free now. Returns whether it unpacked.
-    """
-    from qadapt.plan import free_memory
-    from qadapt.quant import unpack_quantized_layers, unpacked_bytes
-
-    need = unpacked_bytes(model)
-    if not need:
-        return False
-    free = free_memory(next(model.parameters()).device) if free_bytes is None else free_bytes
-    if need > free / 2:
-        print(f"decoding from the packed 4-bit weights: unpacking them needs {need / 2**20:,.0f} MB, "
-              f"more than half the {free / 2**20:,.0f} MB free", file=sys.stderr)
-        return False
-    unpack_quantized_layers(model)
-    print(f"decoding with the 4-bit weights unpacked (+{need / 2**20:,.0f} MB): the same numbers, faster",
-          file=sys.stderr)
-    return True

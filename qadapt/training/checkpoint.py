@@ -47,6 +47,7 @@ class Progress:
     eval_loss: float | None = None
     data_sha256: str = ""  # the tokenized training rows, so a changed data file is noticed
     num_processes: int = 1
+    loss_scale_state: dict | None = None  # fp16's GradScaler (scale, growth tracker); None for bf16 and fp32
 
 
 def checkpoint_folder(run_dir: Path, step: int) -> Path:

@@ -3,6 +3,13 @@
 DDP needs nothing here: each process holds the whole quantized base, only the adapters' gradients are
 averaged, and the loop gives each process its share of every step's batch (qadapt.training.train).
 
+FSDP's ranks load the base on the host, never whole on a GPU: FSDP moves each rank's shard there as it
+wraps the layers (a 70B in NF4 is ~35 GiB, more than a 24 GB card). With cpu-ram-efficient loading
+(`fsdp_cpu_ram_efficient_loading: true`, as recipes/accelerate/fsdp-qlora.yaml sets), only local rank 0
+reads the checkpoint; the others build the same modules on the meta device and receive from rank 0
+what FSDP does not send (each 4-bit layer's quantization state, and the base's identity); FSDP's
+`sync_module_states` then broadcasts the codes and the other weights from rank 0.
+
 FSDP (version 1, `fsdp_use_orig_params: false`) flattens the parameters of each unit it wraps into one
 tensor, which asks two things of a 4-bit base with adapters:
 - one dtype per flat tensor: bitsandbytes stores the 4-bit codes in the compute dtype instead of uint8
@@ -19,11 +26,75 @@ import functools
 import torch
 from torch import nn
 
+HOST = torch.device("cpu")
+
 
 def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def load_base_to_shard(cfg, accelerator, labels: list[str] | None = None) -> tuple[nn.Module, dict]:
+    """(model, base identity): the base as FSDP shards it, loaded on the host, 4-bit codes stored in the
+    compute dtype; with cpu-ram-efficient loading read by rank 0 alone (the module docstring)."""
+    from qadapt.base_identity import base_identity
+    from qadapt.errors import QadaptError
+    from qadapt.models import load_base
+
+    if cfg.quant == "int8":
+        raise QadaptError("FSDP shards a 4-bit (nf4, fp4) or unquantized base: bitsandbytes supports FSDP for its "
+                          "4-bit layers only. Set model.quant to nf4, or train the 8-bit base on one GPU (or with DDP)")
+    if cpu_ram_efficient_loading(accelerator):
+        return load_base_on_rank_0(cfg, accelerator.process_index, accelerator.device, labels)
+    model = load_base(cfg, HOST, quant_storage_like_compute=True, labels=labels)
+    return model, base_identity(model, cfg.name)
+
+
+def load_base_on_rank_0(cfg, rank: int, device: torch.device, labels: list[str] | None = None) -> tuple[nn.Module, dict]:
+    """(model, base identity) on every process of an initialized process group: rank 0 reads the base on the
+    host; the others build its modules on the meta device, with each 4-bit layer's quantization state (on
+    `device`) and the identity sent by rank 0. Their weights stay to be filled, by FSDP's sync_module_states."""
+    from qadapt.base_identity import base_identity
+    from qadapt.models import load_base
+    from qadapt.quant import four_bit_layer_states, keep_quant_states_on_layers, rebuild_four_bit_layers
+
+    if rank == 0:
+        model = load_base(cfg, HOST, quant_storage_like_compute=True, labels=labels)
+        keep_quant_states_on_layers(model)
+        sent = [base_identity(model, cfg.name), four_bit_layer_states(model)]
+    else:
+        model, sent = meta_base(cfg, labels), [None, None]
+    torch.distributed.broadcast_object_list(sent, src=0)
+    identity, states = sent
+    if rank != 0:
+        rebuild_four_bit_layers(model, states, device)
+    return model, identity
+
+
+def cpu_ram_efficient_loading(accelerator) -> bool:
+    """Whether the accelerate config has rank 0 alone read the base (FSDP then syncs the others)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return bool(plugin is not None and plugin.cpu_ram_efficient_loading and plugin.sync_module_states)
+
+
+def meta_base(cfg, labels: list[str] | None = None) -> nn.Module:
+    """The base's modules on the meta device, in the compute dtype, frozen: what rank 0 loads, without
+    weights (its 4-bit layers are rebuilt by qadapt.quant.rebuild_four_bit_layers)."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    from qadapt.models import load_config, resolve_compute_dtype
+
+    config = load_config(cfg)
+    auto_class = AutoModelForCausalLM
+    if labels is not None:
+        auto_class = AutoModelForTokenClassification
+        config.num_labels, config.id2label = len(labels), dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+    with torch.device("meta"):
+        model = auto_class.from_config(config, dtype=resolve_compute_dtype(cfg.compute_dtype),
+                                       trust_remote_code=cfg.trust_remote_code)
+    return model.requires_grad_(False)
 
 
 def fsdp_units(model: nn.Module) -> set[int]:

@@ -14,13 +14,16 @@ from contextlib import nullcontext
 import torch
 
 from qadapt import data as data_lib
-from qadapt.host_memory import trim_heap
 from qadapt.tasks import DEFAULT_TASK, Task
 from qadapt.tasks.base import to_device
 
 
-def accumulate_gradients(model, micro_batches: list[dict], accelerator, task: Task = DEFAULT_TASK) -> float:
-    """Backward over one optimizer step's micro-batches; returns the step's mean token loss."""
+def accumulate_gradients(model, micro_batches: list[dict], accelerator, task: Task = DEFAULT_TASK,
+                         scaler: torch.amp.GradScaler | None = None) -> float:
+    """Backward over one optimizer step's micro-batches; returns the step's mean token loss.
+
+    `scaler` scales what is backpropagated (fp16's loss scaling, qadapt.training.loss_scale).
+    """
     local_tokens = torch.tensor(sum(task.loss_targets(b) for b in micro_batches), device=accelerator.device)
     step_tokens = accelerator.reduce(local_tokens, "sum").item()
     # DDP averages gradients over processes; scaling by their number turns that into a sum.
@@ -30,8 +33,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator, task: Ta
         last = index == len(micro_batches) - 1
         with nullcontext() if last else accelerator.no_sync(model):
             loss = task.summed_loss(model, batch)
-            trim_heap()  # what the forward pass freed; the backward pass would fault it all in again
-            accelerator.backward(loss * scale)
+            accelerator.backward(scaler.scale(loss * scale) if scaler is not None else loss * scale)
         loss_sum += loss.item()
     total = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
     return total / step_tokens

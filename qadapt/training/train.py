@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qadapt import data as data_lib
+from qadapt import lean_cpu
 from qadapt.training import distributed
 from qadapt.adapters import attach_adapters, count_parameters
 from qadapt.base_identity import base_identity
@@ -31,12 +31,13 @@ from qadapt.training.checkpoint import (
     save_checkpoint,
 )
 from qadapt.console import say
+from qadapt.devices import peak_memory_mb, start_peak_memory
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.files import atomic_file, write_errors_reported
-from qadapt.host_memory import trim_heap
 from qadapt.training.loss import accumulate_gradients, eval_loss
+from qadapt.training.loss_scale import fp16_overflow, grad_scaler
 from qadapt.machine import describe as describe_machine
-from qadapt.models import load_base
+from qadapt.models import load_base, resolve_compute_dtype
 from qadapt.plan import choose_gradient_checkpointing
 from qadapt.quant import optimizer_class, prepare_for_kbit_training
 from qadapt.recipe import Recipe
@@ -73,6 +74,7 @@ class Setup:
     run_dir: Path
     metrics: MetricsLog
     max_steps: int
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; with bf16 and fp32 it does nothing
 
 
 def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = False) -> Setup:
@@ -91,15 +93,8 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
         save_run_template(tokenizer, run_dir)  # eval, chat, merge and export prompt as it trained
     data = task.training_data(recipe, tokenizer)
     sharded = distributed.is_fsdp(accelerator)
-    model = load_base(recipe.model, accelerator.device, quant_storage_like_compute=sharded, labels=data.labels)
-    base = base_identity(model, recipe.model.name)
-    checkpointing, why = choose_gradient_checkpointing(recipe, accelerator.device)
-    if recipe.train.gradient_checkpointing == "auto":
-        say(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
-    prepare_for_kbit_training(model, checkpointing)
-    wrapped = attach_adapters(model, recipe.adapter.spec())
-    if recipe.adapter.start_from:
-        start_from_adapter(model, recipe.adapter.start_from, base)
+    model, wrapped, base = prepare_model(recipe, accelerator.device, data.labels, accelerator if sharded else None)
+    start_peak_memory(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     t = recipe.train
     require_disk_space(run_dir, sum(p.numel() * p.element_size() for p in params), t.optimizer,
@@ -112,8 +107,32 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     model.train()
     examples_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train_rows) / examples_per_step))
+    scaler = grad_scaler(resolve_compute_dtype(recipe.model.compute_dtype), accelerator.device, sharded)
     return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, task,
-                 wrapped, base, run_dir, metrics, max_steps)
+                 wrapped, base, run_dir, metrics, max_steps, scaler)
+
+
+def prepare_model(recipe: Recipe, device: torch.device, labels: list[str] | None = None,
+                  fsdp_accelerator=None) -> tuple[torch.nn.Module, list[str], dict]:
+    """(model, wrapped module names, base identity): the base loaded for `device`, frozen and prepared for
+    k-bit training, the recipe's adapters attached (and started from adapter.start_from); on a CPU the
+    lean measures switched on (qadapt.lean_cpu). `fsdp_accelerator`: the base is loaded for FSDP to shard.
+    """
+    if fsdp_accelerator is not None:
+        model, base = distributed.load_base_to_shard(recipe.model, fsdp_accelerator, labels)
+    else:
+        model = load_base(recipe.model, device, labels=labels)
+        base = base_identity(model, recipe.model.name)
+    checkpointing, why = choose_gradient_checkpointing(recipe, device)
+    if recipe.train.gradient_checkpointing == "auto":
+        say(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
+    prepare_for_kbit_training(model, checkpointing)
+    wrapped = attach_adapters(model, recipe.adapter.spec())
+    if recipe.adapter.start_from:
+        start_from_adapter(model, recipe.adapter.start_from, base)
+    if lean_cpu.applies(device):
+        lean_cpu.for_training(model)
+    return model, wrapped, base
 
 
 def start_from_adapter(model: torch.nn.Module, path: str, base: dict) -> None:
@@ -196,6 +215,8 @@ def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool 
     s = setup(recipe, resume_step, overwrite)
     if checkpoint:
         progress = restore(checkpoint, s.model, s.optimizer, s.base, s.train_rows, s.accelerator, allow_recipe_changes)
+        if progress.loss_scale_state and s.scaler.is_enabled():
+            s.scaler.load_state_dict(progress.loss_scale_state)
     else:
         progress = Progress(data_sha256=rows_sha256(s.train_rows), num_processes=s.accelerator.num_processes)
         if s.val_rows:  # the base's held-out loss, for comparison
@@ -219,15 +240,19 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             for group in s.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             micro_batches = s.task.step_batches(s, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
-            loss = accumulate_gradients(s.model, micro_batches, acc, s.task)
+            loss = accumulate_gradients(s.model, micro_batches, acc, s.task, s.scaler)
+            s.scaler.unscale_(s.optimizer)
             grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
             _refuse_divergence(s, recipe, step + 1, loss, grad_norm)
-            s.optimizer.step()
+            s.scaler.step(s.optimizer)  # skipped when fp16 gradients overflowed
+            s.scaler.update()
             s.optimizer.zero_grad(set_to_none=True)
-            trim_heap()  # qadapt.host_memory: what the step freed, fragmented, would stay resident
             progress.elapsed_s = elapsed_before + time.perf_counter() - started
             progress.cpu_s = cpu_before + time.process_time() - cpu_started
-            _record_step(s, recipe, progress, micro_batches, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, bar)
+            row = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+            if s.scaler.is_enabled():
+                row["loss_scale"] = s.scaler.get_scale()
+            _record_step(s, recipe, progress, micro_batches, row, bar)
             if progress.step < s.max_steps:
                 _checkpoint_or_stop(s, recipe, progress, stop.requested(acc), resume_command)
 
@@ -265,7 +290,7 @@ def _checkpoint_or_stop(s: Setup, recipe: Recipe, progress: Progress, signal_nam
 
 def _refuse_divergence(s: Setup, recipe: Recipe, step: int, loss: float, grad_norm: float | None) -> None:
     """A NaN/inf loss or gradient stops the run before the optimizer applies it; checkpoints stay good."""
-    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm) or fp16_overflow(s.scaler)):
         return
     what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     latest = latest_checkpoint(s.run_dir, warn=False)
@@ -281,6 +306,7 @@ def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> Path:
     from accelerate.utils import gather_object
 
     acc = s.accelerator
+    progress.loss_scale_state = s.scaler.state_dict() or None
     rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
     weights, optimizer_state = distributed.adapter_weights(s.model), distributed.optimizer_state(s.model, s.optimizer)
     folder = checkpoint_folder(s.run_dir, progress.step)
@@ -316,7 +342,7 @@ def finish(s: Setup, recipe: Recipe, progress: Progress, score: bool = True) -> 
         "last_loss": progress.losses[-1],
         "eval_loss_before": progress.eval_loss_before,
         "eval_loss": progress.eval_loss,
-        "peak_memory_mb": peak_memory_mb(s.accelerator.device),
+        **_peak_memory_figures(s.accelerator.device),
         "machine": describe_machine(),
         "adapter": str(adapter),
     }
@@ -342,7 +368,9 @@ def format_summary(summary: dict) -> str:
         f"loss: {summary['first_loss']:.4f} at the first step, {summary['last_loss']:.4f} at the last"
         + ("" if summary["eval_loss"] is None
            else f"; held-out loss {summary['eval_loss_before']:.4f} before training, {summary['eval_loss']:.4f} after"),
-        f"peak memory: {summary['peak_memory_mb']:,.0f} MB",
+        f"peak memory: {summary['peak_memory_mb']:,.0f} MB"
+        + (f" allocated, {summary['peak_reserved_mb']:,.0f} MB reserved by torch (nvidia-smi adds the CUDA context)"
+           if "peak_reserved_mb" in summary else ""),
         f"adapter: {summary['adapter']}",
     ])
 
@@ -370,11 +398,13 @@ def _log_eval(s: Setup, recipe: Recipe, step: int, write=print) -> float:
     return val
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on a GPU; peak resident set size of this process on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def _peak_memory_figures(device: torch.device) -> dict[str, float]:
+    """peak_memory_mb (a GPU: allocated by torch; a CPU: the process's resident set) and, on a GPU,
+    peak_reserved_mb (held by torch's caching allocator)."""
+    peak = peak_memory_mb(device)
+    if "reserved" in peak:
+        return {"peak_memory_mb": peak["allocated"], "peak_reserved_mb": peak["reserved"]}
+    return {"peak_memory_mb": peak["resident"]}
 
 
 def _float(value) -> float | None:

@@ -1,24 +1,17 @@
 """The process's own memory on the host (Linux/glibc): give back what loading freed, bound what is kept.
 
-A checkpoint stored in the compute dtype loads its unquantized weights (embeddings, norms) as views of
-the memory-mapped file, which keeps the whole mapping alive: every page that quantizing the other
-weights read stays in the process's resident set. Measured on the embedded model in fp32, the fp32
-checkpoint held 516 MB resident after loading for 108 MB of weights in use; copying those weights out
-(`copy_out_of_file_mappings`) unmaps the file: 891 → 594 MB resident.
+- A checkpoint stored in the compute dtype loads its unquantized weights (embeddings, norms) as views of
+  the memory-mapped file, which keeps every page of the file that quantizing read resident:
+  `copy_out_of_file_mappings` copies those weights out, so the mapping goes away.
+- glibc serves large allocations from its heap once one of them has been freed (its mmap threshold
+  adapts upward, to 32 MB) and keeps freed heap memory for reuse; a training step frees many tensors of
+  a few MB, so the resident set grows far beyond the live tensors. A fixed threshold
+  (`bound_heap_retention`) returns larger tensors to the system when they are freed; a lower one makes
+  every activation fault its pages in afresh.
+- What stays in the heap still fragments, and glibc does not return free chunks pinned between live
+  ones: `trim_heap` does, before each backward pass and after each optimizer step.
 
-glibc serves large allocations from its heap once one of them has been freed (its mmap threshold
-adapts upward, to 32 MB), and keeps freed heap memory for reuse. A training step allocates and frees
-many tensors of a few MB, so the resident set grew far beyond the live tensors: measured on the
-embedded model, a bf16 step peaked at 1147 MB and an fp32 step at 2518 MB. A fixed threshold returns
-larger tensors to the system when they are freed. 8 MB gave 965 and 1946 MB for 1-3 % more step
-time; 1-2 MB halves the speed, since every 2.4 MB activation (1024 positions × 576 in fp32) then
-faults its pages in afresh.
-
-What stays in the heap still fragments: in fp32, a step's live allocations peak near 470 MB while the
-heap grows to 1.3-1.6 GB, mostly free chunks pinned between live ones, which glibc does not return.
-So the training loop trims the heap (`trim_heap`) before each backward pass and after each optimizer
-step: what follows faults in only the pages it reuses. Measured (Intel Xeon, AVX512 without BF16, 2 threads; fp32, 4 × 256 tokens, checkpointing): 8 MB threshold, untrimmed:
-peak 1.75-2.1 GB; 4 MB and trimmed after each step: 1.21-1.28 GB, step time within run-to-run noise.
+What each saves, measured on the embedded model, is in docs/benchmarks.md ("Lean in fp32").
 """
 
 from __future__ import annotations
