@@ -149,11 +149,9 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
 def unpack_quantized_layers(model: torch.nn.Module) -> int:
     """Replace every frozen 4-bit layer by a plain linear of its de-quantized weight; return bytes added.
 
-    For decoding only. A 4-bit layer re-derives its full weight from the codes at every forward, and a
-    decoding step is a forward over a few rows, so that work rivals the product itself: on the
-    embedded model in fp32 (2 AVX2 cores) decoding ran 1.37× faster unpacked, with the same answers.
-    The weight is the one the layer computes with, in its compute dtype. 8-bit layers stay: their
-    forward is an int8 product, not a product with the de-quantized weight.
+    For decoding only (qadapt.lean_cpu decides when, on a CPU). The weight is the one the layer computes
+    with, in its compute dtype. 8-bit layers stay: their forward is an int8 product, not a product with
+    the de-quantized weight.
     """
     from qadapt.adapters.inject import replace_module
 

@@ -1,37 +1,38 @@
-"""The benchmark tools run: tools/gpu_check.py builds its NF4 model layer by layer and trains (CPU here)."""
+"""The benchmark tools run: tools/gpu_check.py end to end at tiny shape (CPU here), and the others."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import pytest
-import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
 
 
-def test_gpu_check_builds_an_nf4_model_without_full_precision_linears():
-    import bitsandbytes as bnb
+@pytest.mark.slow
+def test_gpu_check_runs_the_real_cli_end_to_end_at_tiny_shape(tmp_path, smol_tokenizer):
+    """Every phase of tools/gpu_check.py on a CPU at tiny shape: the model folder, qadapt plan, train stopped by
+    SIGTERM and resumed, merge, eval, the PEFT comparison and the long-sequence probe, with their figures."""
+    import json
+    import subprocess
 
-    model = gpu_check.build_nf4_model("tiny", torch.device("cpu"))
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert all(isinstance(m, bnb.nn.Linear4bit) for name, m in linears.items() if name != "lm_head")
-    assert len(linears) == 2 * 7 + 1
-    assert not [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.device.type == "meta"]
-    logits = model(input_ids=torch.randint(0, 512, (1, 16))).logits
-    assert torch.isfinite(logits).all()
-
-
-@pytest.mark.parametrize("side", ["qadapt", "peft"])
-def test_gpu_check_trains_both_sides(side):
-    pytest.importorskip("peft")
-    args = argparse.Namespace(config="tiny")
-    result = gpu_check.run(side, args, torch.device("cpu"), batch=2, seq=32, steps=3)
-    assert len(result["losses"]) == 3 and all(loss == loss for loss in result["losses"])
-    assert result["tokens_per_s"] > 0
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--shape", "tiny", "--out", str(out),
+                             "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    phases = json.loads((out / "gpu-check-tiny.json").read_text())["phases"]
+    assert list(phases) == list(gpu_check.PHASES)
+    assert phases["plan"]["predicted_allocated_gib"] > 0
+    train = phases["train"]
+    assert 1 <= train["stopped_after_step"] < 12 and train["steps"] == list(range(1, 13))  # stopped, resumed, done
+    assert train["peak_allocated_mb"] > 0 and train["tokens_per_s"] > 0
+    assert phases["merge"]["folded_layers"] == 14 and phases["merge"]["vs_adapter_on_same_base"]["top1_agreement"] > 0.95
+    assert phases["eval"]["problems"] == 8 and phases["eval"]["generated_tokens_per_s"] > 0
+    assert all(phases["peft"][side]["tokens_per_s"] > 0 for side in ("qadapt", "peft"))
+    assert phases["probe"] == {**phases["probe"], "seq": 1024, "fits": True}
+    assert "| train | stopped_after_step:" in (out / "gpu-check-tiny.md").read_text()
 
 
 @pytest.mark.slow

@@ -7,8 +7,9 @@ LoRA of the same rank on the same linear layers, gradient checkpointing, AdamW, 
 batches of real text (GSM8K when ../shared/data has it, else built-in arithmetic). Each side runs in
 its own fresh process, alternating qadapt, PEFT, qadapt, PEFT, ... so that drifts of the machine hit
 both alike. A process warms up, then times each optimizer step; its memory is the peak resident set
-size during the timed steps (CPU; Linux's VmHWM, reset before them) or torch.cuda.max_memory_allocated
-(GPU).
+size during the timed steps (CPU; Linux's VmHWM, reset before them) or, on a GPU, the peak torch
+allocated and the peak its caching allocator reserved (what nvidia-smi shows, less the CUDA context).
+With --gradient-checkpointing on, each side is checked to have it on.
 
 Reported per side: median step time, tokens/s, peak memory, model-FLOPs utilisation (against the
 matmul peak measured here for the compute dtype), and the ratios qadapt / PEFT.
@@ -69,7 +70,7 @@ def qadapt_trainer(args):
     return qadapt_recipe_trainer(recipe_from_dict({
         "model": {"name": args.model, "quant": args.quant, "compute_dtype": args.compute_dtype},
         "adapter": {"kind": "lora", "rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.05, "targets": TARGETS},
-        "train": {"gradient_checkpointing": args.gradient_checkpointing == "on"},
+        "train": {"gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": args.optimizer},
     }))
 
 
@@ -88,6 +89,7 @@ def qadapt_recipe_trainer(recipe):
     tokenizer = load_tokenizer(recipe.model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, _, _ = prepare_model(recipe, accelerator.device)
+    assert model.is_gradient_checkpointing == recipe.train.gradient_checkpointing, "qadapt: checkpointing not as asked"
     optimizer = optimizer_class(recipe.train.optimizer)([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
@@ -109,6 +111,7 @@ def peft_trainer(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from qadapt.models import resolve_compute_dtype, resolve_model_path
+    from qadapt.quant import optimizer_class
 
     path, dtype = resolve_model_path(args.model), resolve_compute_dtype(args.compute_dtype)
     quantization = (BitsAndBytesConfig(load_in_8bit=True) if args.quant == "int8" else
@@ -117,10 +120,12 @@ def peft_trainer(args):
     device_map = {"": 0} if torch.cuda.is_available() else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
                                                  device_map=device_map)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing == "on")
+    checkpointing = args.gradient_checkpointing == "on"
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    assert model.get_base_model().is_gradient_checkpointing == checkpointing, "PEFT: checkpointing not as asked"
+    optimizer = optimizer_class(args.optimizer)([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
     def step(tokens: torch.Tensor) -> float:
@@ -152,16 +157,24 @@ def worker(args) -> dict:
         losses.append(step(tokens))
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb()
-    return {"side": args.worker, "step_times_s": times, "peak_memory_mb": peak, "losses": losses,
-            "resident_before_mb": resident_mb, "peak_while_loading_mb": before_mb}
+    reserved = torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None
+    return {"side": args.worker, "step_times_s": times, "peak_memory_mb": peak, "peak_reserved_mb": reserved,
+            "losses": losses, "resident_before_mb": resident_mb, "peak_while_loading_mb": before_mb}
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    """The matmul rate reached here in `dtype`: on the GPU when there is one, else on the CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = 8192 if device.type == "cuda" else size
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -179,17 +192,21 @@ def model_flops_per_token(model_name: str) -> float:
     return 4 * weights
 
 
+class SideFailed(RuntimeError):
+    """A side's process failed; the message is the end of what it wrote to stderr."""
+
+
 def run_side(side: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", side] + [
         f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
         if key not in ("worker", "json", "rounds") and value is not None]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if result.returncode != 0:
-        sys.exit(f"{side} failed:\n{result.stderr[-3000:]}")
+        raise SideFailed(f"{side} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8"])
@@ -203,16 +220,36 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="processes per side, alternated")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit",
+                                                                 "paged_adamw_32bit"], help="both sides")
     parser.add_argument("--worker", choices=["qadapt", "peft"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.compute_dtype == "auto":
         from qadapt.models import resolve_compute_dtype
 
         args.compute_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_compute_dtype("auto"), "fp32")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    report = compare(args)
+    print(f"machine: {one_line(report['machine'])}")
+    print(f"{'':8} {'s/step':>8} {'tokens/s':>9} {'peak MB':>8} {'MFU':>6}")
+    for side in ("qadapt", "peft"):
+        s = report[side]
+        print(f"{side:8} {s['step_time_s']:8.2f} {s['tokens_per_s']:9.0f} {s['peak_memory_mb']:8.0f} {s['mfu']:6.1%}")
+    print(f"qadapt / PEFT: step time {report['step_time_ratio']:.2f}x, peak memory {report['peak_memory_ratio']:.2f}x "
+          f"(matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s in {args.compute_dtype})")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
 
+
+def compare(args) -> dict:
+    """Both sides, alternated for `args.rounds` rounds; their figures and the ratios qadapt / PEFT."""
     runs = {"qadapt": [], "peft": []}
     for round_index in range(args.rounds):
         for side in (("qadapt", "peft") if round_index % 2 == 0 else ("peft", "qadapt")):
@@ -230,6 +267,8 @@ def main() -> None:
             "step_time_s": round(step_s, 3),
             "tokens_per_s": round(tokens_per_step / step_s, 1),
             "peak_memory_mb": round(max(r["peak_memory_mb"] for r in results)),
+            **({"peak_reserved_mb": round(max(r["peak_reserved_mb"] for r in results))}
+               if results[0].get("peak_reserved_mb") is not None else {}),
             "resident_before_steps_mb": round(max(r["resident_before_mb"] for r in results)),
             "mfu": round(flops_per_step / step_s / 1e9 / peak_gflops, 3),
             "first_losses": [round(x, 4) for x in results[0]["losses"][:3]],
@@ -242,15 +281,7 @@ def main() -> None:
         "step_time_ratio": round(sides["qadapt"]["step_time_s"] / sides["peft"]["step_time_s"], 3),
         "peak_memory_ratio": round(sides["qadapt"]["peak_memory_mb"] / sides["peft"]["peak_memory_mb"], 3),
     }
-    print(f"machine: {one_line(report['machine'])}")
-    print(f"{'':8} {'s/step':>8} {'tokens/s':>9} {'peak MB':>8} {'MFU':>6}")
-    for side in ("qadapt", "peft"):
-        s = sides[side]
-        print(f"{side:8} {s['step_time_s']:8.2f} {s['tokens_per_s']:9.0f} {s['peak_memory_mb']:8.0f} {s['mfu']:6.1%}")
-    print(f"qadapt / PEFT: step time {report['step_time_ratio']:.2f}x, peak memory {report['peak_memory_ratio']:.2f}x "
-          f"(matmul peak {peak_gflops:.0f} GFLOP/s in {args.compute_dtype})")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,189 +1,271 @@
-"""Does a 7B model train in 24 GB? Peak CUDA memory and tokens/s, qadapt against PEFT, no weights needed.
+"""Does the design card hold on one GPU? The real CLI on a LLaMA-2-7B-shaped model, and PEFT beside it.
 
-    python tools/gpu_check.py [--config llama2-7b] [--batch 2] [--seq 2048] [--steps 5] [--json out.json]
+    python tools/gpu_check.py [--shape llama2-7b] [--out docs/results] [--work /tmp/gpu-check] [--tokenizer FOLDER]
 
-A LLaMA-2-7B-shaped model is built from its config with random weights, one linear layer at a time:
-each is drawn in bf16 on the CPU and quantized to NF4 (double quantization) as it moves to the GPU,
-so no full-precision 7B copy ever exists, on the GPU or off it. Then LoRA r16 on every linear layer,
-gradient checkpointing and paged 8-bit AdamW train `--steps` steps on random tokens, through qadapt's
-own step, and the same through PEFT + bitsandbytes (`--sides`). Finally the longest sequence (batch 1)
-that trains inside `--gpu-memory` GiB is searched by doubling, then bisecting.
-
-Without a GPU it runs on the CPU (use a small `--config tiny` there): the same code path, no CUDA figures.
+1. build    a LLaMA-2-7B-shaped model with random weights (bf16), saved once as a model folder with the
+            embedded SmolLM2 tokenizer, whose 49,152 tokens size the embeddings: nothing is downloaded;
+2. plan     `qadapt plan recipes/llama2-7b-qlora-24gb.yaml` on it: the predicted peak;
+3. train    `qadapt train` with that recipe (NF4, paged 8-bit AdamW, checkpointing; the built-in word
+            problems packed into rows of the recipe's 512 tokens, so every step is as long as the plan's),
+            stopped by SIGTERM after its first step, then `--resume`d to the end: peak allocated and
+            reserved memory (counted after loading), tokens/s;
+4. merge    `qadapt merge` with its logit checks;
+5. eval     `qadapt eval --limit 64`: decoding throughput;
+6. peft     qadapt's training step against PEFT + bitsandbytes on the same folder, batch and sequence
+            (tools/bench_train.py: each side in its own process, checkpointing asserted on both);
+7. probe    one qadapt step at 32k tokens (batch 1): its peak memory, or out of memory.
+After each phase the figures so far are written to OUT/gpu-check-SHAPE.json and .md, so a run cut
+short keeps what it measured; the model folder, the run, the merged model and the eval go under WORK
+(a 7B's two model folders are ~28 GB). `--shape tiny` runs every phase in about a minute on a CPU (the test suite
+does, so that the script cannot rot); figures from a CPU are not GPU figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-CONFIGS = {
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+RECIPE = REPO / "recipes" / "llama2-7b-qlora-24gb.yaml"
+sys.path.insert(0, str(TOOLS))
+import bench_train  # noqa: E402
+
+SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=65536),
+                      num_key_value_heads=32, max_position_embeddings=32768),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096),
+                 num_key_value_heads=2, max_position_embeddings=2048),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# What each phase runs at each shape: the recipe's own batch on a GPU, a few small steps on a CPU.
+PROFILES = {
+    "llama2-7b": dict(train_steps=6, overrides=[], batch=2, seq=2048, steps=4, warmup=1, probe_seq=32768,
+                      eval_limit=64, max_new_tokens=256),
+    "tiny": dict(train_steps=12, overrides=["data.cutoff_len=128", "train.micro_batch_size=2", "train.grad_accum=1",
+                                            "model.compute_dtype=auto"],
+                 batch=2, seq=64, steps=2, warmup=1, probe_seq=1024, eval_limit=8, max_new_tokens=16),
+}
+PHASES = ("build", "plan", "train", "merge", "eval", "peft", "probe")
 
 
-def build_nf4_model(config_name: str, device: torch.device) -> nn.Module:
-    """A LLaMA with random weights whose linear layers are NF4 on `device`, built layer by layer."""
-    import bitsandbytes as bnb
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_model_folder(shape: str, folder: Path, tokenizer_source: str | None) -> Path:
+    """A LLaMA of `shape` with random bf16 weights (normal, std 0.02; norms 1) and the SmolLM2 tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from qadapt.adapters.inject import replace_module
+    if (folder / "config.json").is_file():
+        return folder
+    if tokenizer_source:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    else:
+        from qadapt.models import load_tokenizer
+        from qadapt.recipe import ModelConfig
 
-    config = LlamaConfig(**CONFIGS[config_name], tie_word_embeddings=False)
+        tokenizer = load_tokenizer(ModelConfig())
+    config = LlamaConfig(**SHAPES[shape], vocab_size=len(tokenizer), tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    generator = torch.Generator().manual_seed(0)
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name == "lm_head":
-            continue
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                  compress_statistics=True, quant_type="nf4", device="meta")
-        weight = torch.randn(module.out_features, module.in_features, generator=generator).mul_(0.02)
-        layer.weight = bnb.nn.Params4bit(weight.to(torch.bfloat16), requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", module=layer).to(device)  # quantized here
-        replace_module(model, name, layer)
-    for module in model.modules():  # the rest (embeddings, head, norms): empty on the device, then filled
-        if not isinstance(module, bnb.nn.Linear4bit):
-            module.to_empty(device=device, recurse=False)
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.to_empty(device=device)  # drawn where it is fastest; saved tensor by tensor
+    generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(0, 0.02)
-        model.lm_head.weight.normal_(0, 0.02)
-        for module in model.modules():
-            if type(module).__name__.endswith("RMSNorm"):
-                module.weight.fill_(1.0)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)  # its inverse frequencies, computed
-    model.requires_grad_(False)
-    return model
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0, 0.02, generator=generator)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
-def qadapt_trainer(model: nn.Module):
-    from accelerate import Accelerator
-
-    from qadapt.adapters import attach_adapters
-    from qadapt.quant import optimizer_class, prepare_for_kbit_training
-    from qadapt.recipe import AdapterConfig
-    from qadapt.training.loss import accumulate_gradients
-
-    prepare_for_kbit_training(model, gradient_checkpointing=True)
-    attach_adapters(model, AdapterConfig(kind="lora", rank=16, alpha=32, dropout=0.05, targets=TARGETS).spec())
-    optimizer = optimizer_class("paged_adamw_8bit")([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model.train()
-
-    def step(tokens: torch.Tensor) -> float:
-        batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
-        loss = accumulate_gradients(model, [batch], accelerator)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+def qadapt(*args: str, **popen) -> subprocess.Popen:
+    """`qadapt ARGS` (python -m qadapt) in its own process, from the repository root."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "qadapt", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
-def peft_trainer(model: nn.Module):
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-
-    def step(tokens: torch.Tensor) -> float:
-        loss = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+def finished(process: subprocess.Popen, what: str, expected: int = 0) -> float:
+    """Wait for `process`; raise with the end of its output unless it exits with `expected`."""
+    output, _ = process.communicate()
+    if process.returncode != expected:
+        raise RuntimeError(f"{what} exited with {process.returncode}, not {expected}:\n{output[-4000:]}")
+    return process.returncode
 
 
-def run(side: str, args, device: torch.device, batch: int, seq: int, steps: int) -> dict:
-    """Build, train `steps` steps (the first is a warm-up), measure; frees everything before returning."""
-    model = build_nf4_model(args.config, device)
-    step = (qadapt_trainer if side == "qadapt" else peft_trainer)(model)
-    vocab = CONFIGS[args.config]["vocab_size"]
-    tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+def timed(action) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = action()
+    return result, round(time.perf_counter() - start, 1)
+
+
+def train_overrides(folder: Path, run: Path, profile: dict) -> list[str]:
+    return [f"model.name={folder}", "data.path=builtin:word-problems", "data.packing=true", "data.val_size=0",
+            f"train.max_steps={profile['train_steps']}", "train.save_every=2", "train.eval_every=0",
+            "train.warmup_steps=1", f"output_dir={run}", *profile["overrides"]]
+
+
+def phase_plan(folder: Path, out: Path, profile: dict) -> dict:
+    from qadapt.plan import plan_memory
+    from qadapt.recipe import load_recipe
+
+    overrides = train_overrides(folder, out / "run", profile)
+    _, seconds = timed(lambda: finished(qadapt("plan", str(RECIPE), *overrides), "qadapt plan"))
+    plan = plan_memory(load_recipe(RECIPE, overrides))
+    return {"predicted_allocated_gib": round(plan.allocated / 2**30, 2),
+            "predicted_with_context_gib": round(plan.needed / 2**30, 2), "fits_24gb": plan.fits, "seconds": seconds}
+
+
+def phase_train(folder: Path, out: Path, profile: dict) -> dict:
+    """Train, stop it with SIGTERM once its first step is logged, resume to the end; the run's own figures."""
+    from qadapt.training.stop_signals import EXIT_CODES
+
+    run = out / "run"
+    shutil.rmtree(run, ignore_errors=True)  # this script's own scratch, from an earlier check
+    overrides = train_overrides(folder, run, profile)
+    started = time.perf_counter()
+    process = qadapt("train", str(RECIPE), *overrides)
+    metrics = run / "metrics.jsonl"
+    while process.poll() is None and not (metrics.is_file() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    finished(process, "qadapt train (stopped by SIGTERM)", EXIT_CODES["SIGTERM"])
+    stopped_after = sum('"loss"' in line for line in metrics.read_text().splitlines())
+    finished(qadapt("train", str(RECIPE), *overrides, "--resume"), "qadapt train --resume")
+    summary = json.loads((run / "summary.json").read_text())
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {"stopped_after_step": stopped_after, "steps": [row["step"] for row in rows if "loss" in row],
+            "losses": [round(row["loss"], 4) for row in rows if "loss" in row],
+            "peak_allocated_mb": round(summary["peak_memory_mb"]),
+            "peak_reserved_mb": round(summary["peak_reserved_mb"]) if "peak_reserved_mb" in summary else None,
+            "s_per_step_resumed": round(summary["s_per_step"], 3), "tokens_seen": summary["tokens_seen"],
+            "tokens_per_s": round(rows[-1]["tokens_per_s"], 1),
+            "seconds_with_loading": round(time.perf_counter() - started, 1)}
+
+
+def phase_merge(out: Path) -> dict:
+    from qadapt.export.merge import MERGE_INFO_FILE
+
+    merged = out / "merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    _, seconds = timed(lambda: finished(qadapt("merge", str(out / "run"), "--out", str(merged)), "qadapt merge"))
+    info = json.loads((merged / MERGE_INFO_FILE).read_text())
+    return {"dtype": info["dtype"], "folded_layers": info["folded_layers"],
+            "vs_adapter_on_same_base": info["vs_adapter_on_same_base"], "vs_trained_model": info["vs_trained_model"],
+            "seconds": seconds}
+
+
+def phase_eval(folder: Path, out: Path, profile: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    evaluation = out / "eval"
+    shutil.rmtree(evaluation, ignore_errors=True)
+    command = ["eval", str(out / "run"), "--data", "builtin:word-problems", "--limit", str(profile["eval_limit"]),
+               "--max-new-tokens", str(profile["max_new_tokens"]), "--out", str(evaluation)]
+    _, seconds = timed(lambda: finished(qadapt(*command), "qadapt eval"))
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    row = next(iter(metrics["sets"].values()))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    outputs = [json.loads(line)["output"] for line in (evaluation / "predictions.jsonl").read_text().splitlines()]
+    generated = sum(len(tokenizer(text, add_special_tokens=False).input_ids) for text in outputs)
+    return {"problems": row["total"], "decode_seconds": round(row["seconds"], 1),
+            "problems_per_s": round(row["total"] / row["seconds"], 2),
+            "generated_tokens_per_s": round(generated / row["seconds"], 1), "seconds_with_loading": seconds}
+
+
+def bench_args(folder: Path, profile: dict, batch: int, seq: int, steps: int, warmup: int) -> argparse.Namespace:
+    return bench_train.parse_args([
+        "--model", str(folder), "--quant", "nf4", "--compute-dtype", "auto", "--gradient-checkpointing", "on",
+        "--rank", "16", "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup),
+        "--rounds", "1", "--optimizer", "paged_adamw_8bit"])
+
+
+def phase_peft(folder: Path, profile: dict) -> dict:
+    report = bench_train.compare(bench_args(folder, profile, profile["batch"], profile["seq"], profile["steps"],
+                                            profile["warmup"]))
+    keep = ("step_time_s", "tokens_per_s", "peak_memory_mb", "peak_reserved_mb", "mfu")
+    return {"batch": profile["batch"], "seq": profile["seq"],
+            **{side: {k: report[side][k] for k in keep if k in report[side]} for side in ("qadapt", "peft")},
+            "step_time_ratio": report["step_time_ratio"], "peak_memory_ratio": report["peak_memory_ratio"]}
+
+
+def phase_probe(folder: Path, profile: dict) -> dict:
+    """One qadapt step at batch 1 × probe_seq tokens (after one of warm-up): its peak, or out of memory."""
+    args = bench_args(folder, profile, 1, profile["probe_seq"], 1, 1)
     try:
-        losses = [step(tokens)]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        losses += [step(tokens) for _ in range(steps - 1)]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        return {"side": side, "batch": batch, "seq": seq, "peak_gib": peak, "losses": losses,
-                "tokens_per_s": batch * seq * (steps - 1) / elapsed if steps > 1 else None}
-    finally:
-        del model, step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        result = bench_train.run_side("qadapt", args)
+    except bench_train.SideFailed as failure:
+        if "OutOfMemoryError" not in str(failure):
+            raise
+        return {"seq": profile["probe_seq"], "fits": False}
+    return {"seq": profile["probe_seq"], "fits": True, "step_s": round(result["step_times_s"][0], 2),
+            "peak_allocated_mb": round(result["peak_memory_mb"]),
+            "peak_reserved_mb": round(result["peak_reserved_mb"]) if result["peak_reserved_mb"] else None}
 
 
-def fits(side: str, args, device: torch.device, seq: int) -> bool:
-    try:
-        run(side, args, device, 1, seq, steps=1)
-        return True
-    except torch.cuda.OutOfMemoryError:
-        return False
+def markdown(report: dict) -> str:
+    """The figures as a table a person reads: phase, what was measured."""
+    lines = [f"# gpu_check: {report['shape']} on {report['device']}", "",
+             f"`{report['command']}`, {report['date']}; {report['machine']}", "",
+             "| phase | figures |", "|---|---|"]
+    for phase in PHASES:
+        if phase in report["phases"]:
+            figures = report["phases"][phase]
+            text = ", ".join(f"{key}: {value}" for key, value in figures.items()) if isinstance(figures, dict) else figures
+            lines.append(f"| {phase} | {text} |")
+    if report.get("failed"):
+        lines += ["", f"Stopped at {report['failed']['phase']}: {report['failed']['error'].splitlines()[0]}"]
+    return "\n".join(lines) + "\n"
 
 
-def longest_sequence(side: str, args, device: torch.device) -> int:
-    """The longest batch-1 sequence that trains within the memory limit: doubling, then bisecting."""
-    good, bad = 0, None
-    seq = 4096
-    while bad is None and seq <= CONFIGS[args.config]["max_position_embeddings"]:
-        good, bad, seq = (seq, None, seq * 2) if fits(side, args, device, seq) else (good, seq, seq)
-    while bad is not None and bad - good > 1024:
-        middle = (good + bad) // 2 // 256 * 256
-        good, bad = (middle, bad) if fits(side, args, device, middle) else (good, middle)
-    return good
+def write(report: dict, out: Path) -> None:
+    name = f"gpu-check-{report['shape']}"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(markdown(report))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="llama2-7b", choices=sorted(CONFIGS))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--sides", default="qadapt,peft")
-    parser.add_argument("--gpu-memory", type=float, default=24.0, help="GiB allowed for the longest-context search")
-    parser.add_argument("--no-context-search", action="store_true")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="where the report is written")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"), help="models, run, merge, eval")
+    parser.add_argument("--tokenizer", help="a tokenizer folder (default: the embedded SmolLM2's)")
+    parser.add_argument("--phases", default=",".join(PHASES), help="a comma-separated subset, in this order")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(
-            min(1.0, args.gpu_memory * 2**30 / torch.cuda.get_device_properties(0).total_memory))
-    report = {"config": args.config, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    for side in args.sides.split(","):
-        report[side] = run(side, args, device, args.batch, args.seq, args.steps)
-        print(json.dumps(report[side]), file=sys.stderr)
-        if device.type == "cuda" and not args.no_context_search:
-            report[side]["longest_seq_batch1"] = longest_sequence(side, args, device)
-    if "qadapt" in report and "peft" in report and device.type == "cuda":
-        report["peak_ratio"] = report["qadapt"]["peak_gib"] / report["peft"]["peak_gib"]
-        report["speed_ratio"] = report["qadapt"]["tokens_per_s"] / report["peft"]["tokens_per_s"]
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    from qadapt.machine import describe, one_line
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    folder, profile = args.work / f"model-{args.shape}", PROFILES[args.shape]
+    report = {"shape": args.shape, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "command": " ".join(["python", "tools/gpu_check.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+              "machine": one_line(describe()), "phases": {}}
+    actions = {
+        "build": lambda: {"seconds": timed(lambda: build_model_folder(args.shape, folder, args.tokenizer))[1]},
+        "plan": lambda: phase_plan(folder, args.work, profile),
+        "train": lambda: phase_train(folder, args.work, profile),
+        "merge": lambda: phase_merge(args.work),
+        "eval": lambda: phase_eval(folder, args.work, profile),
+        "peft": lambda: phase_peft(folder, profile),
+        "probe": lambda: phase_probe(folder, profile),
+    }
+    for phase in args.phases.split(","):
+        try:
+            report["phases"][phase] = actions[phase]()
+        except Exception as error:  # keep what was measured, say where it stopped
+            report["failed"] = {"phase": phase, "error": f"{type(error).__name__}: {error}"}
+            write(report, args.out)
+            raise
+        print(f"{phase}: {json.dumps(report['phases'][phase])}", flush=True)
+        write(report, args.out)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ def unpack_for_decoding(model, free_bytes: float | None = None) -> bool:
     """Unpack the 4-bit base (same numbers, faster decoding) when that fits in half the free memory.
 
     A 4-bit layer re-derives its full weight from the codes at every forward, and a decoding step is a
-    forward over a few rows, so on a CPU that work rivals the product itself (measured in
-    docs/benchmarks.md: 1.37x faster unpacked, the same answers). `free_bytes` defaults to the host's
-    free memory. Returns whether it unpacked.
+    forward over a few rows, so on a CPU that work rivals the product itself (docs/benchmarks.md,
+    "Decoding from unpacked 4-bit weights"). `free_bytes` defaults to the host's free memory. Returns
+    whether it unpacked.
     """
     from qadapt.devices import free_memory
     from qadapt.quant import unpack_quantized_layers, unpacked_bytes

@@ -4,8 +4,7 @@
   or the output: one pass over the input saved, forward and backward (with CheapDropout, whose
   `zero_dropped` leaves the rescaling to its caller).
 - B's product is added to the base output in one addmm: the full-width product is never stored on its
-  own (measured in docs/benchmarks.md, "fp32 made lean": 1.13 → 0.69 ms per 576-wide adapter, forward
-  and backward).
+  own (what it saves: docs/benchmarks.md, "fp32 made lean").
 The numbers are LoRALinear's up to rounding.
 """
 
