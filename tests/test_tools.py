@@ -31,7 +31,7 @@ def test_gpu_check_runs_the_real_cli_end_to_end_at_tiny_shape(tmp_path, smol_tok
     assert phases["merge"]["folded_layers"] == 14 and phases["merge"]["vs_adapter_on_same_base"]["top1_agreement"] > 0.95
     assert phases["eval"]["problems"] == 8 and phases["eval"]["generated_tokens_per_s"] > 0
     assert all(phases["peft"][side]["tokens_per_s"] > 0 for side in ("qadapt", "peft"))
-    assert phases["probe"] == {**phases["probe"], "seq": 1024, "fits": True}
+    assert phases["peft"]["probe"] == {**phases["peft"]["probe"], "seq": 1024, "fits": True}
     assert "| train | stopped_after_step:" in (out / "gpu-check-tiny.md").read_text()
 
 

@@ -143,6 +143,9 @@ def peft_trainer(args):
 def worker(args) -> dict:
     """One side in this process: warm up, then time each step and sample memory."""
     torch.manual_seed(0)
+    if args.gpu_memory and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory * 2**30 / total))
     tokenizer, model, _, step = (qadapt_trainer if args.worker == "qadapt" else peft_trainer)(args)
     batches = fixed_batches(tokenizer, args.warmup + args.steps, args.batch, args.seq)
     losses = [step(tokens) for tokens in batches[: args.warmup]]
@@ -156,10 +159,36 @@ def worker(args) -> dict:
         start = time.perf_counter()
         losses.append(step(tokens))
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mb()
-    reserved = torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None
-    return {"side": args.worker, "step_times_s": times, "peak_memory_mb": peak, "peak_reserved_mb": reserved,
-            "losses": losses, "resident_before_mb": resident_mb, "peak_while_loading_mb": before_mb}
+    peak, reserved = peak_memory()
+    result = {"side": args.worker, "step_times_s": times, "peak_memory_mb": peak, "peak_reserved_mb": reserved,
+              "losses": losses, "resident_before_mb": resident_mb, "peak_while_loading_mb": before_mb}
+    if args.probe_seq:
+        result["probe"] = probe(step, model, args.probe_seq)
+    return result
+
+
+def peak_memory() -> tuple[float, float | None]:
+    """(peak MiB: allocated on a GPU, else resident; peak MiB reserved by torch on a GPU, else None)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20
+    return peak_rss_mb(), None
+
+
+def probe(step, model, seq: int) -> dict:
+    """One more step at batch 1 × `seq` random tokens: its time and peak memory, or that it ran out of memory."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    tokens = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    try:
+        step(tokens)
+    except torch.OutOfMemoryError:
+        return {"seq": seq, "fits": False}
+    peak, reserved = peak_memory()
+    return {"seq": seq, "fits": True, "step_s": round(time.perf_counter() - start, 2), "peak_memory_mb": round(peak),
+            "peak_reserved_mb": round(reserved) if reserved is not None else None}
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -197,9 +226,10 @@ class SideFailed(RuntimeError):
 
 
 def run_side(side: str, args) -> dict:
+    skip = ("worker", "json", "rounds") + (("probe_seq",) if side == "peft" else ())
     command = [sys.executable, __file__, "--worker", side] + [
         f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-        if key not in ("worker", "json", "rounds") and value is not None]
+        if key not in skip and value is not None]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if result.returncode != 0:
         raise SideFailed(f"{side} failed:\n{result.stderr[-3000:]}")
@@ -222,6 +252,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit",
                                                                  "paged_adamw_32bit"], help="both sides")
+    parser.add_argument("--gpu-memory", type=float, default=None,
+                        help="GiB a side may use on the GPU (e.g. 24: a consumer card's; out of memory beyond it)")
+    parser.add_argument("--probe-seq", type=int, default=0,
+                        help="qadapt's side: after the timed steps, one step at batch 1 × this many tokens")
     parser.add_argument("--worker", choices=["qadapt", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compute_dtype == "auto":
@@ -272,6 +306,7 @@ def compare(args) -> dict:
             "resident_before_steps_mb": round(max(r["resident_before_mb"] for r in results)),
             "mfu": round(flops_per_step / step_s / 1e9 / peak_gflops, 3),
             "first_losses": [round(x, 4) for x in results[0]["losses"][:3]],
+            **({"probe": results[-1]["probe"]} if "probe" in results[-1] else {}),
         }
     report = {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "json")},

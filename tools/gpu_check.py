@@ -12,8 +12,9 @@
 4. merge    `qadapt merge` with its logit checks;
 5. eval     `qadapt eval --limit 64`: decoding throughput;
 6. peft     qadapt's training step against PEFT + bitsandbytes on the same folder, batch and sequence
-            (tools/bench_train.py: each side in its own process, checkpointing asserted on both);
-7. probe    one qadapt step at 32k tokens (batch 1): its peak memory, or out of memory.
+            (tools/bench_train.py: each side in its own process, checkpointing asserted on both); then, in
+            qadapt's process, one step at 32k tokens (batch 1): its peak memory, or out of memory. On a GPU
+            both sides may use 24 GiB, a consumer card's memory.
 After each phase the figures so far are written to OUT/gpu-check-SHAPE.json and .md, so a run cut
 short keeps what it measured; the model folder, the run, the merged model and the eval go under WORK
 (a 7B's two model folders are ~28 GB). `--shape tiny` runs every phase in about a minute on a CPU (the test suite
@@ -54,7 +55,7 @@ PROFILES = {
                                             "model.compute_dtype=auto"],
                  batch=2, seq=64, steps=2, warmup=1, probe_seq=1024, eval_limit=8, max_new_tokens=16),
 }
-PHASES = ("build", "plan", "train", "merge", "eval", "peft", "probe")
+PHASES = ("build", "plan", "train", "merge", "eval", "peft")
 
 
 def build_model_folder(shape: str, folder: Path, tokenizer_source: str | None) -> Path:
@@ -181,34 +182,17 @@ def phase_eval(folder: Path, out: Path, profile: dict) -> dict:
             "generated_tokens_per_s": round(generated / row["seconds"], 1), "seconds_with_loading": seconds}
 
 
-def bench_args(folder: Path, profile: dict, batch: int, seq: int, steps: int, warmup: int) -> argparse.Namespace:
-    return bench_train.parse_args([
-        "--model", str(folder), "--quant", "nf4", "--compute-dtype", "auto", "--gradient-checkpointing", "on",
-        "--rank", "16", "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup),
-        "--rounds", "1", "--optimizer", "paged_adamw_8bit"])
-
-
 def phase_peft(folder: Path, profile: dict) -> dict:
-    report = bench_train.compare(bench_args(folder, profile, profile["batch"], profile["seq"], profile["steps"],
-                                            profile["warmup"]))
+    report = bench_train.compare(bench_train.parse_args([
+        "--model", str(folder), "--quant", "nf4", "--compute-dtype", "auto", "--gradient-checkpointing", "on",
+        "--rank", "16", "--batch", str(profile["batch"]), "--seq", str(profile["seq"]), "--steps", str(profile["steps"]),
+        "--warmup", str(profile["warmup"]), "--rounds", "1", "--optimizer", "paged_adamw_8bit",
+        "--probe-seq", str(profile["probe_seq"]), *(["--gpu-memory", "24"] if torch.cuda.is_available() else [])]))
     keep = ("step_time_s", "tokens_per_s", "peak_memory_mb", "peak_reserved_mb", "mfu")
     return {"batch": profile["batch"], "seq": profile["seq"],
             **{side: {k: report[side][k] for k in keep if k in report[side]} for side in ("qadapt", "peft")},
-            "step_time_ratio": report["step_time_ratio"], "peak_memory_ratio": report["peak_memory_ratio"]}
-
-
-def phase_probe(folder: Path, profile: dict) -> dict:
-    """One qadapt step at batch 1 × probe_seq tokens (after one of warm-up): its peak, or out of memory."""
-    args = bench_args(folder, profile, 1, profile["probe_seq"], 1, 1)
-    try:
-        result = bench_train.run_side("qadapt", args)
-    except bench_train.SideFailed as failure:
-        if "OutOfMemoryError" not in str(failure):
-            raise
-        return {"seq": profile["probe_seq"], "fits": False}
-    return {"seq": profile["probe_seq"], "fits": True, "step_s": round(result["step_times_s"][0], 2),
-            "peak_allocated_mb": round(result["peak_memory_mb"]),
-            "peak_reserved_mb": round(result["peak_reserved_mb"]) if result["peak_reserved_mb"] else None}
+            "step_time_ratio": report["step_time_ratio"], "peak_memory_ratio": report["peak_memory_ratio"],
+            "probe": report["qadapt"]["probe"]}
 
 
 def markdown(report: dict) -> str:
@@ -255,7 +239,6 @@ def main() -> None:
         "merge": lambda: phase_merge(args.work),
         "eval": lambda: phase_eval(folder, args.work, profile),
         "peft": lambda: phase_peft(folder, profile),
-        "probe": lambda: phase_probe(folder, profile),
     }
     for phase in args.phases.split(","):
         try:

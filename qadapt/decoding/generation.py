@@ -372,9 +372,8 @@ def _roomy_layer_class():
     class RoomyLayer(DynamicLayer):
         """A KV-cache layer that writes each new token into room left at the end of its buffer.
 
-        transformers' DynamicLayer concatenates, copying the whole cache at every decoded token: on two
-        CPU cores that was a quarter of a 64-row step at 150 cached tokens and half of it at 300.
-        `keys` / `values` are views of the filled part; assigning them (selecting rows, trimming
+        transformers' DynamicLayer concatenates, copying the whole cache at every decoded token (what
+        that cost: docs/benchmarks.md, "Faster decoding"). `keys` / `values` are views of the filled part; assigning them (selecting rows, trimming
         columns, joining batches) replaces the buffer, and the next token makes room again. Each
         remembers its own filled width, so assigning one never changes what the other reads.
         """
