@@ -64,7 +64,7 @@ def train_and_answer(recipe, device: torch.device, run) -> torch.nn.Module:
     """prepare_model for `device`, a training step's forward and backward, then the run loaded to answer."""
     from qadapt.inference.loader import load_target
     from qadapt.tasks.causal_lm import summed_token_loss
-    from qadapt.training.train import prepare_model
+    from qadapt.training.prepare import prepare_model
 
     model, _, _ = prepare_model(recipe, device)
     model.train()
@@ -201,7 +201,7 @@ def adapter_gradients(model_dir, compute_dtype: str, scaler) -> torch.Tensor:
 
     from qadapt.adapters import LoRALinear
     from qadapt.training.loss import accumulate_gradients
-    from qadapt.training.train import prepare_model
+    from qadapt.training.prepare import prepare_model
 
     torch.manual_seed(0)
     recipe = recipe_from_dict(tiny_recipe(model_dir, model={"quant": "none", "compute_dtype": compute_dtype},

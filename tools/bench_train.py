@@ -84,7 +84,7 @@ def qadapt_recipe_trainer(recipe):
     from qadapt.models import load_tokenizer
     from qadapt.quant import optimizer_class
     from qadapt.training.loss import accumulate_gradients
-    from qadapt.training.train import prepare_model
+    from qadapt.training.prepare import prepare_model
 
     tokenizer = load_tokenizer(recipe.model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

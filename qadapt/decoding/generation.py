@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from qadapt.decoding.memory import decode_batch_size, release_cached_memory
 from qadapt.decoding.sampling import Sampling, row_generator, sample_tokens
 from qadapt.errors import QadaptError
 
@@ -100,7 +101,8 @@ def _run(decoder: "_Decoder", prompts: Sequence[str], batch_size: int, add_speci
     tokenizer, per_prompt = decoder.tokenizer, decoder.per_prompt
     ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     queue = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-    batch_size = _fitting_batch_size(decoder, batch_size, max(map(len, ids), default=0))
+    batch_size = decode_batch_size(decoder.model, batch_size, max(map(len, ids), default=0) + decoder.max_new_tokens,
+                                   measure=decoder.cache_bytes_of_one_token)
     outputs: list[str] = [""] * (len(ids) * per_prompt)
     done: set[int] = set()
     while queue or decoder.rows:
@@ -117,7 +119,7 @@ def _run(decoder: "_Decoder", prompts: Sequence[str], batch_size: int, add_speci
                 raise
             again = sorted(set(decoder.abandon()) | set(admitted), key=lambda i: len(ids[i]), reverse=True)
             queue, batch_size = again + queue, max(per_prompt, batch_size // 2)
-            _release_cached_memory(decoder.model.device)
+            release_cached_memory(decoder.model.device)
             print(f"out of memory while decoding: {batch_size} rows at a time from now on, "
                   f"{len(again)} prompts started again", file=sys.stderr)
             continue
@@ -128,23 +130,6 @@ def _run(decoder: "_Decoder", prompts: Sequence[str], batch_size: int, add_speci
         if on_done and finished:
             on_done(len(finished))
     return outputs
-
-
-def _fitting_batch_size(decoder: "_Decoder", requested: int, longest_prompt: int) -> int:
-    """`requested` rows, or as many as the KV cache of the longest prompts fits in memory (said when fewer)."""
-    from qadapt.decoding.memory import decode_batch_size
-
-    rows = decode_batch_size(decoder.model, requested, longest_prompt + decoder.max_new_tokens,
-                             measure=decoder.cache_bytes_of_one_token)
-    if rows < requested:
-        print(f"decoding {rows} rows at a time, not {requested}: the KV cache of more would not fit in the memory "
-              f"free on {decoder.model.device}", file=sys.stderr)
-    return rows
-
-
-def _release_cached_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

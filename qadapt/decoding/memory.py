@@ -13,6 +13,7 @@ the decoder meets as an out-of-memory error, and answers by halving its batch (g
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -40,9 +41,8 @@ def rows_that_fit(token_bytes: int, positions: int, free_bytes: float) -> int:
 
 def decode_batch_size(model, requested: int, positions: int, free_bytes: float | None = None,
                       measure: Callable[[], int] | None = None) -> int:
-    """`requested`, or fewer rows when their KV cache would not fit the memory free on the model's device.
-
-    `measure` gives the bytes of one token's cache where the config cannot say.
+    """`requested`, or fewer rows (said on stderr) when their KV cache would not fit the memory free on the
+    model's device. `measure` gives the bytes of one token's cache where the config cannot say.
     """
     from qadapt.devices import free_memory
 
@@ -53,4 +53,15 @@ def decode_batch_size(model, requested: int, positions: int, free_bytes: float |
             return requested
         token_bytes = measure()
     free = free_memory(model.device) if free_bytes is None else free_bytes
-    return min(requested, rows_that_fit(token_bytes, positions, free))
+    rows = rows_that_fit(token_bytes, positions, free)
+    if rows >= requested:
+        return requested
+    print(f"decoding {rows} rows at a time, not {requested}: the KV cache of more would not fit in the "
+          f"{free / 2**30:.1f} GiB free on {model.device}", file=sys.stderr)
+    return rows
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand a GPU's cached blocks back, after an out-of-memory error, before trying smaller."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

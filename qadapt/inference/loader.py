@@ -11,7 +11,6 @@ pays only there (fused LoRA, a 4-bit base unpacked for decoding) comes through q
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import get_args
 

@@ -1,6 +1,7 @@
 """One training loop for every adapter kind: setup → loop (accumulate, backward, clip, step, log,
-eval, checkpoint) → finish. A run resumes from its checkpoints (qadapt.training.resume) and stops cleanly on
-Ctrl-C / SIGTERM (qadapt.training.stop_signals); the loss of a step is qadapt.training.loss's.
+eval, checkpoint) → finish. The model comes from qadapt.training.prepare; a run resumes from its
+checkpoints (qadapt.training.resume) and stops cleanly on Ctrl-C / SIGTERM (qadapt.training.stop_signals);
+the loss of a step is qadapt.training.loss's, scaled for fp16 by qadapt.training.loss_scale.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from qadapt import data as data_lib
-from qadapt import lean_cpu
 from qadapt.training import distributed
-from qadapt.adapters import attach_adapters, count_parameters
-from qadapt.base_identity import base_identity
+from qadapt.adapters import count_parameters
 from qadapt.chat_templates import save_run_template
 from qadapt.training.checkpoint import (
     Progress,
@@ -30,19 +29,18 @@ from qadapt.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from qadapt.console import say
 from qadapt.devices import peak_memory_mb, start_peak_memory
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.files import atomic_file, write_errors_reported
 from qadapt.training.loss import accumulate_gradients, eval_loss
 from qadapt.training.loss_scale import fp16_overflow, grad_scaler
 from qadapt.machine import describe as describe_machine
-from qadapt.models import load_base, resolve_compute_dtype
-from qadapt.plan import choose_gradient_checkpointing
-from qadapt.quant import optimizer_class, prepare_for_kbit_training
+from qadapt.models import resolve_compute_dtype
+from qadapt.quant import optimizer_class
 from qadapt.recipe import Recipe
+from qadapt.training.prepare import prepare_model
 from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
-from qadapt.run_dir import MetricsLog, create_run_dir, load_adapter, save_adapter
+from qadapt.run_dir import MetricsLog, create_run_dir, save_adapter
 from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE, eval_dir
 from qadapt.training.stop_signals import EXIT_CODES, StopSignals
 from qadapt.tasks import EvalOptions, LoadedModel, Task, TrainingData, task_named
@@ -110,42 +108,6 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     scaler = grad_scaler(resolve_compute_dtype(recipe.model.compute_dtype), accelerator.device, sharded)
     return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, task,
                  wrapped, base, run_dir, metrics, max_steps, scaler)
-
-
-def prepare_model(recipe: Recipe, device: torch.device, labels: list[str] | None = None,
-                  fsdp_accelerator=None) -> tuple[torch.nn.Module, list[str], dict]:
-    """(model, wrapped module names, base identity): the base loaded for `device`, frozen and prepared for
-    k-bit training, the recipe's adapters attached (and started from adapter.start_from); on a CPU the
-    lean measures switched on (qadapt.lean_cpu). `fsdp_accelerator`: the base is loaded for FSDP to shard.
-    """
-    if fsdp_accelerator is not None:
-        model, base = distributed.load_base_to_shard(recipe.model, fsdp_accelerator, labels)
-    else:
-        model = load_base(recipe.model, device, labels=labels)
-        base = base_identity(model, recipe.model.name)
-    checkpointing, why = choose_gradient_checkpointing(recipe, device)
-    if recipe.train.gradient_checkpointing == "auto":
-        say(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
-    prepare_for_kbit_training(model, checkpointing)
-    wrapped = attach_adapters(model, recipe.adapter.spec())
-    if recipe.adapter.start_from:
-        start_from_adapter(model, recipe.adapter.start_from, base)
-    if lean_cpu.applies(device):
-        lean_cpu.for_training(model)
-    return model, wrapped, base
-
-
-def start_from_adapter(model: torch.nn.Module, path: str, base: dict) -> None:
-    """Load a finished run's (or an adapter folder's) weights into the freshly attached adapters."""
-    folder = Path(path).expanduser()
-    folder = folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else folder
-    if not folder.is_dir():
-        raise QadaptError(f"adapter.start_from: no run or adapter folder at {folder}")
-    try:
-        load_adapter(model, folder, base)
-    except QadaptError as exc:
-        raise QadaptError(f"adapter.start_from {folder}: {exc}") from None
-    say(f"adapter: starting from the weights in {folder}")
 
 
 def param_groups(model: torch.nn.Module, lr_ratio: float) -> list[dict]:
