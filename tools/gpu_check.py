@@ -9,12 +9,12 @@
             problems packed into rows of the recipe's 512 tokens, so every step is as long as the plan's),
             stopped by SIGTERM after its first step, then `--resume`d to the end: peak allocated and
             reserved memory (counted after loading), tokens/s;
-4. merge    `qadapt merge` with its logit checks;
-5. eval     `qadapt eval --limit 64`: decoding throughput;
-6. peft     qadapt's training step against PEFT + bitsandbytes on the same folder, batch and sequence
+4. eval     `qadapt eval --limit 64`: decoding throughput;
+5. peft     qadapt's training step against PEFT + bitsandbytes on the same folder, batch and sequence
             (tools/bench_train.py: each side in its own process, checkpointing asserted on both); then, in
             qadapt's process, one step at 32k tokens (batch 1): its peak memory, or out of memory. On a GPU
-            both sides may use 24 GiB, a consumer card's memory.
+            both sides may use 24 GiB, a consumer card's memory;
+6. merge    `qadapt merge` with its logit checks (last: it works on the host).
 After each phase the figures so far are written to OUT/gpu-check-SHAPE.json and .md, so a run cut
 short keeps what it measured; the model folder, the run, the merged model and the eval go under WORK
 (a 7B's two model folders are ~28 GB). `--shape tiny` runs every phase in about a minute on a CPU (the test suite
@@ -55,7 +55,8 @@ PROFILES = {
                                             "model.compute_dtype=auto"],
                  batch=2, seq=64, steps=2, warmup=1, probe_seq=1024, eval_limit=8, max_new_tokens=16),
 }
-PHASES = ("build", "plan", "train", "merge", "eval", "peft")
+# The merge last: it folds and verifies on the host, whose speed a GPU machine does not promise.
+PHASES = ("build", "plan", "train", "eval", "peft", "merge")
 
 
 def build_model_folder(shape: str, folder: Path, tokenizer_source: str | None) -> Path:
