@@ -131,8 +131,7 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, quant_storag
     auto_class = AutoModelForCausalLM
     if labels is not None:
         auto_class = AutoModelForTokenClassification
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={label: i for i, label in enumerate(labels)})
+        kwargs.update(label_settings(labels))
     qconfig = quantization_config(cfg.quant, cfg.double_quant, dtype, dtype if quant_storage_like_compute else None,
                                   skip=[TOKEN_CLASSIFIER] if labels is not None else None)
     if qconfig is not None:
@@ -164,18 +163,31 @@ def load_config(cfg: ModelConfig):
     return _from_pretrained(AutoConfig, resolve_model_path(cfg.name), cfg)
 
 
-def meta_model(model_cfg, auto_class=None) -> torch.nn.Module:
+def meta_model(model_cfg, auto_class=None, dtype: torch.dtype | None = None,
+               labels: list[str] | None = None) -> torch.nn.Module:
     """The base's module tree without weights (on the meta device): names and layer types only.
 
-    `auto_class` is the task's (qadapt.tasks; default a causal LM). A token classifier gets a head of the
-    config's default label count (the data decides the real one).
+    `auto_class` is the task's (qadapt.tasks; default a causal LM). A token classifier gets a head for
+    `labels`, or of the config's default label count (the data decides the real one). `dtype`: that of
+    the floating-point weights (default: the config's default).
     """
     from transformers import AutoModelForCausalLM
 
     config = load_config(model_cfg)
+    for key, value in label_settings(labels or []).items():
+        setattr(config, key, value)
     auto_class = auto_class or AutoModelForCausalLM
     with torch.device("meta"):
-        return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        return auto_class.from_config(config, trust_remote_code=model_cfg.trust_remote_code,
+                                      **({"dtype": dtype} if dtype is not None else {}))
+
+
+def label_settings(labels: list[str]) -> dict:
+    """The config settings of a token classifier's head for `labels` (none for no labels)."""
+    if not labels:
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}}
 
 
 def _from_pretrained(auto_class, path: str, cfg: ModelConfig, **kwargs):

@@ -5,8 +5,8 @@ averaged, and the loop gives each process its share of every step's batch (qadap
 
 FSDP's ranks load the base on the host, never whole on a GPU: FSDP moves each rank's shard there as it
 wraps the layers (a 70B in NF4 is ~35 GiB, more than a 24 GB card). With cpu-ram-efficient loading
-(`fsdp_cpu_ram_efficient_loading: true`, as recipes/accelerate/fsdp-qlora.yaml sets), only local rank 0
-reads the checkpoint; the others build the same modules on the meta device and receive from rank 0
+(`fsdp_cpu_ram_efficient_loading: true`, as recipes/accelerate/fsdp-qlora.yaml sets), only rank 0 reads
+the checkpoint; the others build the same modules on the meta device and receive from rank 0
 what FSDP does not send (each 4-bit layer's quantization state, and the base's identity); FSDP's
 `sync_module_states` then broadcasts the codes and the other weights from rank 0.
 
@@ -83,18 +83,10 @@ def meta_base(cfg, labels: list[str] | None = None) -> nn.Module:
     weights (its 4-bit layers are rebuilt by qadapt.quant.rebuild_four_bit_layers)."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    from qadapt.models import load_config, resolve_compute_dtype
+    from qadapt.models import meta_model, resolve_compute_dtype
 
-    config = load_config(cfg)
-    auto_class = AutoModelForCausalLM
-    if labels is not None:
-        auto_class = AutoModelForTokenClassification
-        config.num_labels, config.id2label = len(labels), dict(enumerate(labels))
-        config.label2id = {label: i for i, label in enumerate(labels)}
-    with torch.device("meta"):
-        model = auto_class.from_config(config, dtype=resolve_compute_dtype(cfg.compute_dtype),
-                                       trust_remote_code=cfg.trust_remote_code)
-    return model.requires_grad_(False)
+    auto_class = AutoModelForTokenClassification if labels is not None else AutoModelForCausalLM
+    return meta_model(cfg, auto_class, resolve_compute_dtype(cfg.compute_dtype), labels).requires_grad_(False)
 
 
 def fsdp_units(model: nn.Module) -> set[int]:
