@@ -89,7 +89,9 @@ TINY_RUN = {
     "model": {"quant": "nf4"},
     "adapter": {"rank": 4},
     "data": {"max_examples": 8, "val_size": 0},
-    "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "eval_every": 0, "save_every": 0},
+    # No warm-up: its first step has the rate 0, and a one-step run must move the adapter.
+    "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "eval_every": 0,
+              "save_every": 0},
 }
 
 

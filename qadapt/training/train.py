@@ -47,9 +47,13 @@ from qadapt.tasks import EvalOptions, LoadedModel, Task, TrainingData, task_name
 
 
 def lr_at(step: int, max_steps: int, warmup_steps: int, peak_lr: float, schedule: str) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine/linear decay to 0."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine/linear decay to 0.
+
+    transformers' schedules (`get_scheduler`) to the number, as PEFT and TRL runs use them: warm-up gives
+    step s the rate s/W × lr, so the first step's is 0 (Adam's moments still take its gradient).
+    """
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        return peak_lr * step / warmup_steps
     if schedule == "constant":
         return peak_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
@@ -111,16 +115,18 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
 
 
 def param_groups(model: torch.nn.Module, lr_ratio: float) -> list[dict]:
-    """The optimizer's parameter groups: one, or with LoRA+ the B matrices apart at lr_ratio × the lr.
+    """The optimizer's parameter groups: one, or with LoRA+ the B matrices and the vectors (DoRA's
+    magnitude) apart at lr_ratio × the lr, as PEFT's `create_loraplus_optimizer` groups them.
 
     `lr_scale` is each group's multiple of the scheduled learning rate.
     """
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if lr_ratio == 1:
         return [{"params": [p for _, p in trained], "lr_scale": 1.0}]
-    b = [p for name, p in trained if ".lora_b." in name]
-    rest = [p for name, p in trained if ".lora_b." not in name]
-    return [{"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": lr_ratio}]
+    faster = [p for name, p in trained if ".lora_b." in name or p.ndim == 1]
+    ids = {id(p) for p in faster}
+    rest = [p for _, p in trained if id(p) not in ids]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": faster, "lr_scale": lr_ratio}]
 
 
 def _accelerator():
