@@ -20,7 +20,7 @@ from qadapt.errors import QadaptError
 Quant = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
-Template = Literal["alpaca", "chat"]
+Template = Literal["alpaca", "llm-adapters", "chat"]
 DataFormat = Literal["auto", "instruction", "messages", "sharegpt", "prompt_completion"]
 Task = Literal["causal-lm", "token-classification"]
 
@@ -105,7 +105,8 @@ class DataConfig:
     split: str = "train"
     """Split of a hub dataset or of the built-in problems."""
     template: Template = "alpaca"
-    """Prompt template: the paper's Alpaca template or a chat template (`chat_template`)."""
+    """Prompt template: the Alpaca text, `llm-adapters` (the LLM-Adapters code's exact training and answering
+    texts, indented, and its tokenization: for reproducing its runs), or a chat template (`chat_template`)."""
     chat_template: Optional[str] = None
     """With `template: chat`: null for the tokenizer's own, a name (`chatml`, `llama3`, `gemma`, `phi3`,
     `alpaca`) or a Jinja file. The run keeps the text it trained with (chat_template.jinja)."""
@@ -172,6 +173,10 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, Literal["auto"]] = True
     """Recompute activations in backward (non-reentrant): much less memory, ~30% more compute. `auto`:
     only when `qadapt plan` says the run would not fit in half the memory there is without it."""
+    shared_dropout_masks: bool = False
+    """CPU only, a speed trick that changes the math: the adapters that read one input (q, k, v; gate, up)
+    drop the same elements, one mask drawn instead of three (~8 % of a CPU step with dropout;
+    docs/benchmarks.md). Off: one mask per adapted layer, as PEFT draws them."""
     seed: int = 42
     """Seeds adapter init, dropout and data order."""
     log_every: int = 1

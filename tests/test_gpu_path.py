@@ -78,7 +78,8 @@ def test_a_gpu_run_calls_none_of_the_cpu_measures(monkeypatch, tiny_llama_dir, l
     keep their plain forward and torch's dropout."""
     from qadapt.adapters import LoRALinear
 
-    recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, adapter={"rank": 4, "dropout": 0.1}))
+    recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, adapter={"rank": 4, "dropout": 0.1},
+                                          train={"shared_dropout_masks": True}))
     on_cpu = Recorder(monkeypatch)
     train_and_answer(recipe, torch.device("cpu"), lora_run)
     assert on_cpu.called == set(Recorder.MEASURES)

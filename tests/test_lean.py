@@ -239,18 +239,21 @@ def dropout_inputs(model) -> dict[str, torch.Tensor]:
     return seen
 
 
-def test_adapters_reading_one_input_share_its_mask_for_one_call(load_tiny):
+@pytest.mark.parametrize("shared", [False, True])
+def test_adapters_reading_one_input_share_its_mask_for_one_call_only_when_asked(load_tiny, shared):
+    """Off by default: each adapter draws its own mask, as PEFT's layers do."""
     torch.manual_seed(0)
     model = load_tiny("nf4", gradient_checkpointing=False)
     attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.5, targets=ALL_LINEARS).spec())
-    lean_cpu.for_training(model)
+    lean_cpu.for_training(model, shared_masks=shared)
     model.train()
     first, second = dropout_inputs(model), dropout_inputs(model)
     layer = "model.layers.0."
     q, k, v, o = (first[layer + f"self_attn.{p}_proj"] for p in "qkvo")
     gate, up, down = (first[layer + f"mlp.{p}_proj"] for p in ("gate", "up", "down"))
     assert 0.4 < (q == 0).float().mean() < 0.6
-    assert torch.equal(q, k) and torch.equal(q, v) and torch.equal(gate, up)
+    assert (torch.equal(q, k) and torch.equal(q, v) and torch.equal(gate, up)) is shared
+    assert not torch.equal(q == 0, k == 0) or shared
     assert not torch.equal(q == 0, gate == 0) and (o == 0).float().mean() > 0.4 and (down == 0).float().mean() > 0.4
     assert not torch.equal(q, second[layer + "self_attn.q_proj"])  # the next call draws afresh
 
@@ -261,7 +264,7 @@ def test_checkpointing_recomputes_the_same_shared_masks(load_tiny):
         torch.manual_seed(0)
         model = load_tiny("nf4", gradient_checkpointing=checkpointing)
         attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.3, targets=ALL_LINEARS).spec())
-        lean_cpu.for_training(model)
+        lean_cpu.for_training(model, shared_masks=True)
         for module in model.modules():
             if isinstance(module, LoRALinear):
                 nn.init.normal_(module.lora_b.weight, std=0.02)

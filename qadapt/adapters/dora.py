@@ -1,9 +1,11 @@
 """DoRA (Liu et al. 2024, arXiv 2402.09353): LoRA split into a magnitude and a direction.
 
     W' = m ⊙ (W + s·BA) / n,   n = ‖W + s·BA‖ per output row, treated as a constant in backward (§4.3)
-    y  = base(x) + (m/n − 1) ⊙ (base(x) − b) + (m/n) ⊙ s·B(A(dropout(x)))
+    y  = base(x) + (m/n − 1) ⊙ W·x' + (m/n) ⊙ s·B(A(x')),   x' = dropout(x)
 
-m starts at ‖W‖, so the layer starts identical to its base. The base layer is only ever called,
+Without dropout (or in evaluation) W·x' is base(x) − b, no second pass; with it, W·x' is a second pass of
+the base over the dropped input, as DoRA's own code and PEFT (`use_dora`) compute it, so the two train
+alike step for step. m starts at ‖W‖, so the layer starts identical to its base. The base layer is only ever called,
 never copied, so the same code serves full-precision, 4-bit and 8-bit bases. The norm is expanded
 
     n² = ‖W‖² + 2s·Σ_k B_ik (A Wᵀ)_ki + s²·Σ_k (B AAᵀ)_ik B_ik
@@ -77,10 +79,14 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         factor = self.magnitude / self.adapted_row_norms().clamp_min(1e-12)  # (out,)
-        bias = getattr(self.base, "bias", None)
-        without_bias = out.to(torch.float32) - (bias.to(torch.float32) if bias is not None else 0)
-        delta = self.low_rank_delta(x).to(torch.float32)
-        return out + ((factor - 1) * without_bias + factor * delta).to(out.dtype)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            x = self.dropout(x)
+            base_part = _without_bias(self.base, x)  # W·dropout(x): a second pass of the base
+        else:
+            bias = getattr(self.base, "bias", None)
+            base_part = out.to(torch.float32) - (bias.to(torch.float32) if bias is not None else 0)
+        delta = self.low_rank_product(x).to(torch.float32)
+        return out + ((factor - 1) * base_part + factor * delta).to(out.dtype)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {**super().adapter_params(), "magnitude": self.magnitude}

@@ -50,13 +50,17 @@ class LoRALinear(Adapter):
         return out + self.low_rank_delta(x).to(out.dtype)
 
     def low_rank_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """s · B A dropout(x), computed as autocast would: in x's dtype when that is 16-bit, else in fp32.
+        """s · B A dropout(x)."""
+        return self.low_rank_product(self.dropout(x))
+
+    def low_rank_product(self, x: torch.Tensor) -> torch.Tensor:
+        """s · B A x, computed as autocast would: in x's dtype when that is 16-bit, else in fp32.
 
         The weights stay fp32 (the optimizer updates them there); 16-bit matmuls keep fp32 accumulation.
         """
         dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
         a, b = self.lora_a.weight.to(dtype), self.lora_b.weight.to(dtype)
-        return F.linear(F.linear(self.dropout(x).to(dtype), a), b) * self.scale
+        return F.linear(F.linear(x.to(dtype), a), b) * self.scale
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_a.weight": self.lora_a.weight, "lora_b.weight": self.lora_b.weight}

@@ -5,7 +5,9 @@ on a GPU. On a CPU, where a step takes seconds and memory is the host's, these p
 the embedded model in docs/benchmarks.md):
 - heap: memory that loading and training free goes back to the system (glibc), and weights leave the
   mapped checkpoint file;
-- masks: dropout masks cheap to draw, one shared by the adapters that read one input;
+- masks: dropout masks cheap to draw (the same drop rate, other random numbers); on request
+  (`train.shared_dropout_masks`), one mask shared by the adapters that read one input, which changes
+  the math against PEFT's one mask per layer, so it is never on by default;
 - fused_lora: LoRA's sum in fewer passes over full-width tensors;
 - answering from unpacked 4-bit weights, when memory allows.
 
@@ -41,16 +43,17 @@ def after_loading(model: nn.Module) -> None:
     release_freed_memory()
 
 
-def for_training(model: nn.Module) -> None:
-    """After the adapters are attached: heap trims around each training forward, cheap shared dropout
-    masks, fused LoRA."""
+def for_training(model: nn.Module, shared_masks: bool = False) -> None:
+    """After the adapters are attached: heap trims around each training forward, cheap dropout masks
+    (shared within a block when `shared_masks`), fused LoRA."""
     backbone = getattr(model, "base_model", model)
     # Before the forward: what the last optimizer step (or backward pass) freed, fragmented, stays
     # resident otherwise. After it: what the forward freed, which backward would fault in again.
     backbone.register_forward_pre_hook(_trim_when_training)
     backbone.register_forward_hook(_trim_when_training)
     use_cheap_dropout(model)
-    share_masks_within_blocks(model)
+    if shared_masks:
+        share_masks_within_blocks(model)
     fuse_lora_forwards(model)
 
 

@@ -7,9 +7,10 @@ round(p · 2¹⁶), so the drop rate is p to within 2⁻¹⁷. The draws are lai
 comparison reads them in order and the mask needs no copy. The mask comes from torch's generator, so
 seeds and activation checkpointing (which restores the RNG state before recomputing) reproduce it.
 
-Adapters in one block that read the same input (q, k, v; gate, up) share one mask for a call of the
-block (`SharedMasks`), as one adapter on a fused projection (Phi-3's qkv_proj) does: one mask drawn
-instead of three. This changes which elements each adapter drops against one mask per layer (PEFT's).
+On request (`train.shared_dropout_masks`), adapters in one block that read the same input (q, k, v;
+gate, up) share one mask for a call of the block (`SharedMasks`), as one adapter on a fused projection
+(Phi-3's qkv_proj) does: one mask drawn instead of three. This changes which elements each adapter drops
+against one mask per layer (PEFT's), so it is opt-in.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def prepare_model(recipe: Recipe, device: torch.device, labels: list[str] | None
     if recipe.adapter.start_from:
         start_from_adapter(model, recipe.adapter.start_from, base)
     if lean_cpu.applies(device):
-        lean_cpu.for_training(model)
+        lean_cpu.for_training(model, shared_masks=recipe.train.shared_dropout_masks)
     return model, wrapped, base
 
 
