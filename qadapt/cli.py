@@ -355,7 +355,8 @@ def import_peft(
     out: Path = typer.Option(..., help="The run directory to create.", show_default=False),
     base: Optional[str] = typer.Option(None, help="Base model (default: the adapter's base_model_name_or_path)."),
     quant: str = typer.Option("nf4", help="How the base is loaded when the run is used: nf4, fp4, int8 or none."),
-    template: str = typer.Option("alpaca", help="Prompt template the adapter was trained with: alpaca or chat."),
+    template: str = typer.Option("alpaca", help="Prompt template the adapter was trained with: alpaca, "
+                                                "llm-adapters or chat."),
 ) -> None:
     """Make a run directory from a PEFT LoRA adapter, for qadapt eval, generate, merge and export."""
     from qadapt.export.peft_format import import_peft as run_import

@@ -25,9 +25,10 @@ from typing import Iterator
 import torch
 
 from qadapt import arithmetic, conversation_problems, conversations, word_problems
-from qadapt.chat_templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, alpaca_chat_template, template_name
+from qadapt.chat_templates import alpaca_chat_template, template_name
 from qadapt.console import say
 from qadapt.errors import QadaptError
+from qadapt.text_templates import TEXT_TEMPLATES, is_text_template, text_template
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
 BUILTIN_WORD_PROBLEMS = "builtin:word-problems"
@@ -186,22 +187,23 @@ def eval_overlap(records: list[dict], eval_records: dict[str, list[dict]], exclu
     return [r for i, r in enumerate(records) if i not in dropped]
 
 
-def prompt_text(record: dict, template: str, tokenizer) -> str:
-    """The prompt up to where the response starts, as the model sees it in training and evaluation."""
-    if template == "alpaca":
-        form = ALPACA_PROMPT_WITH_INPUT if record["input"] else ALPACA_PROMPT
-        return form.format(instruction=record["instruction"], input=record["input"])
+def prompt_text(record: dict, template: str, tokenizer, training: bool = False) -> str:
+    """The prompt up to where the response starts, as the model sees it in evaluation (or in training: a
+    text template may train on another text than it answers, qadapt.text_templates)."""
+    if is_text_template(template):
+        return text_template(template).prompt(record, training)
     if template == "chat":
         content = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
         messages = [{"role": "user", "content": content}]
         return tokenizer.apply_chat_template(messages, chat_template=_chat_template(tokenizer), tokenize=False,
                                              add_generation_prompt=True)
-    raise QadaptError(f"unknown template {template!r}; choose alpaca or chat")
+    raise QadaptError(f"unknown template {template!r}; choose {', '.join(TEXT_TEMPLATES)} or chat")
 
 
 def conversation_template(template: str, tokenizer) -> tuple[str, str]:
-    """(Jinja chat template, its name for messages) that renders conversations under data.template."""
-    if template == "alpaca":
+    """(Jinja chat template, its name for messages) that renders conversations under data.template; under a
+    text template, the Alpaca one."""
+    if is_text_template(template):
         return alpaca_chat_template(), "alpaca"
     return _chat_template(tokenizer), template_name(tokenizer)
 
@@ -232,17 +234,25 @@ def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, tra
     pairs = [i for i, r in enumerate(records) if "messages" not in r]
     examples: dict[int, tuple[list[int], list[int]]] = {}
     if pairs:
-        prompts = [prompt_text(records[i], template, tokenizer) for i in pairs]
-        # A chat template writes its own special tokens; the Alpaca text gets the tokenizer's (e.g. BOS).
-        prompt_ids = tokenizer(prompts, add_special_tokens=template == "alpaca")["input_ids"]
-        response_ids = tokenizer([records[i]["output"] for i in pairs], add_special_tokens=False)["input_ids"]
-        for i, prompt, response in zip(pairs, prompt_ids, response_ids):
-            input_ids = prompt + response + [tokenizer.eos_token_id]
-            examples[i] = input_ids, [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
+        prompts = [prompt_text(records[i], template, tokenizer, training=True) for i in pairs]
+        # A chat template writes its own special tokens; a text template gets the tokenizer's (e.g. BOS).
+        text = is_text_template(template)
+        prompt_ids = tokenizer(prompts, add_special_tokens=text)["input_ids"]
+        if text and text_template(template).tokenized_whole:  # LLM-Adapters: one string, the prompt's length masked
+            whole = tokenizer([p + records[i]["output"] for p, i in zip(prompts, pairs)])["input_ids"]
+            for i, ids, prompt in zip(pairs, whole, prompt_ids):
+                masked = len(prompt)
+                input_ids = ids + [tokenizer.eos_token_id]
+                examples[i] = input_ids, [IGNORE_INDEX] * masked + input_ids[masked:]
+        else:
+            response_ids = tokenizer([records[i]["output"] for i in pairs], add_special_tokens=False)["input_ids"]
+            for i, prompt, response in zip(pairs, prompt_ids, response_ids):
+                input_ids = prompt + response + [tokenizer.eos_token_id]
+                examples[i] = input_ids, [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):]
     if talks:
         chat_template, name = conversation_template(template, tokenizer)
         # The Alpaca text starts with the tokenizer's own special tokens (e.g. BOS), as a single turn does.
-        lead = tokenizer("", add_special_tokens=True)["input_ids"] if template == "alpaca" else []
+        lead = tokenizer("", add_special_tokens=True)["input_ids"] if is_text_template(template) else []
         unrendered = []
         for i in talks:
             try:

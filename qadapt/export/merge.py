@@ -171,8 +171,9 @@ def exported_chat_template(tokenizer, template: str) -> str | None:
     not know them)."""
     from qadapt.chat_templates import alpaca_chat_template
     from qadapt.conversations import without_generation_tags
+    from qadapt.text_templates import is_text_template
 
-    if template == "alpaca":
+    if is_text_template(template):
         return alpaca_chat_template()
     return without_generation_tags(tokenizer.chat_template) if tokenizer.chat_template else None
 

@@ -22,6 +22,7 @@ from qadapt.errors import QadaptError
 from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
 from qadapt.scores import set_name, write_results
 from qadapt.tasks import answers
+from qadapt.text_templates import is_text_template
 
 # Where a model starts a new Alpaca turn, the answer is over (the paper's template has no stop marker).
 ALPACA_STOPS = ("### Instruction", "### Input", "### Response")
@@ -69,7 +70,7 @@ def sample_answers(model, tokenizer, template: str, records: list[dict], samplin
     each record's samples (qadapt.decoding.generation.sample_generate)."""
     prompts = [prompt_text(r, template, tokenizer) for r in records]
     return sample_generate(model, tokenizer, prompts, sampling, max_new_tokens, batch_size,
-                           stop_strings(template, tokenizer), add_special_tokens=template == "alpaca",
+                           stop_strings(template, tokenizer), add_special_tokens=is_text_template(template),
                            on_done=on_done, prompt_keys=keys)
 
 
@@ -83,22 +84,22 @@ def answer_conversation(model, tokenizer, template: str, messages: list[dict], m
     if sampling is None:
         return _decode(model, tokenizer, template, [prompt], max_new_tokens, 1)[0]
     return sample_generate(model, tokenizer, [prompt], sampling, max_new_tokens, 1, stop_strings(template, tokenizer),
-                           add_special_tokens=template == "alpaca", prompt_keys=[len(messages)])[0][0]
+                           add_special_tokens=is_text_template(template), prompt_keys=[len(messages)])[0][0]
 
 
 def _decode(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int, batch_size: int,
             on_done=None, calculator: bool = False) -> list[str]:
-    # The chat template writes its own special tokens; the Alpaca text gets the tokenizer's, as in training.
+    # The chat template writes its own special tokens; a text template gets the tokenizer's, as in training.
     return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size,
                            stop_strings=stop_strings(template, tokenizer),
-                           add_special_tokens=template == "alpaca", on_done=on_done,
+                           add_special_tokens=is_text_template(template), on_done=on_done,
                            calculator=calculator_result if calculator else None)
 
 
 def stop_strings(template: str, tokenizer) -> tuple[str, ...]:
     """Where an answer is over: a new Alpaca turn, or the chat template's end of turn when that is not the
     EOS the decoder stops at anyway (llama3's <|eot_id|>, or a marker the tokenizer writes as text)."""
-    if template == "alpaca":
+    if is_text_template(template):
         return ALPACA_STOPS
     mark = end_of_turn(tokenizer, conversation_template(template, tokenizer)[0])
     return (mark,) if mark and mark != tokenizer.eos_token else ()
