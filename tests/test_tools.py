@@ -50,7 +50,7 @@ def test_peer_fidelity_trains_peft_at_the_recipes_budget_and_scores_it_as_a_run(
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"name": str(tiny_llama_dir), "quant": "nf4", "compute_dtype": "fp32"},
-        "adapter": {"kind": "lora", "rank": 4, "dropout": 0.0},
+        "adapter": {"kind": "dora", "rank": 4, "dropout": 0.0},
         "data": {"max_examples": 32, "val_size": 4},
         "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "warmup_steps": 1, "save_every": 2},
         "eval": {"sets": ["builtin:arithmetic"], "limit": 2, "max_new_tokens": 4},
@@ -62,7 +62,7 @@ def test_peer_fidelity_trains_peft_at_the_recipes_budget_and_scores_it_as_a_run(
     assert result.returncode == 0, result.stderr[-2000:]
     run = read_run(out)
     assert run["summary"]["steps"] == 4 and run["summary"]["trainer"] == "peft + bitsandbytes"
-    assert run["recipe"].adapter.kind == "lora" and run["scores"]["arithmetic"]["total"] == 2
+    assert run["recipe"].adapter.kind == "dora" and run["scores"]["arithmetic"]["total"] == 2  # the recipe's kind
     assert len(run["losses"]) == 4
 
     # As if stopped after the step-2 checkpoint: the run continues from it and ends with the same adapter.

@@ -72,10 +72,7 @@ def export_peft(run_dir: str | Path, out: str | Path) -> Path:
         "fan_in_fan_out": any(isinstance(model.get_submodule(name), Conv1D) for name in wrapped),
         "init_lora_weights": True, **UNSUPPORTED_OPTIONS,
     }
-    state = {}
-    for key, tensor in weights.items():
-        module, param = _split_key(key, KEY_NAMES)
-        state[f"{PEFT_PREFIX}{module}.{KEY_NAMES[param]}"] = tensor
+    state = peft_state(weights)
     with atomic_folder(Path(out)) as tmp:
         save_file(state, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
@@ -95,7 +92,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
     peft_dir, out = Path(peft_dir), Path(out)
     config = _read_peft_config(peft_dir)
     refuse_existing(out)
-    state = _peft_state_to_ours(_read_peft_weights(peft_dir))
+    state = peft_state_to_ours(_read_peft_weights(peft_dir))
     wrapped = sorted({_split_key(key, KEY_NAMES)[0] for key in state})
     name = base or config.get("base_model_name_or_path")
     if not name:
@@ -142,7 +139,16 @@ def _read_peft_weights(peft_dir: Path) -> dict[str, torch.Tensor]:
     raise QadaptError(f"no adapter weights in {peft_dir}: expected {PEFT_WEIGHTS} (or {PEFT_PICKLED_WEIGHTS})")
 
 
-def _peft_state_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def peft_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our adapter weights under PEFT's saved names (what `set_peft_model_state_dict` loads)."""
+    state = {}
+    for key, tensor in weights.items():
+        module, param = _split_key(key, KEY_NAMES)
+        state[f"{PEFT_PREFIX}{module}.{KEY_NAMES[param]}"] = tensor
+    return state
+
+
+def peft_state_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # PEFT before 0.12 saved DoRA's magnitude as `lora_magnitude_vector.weight`.
     peft_to_ours = {peft: ours for ours, peft in KEY_NAMES.items()} | {"lora_magnitude_vector.weight": "magnitude"}
     converted = {}
