@@ -135,13 +135,17 @@ def sweep(
     baseline: bool = typer.Option(False, help="Also score the untrained base on the eval sets (DIR/base)."),
     eval_dtype: str = typer.Option("fp32", help="Compute dtype when scoring (fp32: answers independent of the "
                                                 "batch)."),
+    results: Optional[Path] = typer.Option(
+        None, help="Keep each finished run's result files (recipe, summary, log, scores; no weights) in this "
+                   "folder, e.g. docs/results/NAME to commit, and count a run kept there by the same recipe as "
+                   "done: the table grows across sessions and machines."),
 ) -> None:
     """Train and score many runs of one recipe; the same command continues a stopped sweep."""
     from qadapt.sweep import sweep as run_sweep
 
     with _user_errors():
         run_sweep(recipe, grid or [], overrides or [], out or Path("runs") / f"sweep-{recipe.stem}", baseline,
-                  eval_dtype)
+                  eval_dtype, results)
 
 
 TargetArg = typer.Argument(..., help="A run directory, or a bare model: smollm2-135m, a hub id, a folder.",
@@ -162,7 +166,7 @@ def eval_command(
     target: str = TargetArg,
     data: Optional[list[str]] = typer.Option(None, "--data", help="A set: GSM8K .jsonl, LLM-Adapters .json, a hub id "
                                              "or builtin:arithmetic; for a token-classification run a CoNLL "
-                                             "file. Repeat for more sets."),
+                                             "file. Repeat for more sets; PATH@N scores a set's first N."),
     limit: Optional[int] = typer.Option(None, help="Only the first N problems of each set."),
     batch_size: int = typer.Option(64, help="Problems decoded together (lower it if memory runs short)."),
     max_new_tokens: int = MaxNewTokensOption,

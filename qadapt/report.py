@@ -8,7 +8,9 @@ Scores with the calculator (`eval-calculator/`, `qadapt eval --calculator`) are 
 Each accuracy is shown with the number of problems and its 95% Wilson score interval, so a reader sees
 when two runs do not differ: on 100 problems, 5% and 10% overlap. The sets derived from MAWPS (AddSub,
 MultiArith, SingleEq) share problems with MAWPS-derived training data (`math_data.json`, the paper's
-math_10k), so the table keeps them apart from GSM8K, SVAMP and AQuA.
+math_10k), so the table keeps them apart from GSM8K, SVAMP and AQuA. Where scores keep their
+per-problem outcomes, a second table pairs each run with the untrained base and with its PEFT twin
+(`peft-NAME`) problem by problem (exact McNemar test).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from qadapt.files import atomic_file
 from qadapt.machine import one_line
 from qadapt.recipe import load_recipe
 from qadapt.run_files import EVAL_METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, TRAINING_LOG, eval_dir
-from qadapt.scores import wilson_interval
+from qadapt.scores import mcnemar_p, wilson_interval
 
 HELD_OUT_SETS = ("gsm8k", "svamp", "aqua")  # no MAWPS-derived training problem shares their text
 MAWPS_SETS = ("addsub", "multiarith", "singleeq", "mawps")  # overlap MAWPS-derived training data
@@ -75,7 +77,44 @@ def _score(row: dict) -> dict:
     if "accuracy" not in row:
         return {"score": row["f1"]}
     low, high = wilson_interval(row["correct"], row["total"])
-    return {"score": row["accuracy"], "correct": row["correct"], "total": row["total"], "low": low, "high": high}
+    score = {"score": row["accuracy"], "correct": row["correct"], "total": row["total"], "low": low, "high": high}
+    return score | ({"outcomes": row["outcomes"]} if "outcomes" in row else {})
+
+
+def pairs(runs: list[dict]) -> list[tuple[str, str]]:
+    """(run, what it is compared with): every trained run against the untrained base (`base`), and a run
+    `X` against its PEFT twin `peft-X` (tools/peer_fidelity.py) when the report has them."""
+    names = {run["name"] for run in runs}
+    found = [(run["name"], "base") for run in runs if run["summary"] is not None and "base" in names]
+    return found + [(name, f"peft-{name}") for name in sorted(names) if f"peft-{name}" in names]
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """For each pair and each set both scored on the same problems (per-problem outcomes kept): problems only
+    the run got right, only the other got right, and the exact two-sided McNemar p."""
+    by_name = {run["name"]: run for run in runs}
+    rows = []
+    for name, other in pairs(runs):
+        for set_name_, score in by_name[name]["scores"].items():
+            theirs = by_name[other]["scores"].get(set_name_, {})
+            if "outcomes" in score and len(theirs.get("outcomes", "")) == len(score["outcomes"]):
+                gained, lost, p = mcnemar_p(score["outcomes"], theirs["outcomes"])
+                rows.append({"run": name, "against": other, "set": set_name_, "gained": gained, "lost": lost, "p": p})
+    return rows
+
+
+def paired_table(runs: list[dict]) -> str:
+    """A markdown table of `paired`: one line per pair, a cell per set, empty when nothing pairs."""
+    rows = paired(runs)
+    if not rows:
+        return ""
+    set_names = [n for n in ordered_sets(runs) if any(r["set"] == n for r in rows)]
+    cells = {(r["run"], r["against"], r["set"]): f"+{r['gained']} −{r['lost']} (p={r['p']:.2g})" for r in rows}
+    lines = ["| run | against | " + " | ".join(set_names) + " |", "|" + "---|" * (len(set_names) + 2)]
+    for name, other in dict.fromkeys((r["run"], r["against"]) for r in rows):
+        lines.append(f"| {name} | {other} | " + " | ".join(cells.get((name, other, n), "") for n in set_names) + " |")
+    return ("\n".join(lines) + "\n\nPaired on the same problems: problems only the run got right (+), only the "
+            "other (−), and the exact two-sided McNemar p; p ≥ 0.05 says the two do not differ on that set.")
 
 
 def ordered_sets(runs: list[dict]) -> list[str]:
@@ -144,7 +183,7 @@ def report_json(runs: list[dict]) -> dict:
         "scores": run["scores"],
         "scoring_s": run["scoring_s"],
         "scoring_cpu_s": run["scoring_cpu_s"],
-    } for run in runs], "sets": ordered_sets(runs)}
+    } for run in runs], "sets": ordered_sets(runs), "paired": paired(runs)}
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -196,6 +235,9 @@ def report(run_dirs: list[Path], out: Path | None = None, plot_path: Path | None
         raise QadaptError("name at least one run directory")
     runs = [row for d in run_dirs for row in read_runs(Path(d))]
     table = markdown_table(runs)
+    comparisons = paired_table(runs)
+    if comparisons:
+        table += "\n\n" + comparisons
     for path, text in [(out, table + "\n"), (json_path, json.dumps(report_json(runs), indent=2) + "\n")]:
         if path:
             with atomic_file(Path(path)) as tmp:

@@ -12,7 +12,9 @@ do not depend on the batch). With `--baseline` the untrained base is scored too,
 Nothing is lost when a sweep is stopped, killed or moved to another machine: the same command skips
 the finished runs and sets, resumes the interrupted run from its last checkpoint, and retries the runs
 that failed. A run that fails is recorded with its one-line error in DIR/sweep.json and the sweep goes
-on. It ends with `qadapt report` over every run in DIR: report.md, report.json and report.png.
+on. It ends with `qadapt report` over every run in DIR: report.md, report.json and report.png. With
+`--results KEPT` each finished run's result files are also kept in KEPT/<name> (qadapt.kept_results), a
+folder to commit, and a run kept there by the recipe the sweep has now counts as done and joins the report.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import yaml
 
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.files import atomic_file
+from qadapt.kept_results import keep_results
 from qadapt.recipe import DType, load_recipe, training_differences
 from qadapt.run_files import EVAL_METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, eval_dir
 from qadapt.scores import set_name
@@ -148,8 +151,12 @@ def _save_state(out: Path, state: SweepState) -> None:
 
 
 def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, baseline: bool = False,
-          eval_dtype: str = "fp32") -> str:
-    """Train and score every run of the sweep that is not done yet; return the report's table."""
+          eval_dtype: str = "fp32", results: Path | None = None) -> str:
+    """Train and score every run of the sweep that is not done yet; return the report's table.
+
+    `results`: keep each finished run's result files there (qadapt.kept_results), and count a run whose
+    kept copy is finished and trained by the same recipe as done.
+    """
     from qadapt.report import report
 
     if eval_dtype not in get_args(DType):
@@ -160,7 +167,11 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
     _save_state(out, state)
     eval_args = _eval_args(sweep_recipe, eval_dtype)
     if baseline and eval_args:
-        _score_baseline(sweep_recipe, eval_args, out)
+        kept_base = results / BASELINE if results else None
+        if kept_base is None or not _scored_all(kept_base, sweep_recipe):
+            _score_baseline(sweep_recipe, eval_args, out)
+            if results and _scored_all(out / BASELINE, sweep_recipe):
+                keep_results(out / BASELINE, results)
     timer = _Eta(len(state.runs), [r.train_s + r.eval_s for r in state.runs if r.status == "done" and r.train_s
                                     and r.eval_s])
     for index, run in enumerate(state.runs, 1):
@@ -172,7 +183,10 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
             _save_state(out, state)
             timer.skip()
             continue
-        if _finished(run_dir, sweep_recipe):
+        if _finished(run_dir, sweep_recipe) or _kept_and_current(results, run.name, recipe, [*overrides, *run.overrides],
+                                                                    sweep_recipe):
+            if results and _finished(run_dir, sweep_recipe):
+                keep_results(run_dir, results)
             run.status, run.error = "done", None
             timer.skip()
             continue
@@ -185,12 +199,19 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
         run.status, run.error = ("failed", error) if error else ("done", None)
         if error:
             print(f"sweep: {run.name} failed: {error}", flush=True)
+        elif results:
+            print(f"sweep: {run.name}'s results kept in {keep_results(run_dir, results)}", flush=True)
         _save_state(out, state)
         # A run that failed at once would make the rest look quick: only finished runs set the pace.
         timer.skip() if error else timer.done(time.perf_counter() - started)
     finished = [out / BASELINE] if (eval_dir(out / BASELINE) / EVAL_METRICS_FILE).is_file() else []
     stale = {r.name for r in state.runs if r.status == "failed" and (r.error or "").startswith(TRAINED_OTHERWISE)}
     finished += sorted(p.parent for p in out.glob(f"*/{SUMMARY_FILE}") if p.parent.name not in {BASELINE, *stale})
+    if results:  # what other sessions or machines finished: their kept copies, where this one has no run
+        here = {p.name for p in finished}
+        kept = [results / BASELINE] if (eval_dir(results / BASELINE) / EVAL_METRICS_FILE).is_file() else []
+        kept += sorted(p.parent for p in results.glob(f"*/{SUMMARY_FILE}") if p.parent.name != BASELINE)
+        finished += [p for p in kept if p.name not in here and p.name not in stale]
     failed = [r for r in state.runs if r.status == "failed"]
     print(f"sweep: {len(state.runs) - len(failed)} of {len(state.runs)} runs done"
           + (f"; failed: {', '.join(f'{r.name} ({r.error})' for r in failed)}" if failed else ""), flush=True)
@@ -222,11 +243,28 @@ def _finished(run_dir: Path, sweep_recipe) -> bool:
     return (run_dir / SUMMARY_FILE).is_file() and _scored_all(run_dir, sweep_recipe)
 
 
+def _kept_and_current(results: Path | None, name: str, recipe: Path, overrides: list[str], sweep_recipe) -> bool:
+    """Whether `results` keeps a finished, fully scored copy of the run, trained by the recipe it has now."""
+    kept = results / name if results else None
+    if kept is None or not _finished(kept, sweep_recipe):
+        return False
+    return not training_differences(load_recipe(kept / RECIPE_FILE), load_recipe(recipe, overrides))
+
+
 def _scored_all(folder: Path, recipe) -> bool:
-    """Whether folder/eval/metrics.json holds every eval set of the recipe."""
+    """Whether folder/eval/metrics.json holds every eval set of the recipe, each on as many problems as the
+    recipe asks now (its `eval.limit`, a set's '@N')."""
+    from qadapt.tasks.math_sets import load_eval_set
+
     metrics = eval_dir(folder) / EVAL_METRICS_FILE
-    scored = set(json.loads(metrics.read_text())["sets"]) if metrics.is_file() else set()
-    return {set_name(spec) for spec in recipe.eval.sets} <= scored
+    scored = json.loads(metrics.read_text())["sets"] if metrics.is_file() else {}
+    for spec in recipe.eval.sets:
+        row = scored.get(set_name(spec))
+        if row is None:
+            return False
+        if recipe.task == "causal-lm" and row["total"] != len(load_eval_set(spec, recipe.eval.limit).records):
+            return False
+    return True
 
 
 def _eval_args(recipe, eval_dtype: str) -> list[str]:

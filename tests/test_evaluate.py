@@ -22,6 +22,7 @@ from qadapt.training.train import train
     ("my_problems.json", "my_problems"),
     ("builtin:arithmetic", "arithmetic"),
     ("openai/gsm8k:main", "gsm8k"),
+    ("../shared/data/math-eval/AddSub/test.json@150", "AddSub"),
 ])
 def test_set_names(spec, name):
     assert set_name(spec) == name
@@ -76,6 +77,7 @@ def test_training_with_an_eval_section_scores_the_run_and_eval_reproduces_it(tin
     assert row["correct"] == sum(p["correct"] for p in predictions)
     assert row["no_answer"] == sum(p["extracted"] is None for p in predictions)
     assert row["seconds"] > 0 and row["cpu_s"] > 0  # each set's scoring time, wall and CPU
+    assert row["outcomes"] == "".join("1" if p["correct"] else "0" for p in predictions)  # for paired tests
 
     # `qadapt eval RUN` reloads base + adapter from the run directory and decodes to the same answers.
     again = run_eval(str(run), ["builtin:arithmetic"], limit=4, max_new_tokens=8, batch_size=4, out=tmp_path / "again")
@@ -92,6 +94,12 @@ def test_training_with_an_eval_section_scores_the_run_and_eval_reproduces_it(tin
     assert rows[0]["output"].startswith("KEPT ")  # read back, not decoded again
     assert [p["set"] for p in rows] == ["arithmetic"] * 4 + ["word-problems"] * 4
     assert both["sets"]["arithmetic"] == again["sets"]["arithmetic"] and both["sets"]["word-problems"]["total"] == 4
+    first_three = run_eval(str(run), ["builtin:arithmetic@3", "builtin:word-problems"], limit=4, max_new_tokens=8,
+                           out=tmp_path / "again", resume=True)  # a set's first 3: that set scored again
+    rows = [json.loads(line) for line in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
+    assert first_three["sets"]["arithmetic"]["total"] == 3 and first_three["sets"]["word-problems"]["total"] == 4
+    assert [p["set"] for p in rows].count("arithmetic") == 3 and not rows[-1]["output"].startswith("KEPT ")
+    assert first_three["sets"]["word-problems"] == both["sets"]["word-problems"]
     other = run_eval(str(run), ["builtin:word-problems"], limit=2, max_new_tokens=8, out=tmp_path / "again",
                      resume=True)  # another limit: nothing kept
     assert list(other["sets"]) == ["word-problems"] and other["sets"]["word-problems"]["total"] == 2

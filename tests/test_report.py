@@ -46,6 +46,33 @@ def test_the_table_compares_kind_size_loss_and_accuracy(two_runs, tmp_path):
     assert figures["runs"][0]["scores"]["arithmetic"]["total"] == 2
 
 
+@pytest.mark.parametrize("first, second", [("1110111011", "0100100010"), ("10" * 30, "01" * 30), ("1111", "1111"),
+                                           ("1" * 40 + "0" * 3, "0" * 40 + "1" * 3)])
+def test_the_paired_test_is_scipy_s_exact_mcnemar(first, second):
+    """McNemar's exact test is a two-sided binomial test on the discordant problems."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from qadapt.scores import mcnemar_p
+
+    gained, lost, p = mcnemar_p(first, second)
+    assert (gained, lost) == (sum(a > b for a, b in zip(first, second)), sum(a < b for a, b in zip(first, second)))
+    expected = scipy_stats.binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    assert p == pytest.approx(expected, rel=1e-9)
+
+
+def test_runs_pair_with_the_base_and_their_peft_twin_problem_by_problem():
+    from qadapt.report import paired_table
+
+    def row(name, outcomes, trained=True):
+        score = {"score": outcomes.count("1") / len(outcomes), "total": len(outcomes), "outcomes": outcomes}
+        return {"name": name, "summary": {} if trained else None, "scores": {"AddSub": score}}
+
+    runs = [row("base", "0000000000", trained=False), row("lora", "1111111110"), row("peft-lora", "1111111100")]
+    lines = paired_table(runs).splitlines()
+    assert lines[2] == "| lora | base | +9 −0 (p=0.0039) |"
+    assert lines[3] == "| peft-lora | base | +8 −0 (p=0.0078) |"
+    assert lines[4] == "| lora | peft-lora | +1 −0 (p=1) |"
+
+
 def test_wilson_intervals_match_known_values():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)

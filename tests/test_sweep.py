@@ -118,7 +118,8 @@ def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, t
     assert first.returncode == 143 and "run the same qadapt sweep command again" in output, output[-3000:]
     assert not (out / "lr-1e-3" / "summary.json").exists()
 
-    sweep(recipe, ["train.lr=1e-3,1e30"], [], out, baseline=True)
+    kept = tmp_path / "docs-results"
+    sweep(recipe, ["train.lr=1e-3,1e30"], [], out, baseline=True, results=kept)
     state = json.loads((out / "sweep.json").read_text())
     runs = {r["name"]: r for r in state["runs"]}
     assert runs["lr-1e-3"]["status"] == "done"
@@ -136,6 +137,14 @@ def test_a_sweep_stops_continues_records_a_failure_and_reports(tiny_llama_dir, t
     logs = {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()}
     sweep(recipe, ["train.lr=1e-3"], [], out)  # another grid into the same folder: its run is done already
     assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
+
+    # The kept results (no weights) count as done elsewhere: a fresh folder trains and scores nothing.
+    assert sorted(p.name for p in (kept / "lr-1e-3").rglob("*") if p.is_file()) == [
+        "metrics.json", "metrics.jsonl", "recipe.yaml", "summary.json"]
+    elsewhere = tmp_path / "elsewhere"
+    table = sweep(recipe, ["train.lr=1e-3"], [], elsewhere, baseline=True, results=kept)
+    assert not (elsewhere / "lr-1e-3").exists() and not (elsewhere / "base").exists()
+    assert "| lr-1e-3 | lora |" in table and "| base |" in table and "| lr-1e-3 | base |" in table  # paired
 
     # The recipe changed since: the finished run trained another model, so it is named and left out.
     table = sweep(recipe, ["train.lr=1e-3"], ["adapter.rank=8"], out)

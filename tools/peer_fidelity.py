@@ -14,7 +14,9 @@ target-token count (`num_items_in_batch`, as transformers' Trainer does). Both s
 bitsandbytes kernel (the CPU's bf16 repacking off on both). The adapter is then imported as a qadapt run
 directory (`qadapt import-peft`) with a summary.json, and scored with `qadapt eval` on the recipe's eval
 sets in fp32 like every sweep run, so `qadapt report` (or a sweep's report, with --out inside the sweep
-folder) shows it beside qadapt's runs. Interrupted, it continues from its last checkpoint.
+folder) shows it beside qadapt's runs, paired problem by problem with the run it twins when named
+`peft-NAME` beside `NAME`; `--results` keeps its result files as a sweep's. Interrupted, it continues
+from its last checkpoint.
 
 Needs peft (the test extra). Series and Parallel adapters have no PEFT twin and are refused.
 """
@@ -227,6 +229,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", type=Path, required=True, help="the run directory to write (e.g. inside a sweep)")
     parser.add_argument("--eval-dtype", default="fp32")
+    parser.add_argument("--results", type=Path, help="also keep the run's result files there (as qadapt sweep "
+                                                     "--results does), e.g. docs/results/NAME")
     args = parser.parse_args()
 
     from qadapt.inference.evaluate import run_eval
@@ -254,6 +258,10 @@ def main() -> None:
     if e.sets:
         run_eval(str(out), e.sets, e.limit, e.batch_size, e.max_new_tokens, e.strict, eval_dir(out),
                  compute_dtype=args.eval_dtype, resume=True)
+    if args.results:
+        from qadapt.kept_results import keep_results
+
+        print(f"results kept in {keep_results(out, args.results)}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from qadapt.decoding.generation import greedy_generate, sample_generate
 from qadapt.decoding.sampling import Sampling
 from qadapt.errors import QadaptError
 from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
-from qadapt.scores import set_name, write_results
+from qadapt.scores import outcomes_text, set_name, split_first, write_results
 from qadapt.tasks import answers
 from qadapt.text_templates import is_text_template
 
@@ -37,8 +37,12 @@ class EvalSet:
 
 
 def load_eval_set(spec: str, limit: int | None = None, split: str = "test") -> EvalSet:
-    """The first `limit` problems of a set (the `split` of a built-in or hub set)."""
-    records = load_examples(spec, split=split)[:limit]
+    """The first `limit` problems of a set (the `split` of a built-in or hub set); a spec 'PATH@N' takes its
+    first N (the fewer of the two)."""
+    path, first = split_first(spec)
+    if first is not None:
+        limit = first if limit is None else min(limit, first)
+    records = load_examples(path, split=split)[:limit]
     if any("messages" in r for r in records):
         raise QadaptError(f"{spec} is a set of conversations, not of problems with an answer; score on single "
                           "questions (builtin:word-problems, a GSM8K or LLM-Adapters file)")
@@ -118,7 +122,8 @@ def evaluate_set(model, tokenizer, template: str, eval_set: EvalSet, batch_size:
     correct = sum(p["correct"] for p in predictions)
     row = {"correct": correct, "total": len(predictions),
            "accuracy": correct / len(predictions) if predictions else 0.0,
-           "no_answer": sum(p["extracted"] is None for p in predictions)}
+           "no_answer": sum(p["extracted"] is None for p in predictions),
+           "outcomes": outcomes_text([p["correct"] for p in predictions])}
     return row, predictions
 
 
@@ -145,7 +150,9 @@ def score_math_sets(target: str, specs: list[str], options, out_dir: Path, load:
     settings = {"strict": options.strict, "max_new_tokens": options.max_new_tokens,
                 "compute_dtype": options.compute_dtype, "calculator": options.calculator}
     results, predictions = _earlier_results(out_dir, settings, options.limit) if options.resume else ({}, [])
-    todo = [s for s in sets if s.name not in results]
+    # A set scored on another number of its problems (another '@N') is scored again.
+    todo = [s for s in sets if results.get(s.name, {}).get("total") != len(s.records)]
+    predictions = [p for p in predictions if p["set"] not in {s.name for s in todo}]
     if not todo:
         print(f"every set is already scored in {out_dir}")
     else:
