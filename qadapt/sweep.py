@@ -254,15 +254,14 @@ def _kept_and_current(results: Path | None, name: str, recipe: Path, overrides: 
 def _scored_all(folder: Path, recipe) -> bool:
     """Whether folder/eval/metrics.json holds every eval set of the recipe, each on as many problems as the
     recipe asks now (its `eval.limit`, a set's '@N')."""
-    from qadapt.tasks.math_sets import load_eval_set
+    from qadapt.tasks import task_named
 
     metrics = eval_dir(folder) / EVAL_METRICS_FILE
     scored = json.loads(metrics.read_text())["sets"] if metrics.is_file() else {}
+    task = task_named(recipe.task)
     for spec in recipe.eval.sets:
         row = scored.get(set_name(spec))
-        if row is None:
-            return False
-        if recipe.task == "causal-lm" and row["total"] != len(load_eval_set(spec, recipe.eval.limit).records):
+        if row is None or task.set_size(spec, recipe.eval.limit) not in (None, row.get("total")):
             return False
     return True
 

@@ -122,6 +122,10 @@ class Task:
         """The one number per set that a run's summary keeps (under `score_key`)."""
         raise NotImplementedError
 
+    def set_size(self, spec: str, limit: int | None) -> int | None:
+        """How many items scoring `spec` under `limit` counts (None: not known without scoring it)."""
+        return None
+
     def refuse_export(self, export: str, action: str) -> None:
         """A clear error when `export` (merge, peft, gguf; asked as `action`) does not apply to this task's runs."""
         if export not in self.exports:

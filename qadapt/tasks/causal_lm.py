@@ -70,6 +70,9 @@ class CausalLM(Task):
     def set_scores(self, metrics: dict) -> dict[str, float]:
         return {name: row["accuracy"] for name, row in metrics["sets"].items()}
 
+    def set_size(self, spec: str, limit: int | None) -> int | None:
+        return len(load_eval_set(spec, limit).records)
+
     def evaluate(self, target: str, specs: list[str], options: EvalOptions, out: Path, load) -> dict:
         return score_math_sets(target, specs, options, out, load)
 
