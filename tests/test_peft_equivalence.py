@@ -145,8 +145,7 @@ def test_dora_corrects_the_dropped_input_as_peft_does():
 
 # --- whole runs: `qadapt train` against tools/peer_fidelity.py's PEFT loop, from the same initial weights ---
 
-RUNS = {
-    "lora-nf4": dict(model={"quant": "nf4"}, adapter={"kind": "lora"}),
+RUNS = {  # LoRA on NF4 is the embedded model's run below
     "dora-nf4-loraplus": dict(model={"quant": "nf4"}, adapter={"kind": "dora", "lr_ratio": 16.0}),
     "rslora-int8": dict(model={"quant": "int8"}, adapter={"kind": "lora", "rslora": True}),
     "dora-none": dict(model={"quant": "none"}, adapter={"kind": "dora"}),
