@@ -64,7 +64,8 @@ def test_a_legacy_checkpoint_resumes_to_the_same_losses(legacy_run):
     train(load_recipe(legacy_run / "recipe.yaml"), resume=LATEST, score=False)
     resumed = {row["step"]: row["loss"] for row in _lines(legacy_run / "metrics.jsonl") if "loss" in row}
     assert sorted(resumed) == [1, 2, 3, 4]
-    # The run trains with dropout, whose masks are drawn differently since the fp32 work (four draws per
-    # random word, shared by q, k and v): steps 3 and 4 see other masks than when the run was written.
-    # Measured: 4.4e-5 and 2.2e-6 relative; resuming without the optimizer's state gives 1.0e-4 and 4.1e-4.
-    assert resumed[3] == pytest.approx(written[3], rel=8e-5) and resumed[4] == pytest.approx(written[4], rel=8e-5)
+    # The run trains with dropout, whose masks are drawn differently since it was written (four draws per
+    # random word on a CPU; since 2026-12-03 one mask per layer again, not one shared by q, k and v): steps 3
+    # and 4 see other masks. Measured now: 1.1e-4 and 2.0e-5 relative (with the shared masks: 4.4e-5 and
+    # 2.2e-6). Resuming without the optimizer's state gave 1.0e-4 and 4.1e-4: step 4 tells them apart.
+    assert resumed[3] == pytest.approx(written[3], rel=3e-4) and resumed[4] == pytest.approx(written[4], rel=1e-4)
