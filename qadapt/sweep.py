@@ -183,8 +183,8 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
             _save_state(out, state)
             timer.skip()
             continue
-        if _finished(run_dir, sweep_recipe) or _kept_and_current(results, run.name, recipe, [*overrides, *run.overrides],
-                                                                    sweep_recipe):
+        kept = _kept_and_current(results, run.name, recipe, [*overrides, *run.overrides], sweep_recipe)
+        if _finished(run_dir, sweep_recipe) or kept:
             if results and _finished(run_dir, sweep_recipe):
                 keep_results(run_dir, results)
             run.status, run.error = "done", None
@@ -261,7 +261,7 @@ def _scored_all(folder: Path, recipe) -> bool:
     task = task_named(recipe.task)
     for spec in recipe.eval.sets:
         row = scored.get(set_name(spec))
-        if row is None or task.set_size(spec, recipe.eval.limit) not in (None, row.get("total")):
+        if row is None or task.set_size(spec, recipe.eval.limit) not in (None, row.get("total", row.get("sentences"))):
             return False
     return True
 

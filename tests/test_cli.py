@@ -37,7 +37,7 @@ def test_eval_mistakes_are_one_clear_line(tmp_path):
     assert_one_line_error(qadapt("eval", "smollm2-135m", "--data", "builtin:arithmetic", "--quant", "nf5"),
                           "--quant 'nf5' is not one of nf4, fp4, int8, none")
     assert_one_line_error(qadapt("generate", "smollm2-135m", "hi", "--template", "chatml"),
-                          "--template 'chatml' is not one of alpaca, chat")
+                          "--template 'chatml' is not one of alpaca, llm-adapters, chat")
     unfinished = tmp_path / "run"
     unfinished.mkdir()
     (unfinished / "recipe.yaml").write_text("{}\n")

@@ -132,7 +132,8 @@ def paper_wrapped(model: nn.Module, kind: str, targets: list[str], size: int) ->
 
 
 @pytest.mark.parametrize("quant", ["none", "int8"])
-@pytest.mark.parametrize("kind, targets", [("series", ["up_proj", "gate_proj"]), ("parallel", ["up_proj", "down_proj"])])
+@pytest.mark.parametrize("kind, targets", [("series", ["up_proj", "gate_proj"]),
+                                           ("parallel", ["up_proj", "down_proj"])])
 def test_three_steps_with_the_paper_s_targets_are_the_reference_s(load_tiny, quant, kind, targets):
     """The paper's LLaMA-7B Series and Parallel commands' targets (init bert, no dropout) on the tiny LLaMA:
     three AdamW steps of qadapt's adapters and of the restated reference from the same weights give the same

@@ -123,7 +123,8 @@ class Task:
         raise NotImplementedError
 
     def set_size(self, spec: str, limit: int | None) -> int | None:
-        """How many items scoring `spec` under `limit` counts (None: not known without scoring it)."""
+        """How many items (problems, sentences) scoring `spec` under `limit` counts: a scored set's `total`
+        (or `sentences`) must equal it (None: not known without scoring it)."""
         return None
 
     def refuse_export(self, export: str, action: str) -> None:

@@ -306,5 +306,8 @@ class TokenClassification(Task):
     def set_scores(self, metrics: dict) -> dict[str, float]:
         return {name: row["f1"] for name, row in metrics["sets"].items()}
 
+    def set_size(self, spec: str, limit: int | None) -> int | None:
+        return len(load_sentences(spec, "test")[:limit])
+
     def evaluate(self, target: str, specs: list[str], options: EvalOptions, out: Path, load) -> dict:
         return score_tagging_sets(target, specs, options, out, load)
