@@ -19,6 +19,7 @@ folder to commit, and a run kept there by the recipe the sweep has now counts as
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -183,9 +184,9 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
             _save_state(out, state)
             timer.skip()
             continue
-        kept = _kept_and_current(results, run.name, recipe, [*overrides, *run.overrides], sweep_recipe)
-        if _finished(run_dir, sweep_recipe) or kept:
-            if results and _finished(run_dir, sweep_recipe):
+        finished_here = _finished(run_dir, sweep_recipe)
+        if finished_here or _kept_and_current(results, run.name, recipe, [*overrides, *run.overrides], sweep_recipe):
+            if results and finished_here:
                 keep_results(run_dir, results)
             run.status, run.error = "done", None
             timer.skip()
@@ -254,16 +255,22 @@ def _kept_and_current(results: Path | None, name: str, recipe: Path, overrides: 
 def _scored_all(folder: Path, recipe) -> bool:
     """Whether folder/eval/metrics.json holds every eval set of the recipe, each on as many problems as the
     recipe asks now (its `eval.limit`, a set's '@N')."""
-    from qadapt.tasks import task_named
-
     metrics = eval_dir(folder) / EVAL_METRICS_FILE
     scored = json.loads(metrics.read_text())["sets"] if metrics.is_file() else {}
-    task = task_named(recipe.task)
     for spec in recipe.eval.sets:
         row = scored.get(set_name(spec))
-        if row is None or task.set_size(spec, recipe.eval.limit) not in (None, row.get("total", row.get("sentences"))):
+        expected = _set_size(recipe.task, spec, recipe.eval.limit)
+        if row is None or expected not in (None, row.get("total", row.get("sentences"))):
             return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _set_size(task: str, spec: str, limit: int | None) -> int | None:
+    """How many items the task scores of `spec`: read once per sweep, though every run's check asks."""
+    from qadapt.tasks import task_named
+
+    return task_named(task).set_size(spec, limit)
 
 
 def _eval_args(recipe, eval_dtype: str) -> list[str]:

@@ -150,3 +150,13 @@ def test_the_recipes_adapter_kinds_are_the_adapter_packages():
         spec = AdapterConfig(kind=kind, targets=["up_proj"], placement="linears").spec()
         assert spec.kind == kind and spec.targets == ("up_proj",)
         assert isinstance(spec, LowRankSpec if kind in ("lora", "dora") else BottleneckSpec)
+
+
+def test_the_recipes_templates_are_the_text_templates_and_chat():
+    """One list of plain-text templates (qadapt.text_templates); the recipe schema names each of them."""
+    from typing import get_args
+
+    from qadapt.recipe import Template
+    from qadapt.text_templates import TEXT_TEMPLATES
+
+    assert set(get_args(Template)) == {*TEXT_TEMPLATES, "chat"}
