@@ -57,10 +57,13 @@ def test_peer_fidelity_trains_peft_at_the_recipes_budget_and_scores_it_as_a_run(
     }))
     out = tmp_path / "sweep" / "peft-lora"
     work = out.with_name("peft-lora.peft-train")
-    command = [sys.executable, str(REPO / "tools" / "peer_fidelity.py"), str(recipe), "--out", str(out)]
+    kept = tmp_path / "kept"
+    command = [sys.executable, str(REPO / "tools" / "peer_fidelity.py"), str(recipe), "--out", str(out),
+               "--results", str(kept)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     run = read_run(out)
+    assert read_run(kept / "peft-lora")["scores"] == run["scores"]  # its result files kept, as a sweep's
     assert run["summary"]["steps"] == 4 and run["summary"]["trainer"] == "peft + bitsandbytes"
     assert run["recipe"].adapter.kind == "dora" and run["scores"]["arithmetic"]["total"] == 2  # the recipe's kind
     assert len(run["losses"]) == 4
