@@ -198,6 +198,7 @@ def test_real_smollm2_merged_and_exported_answers_like_the_adapter(tmp_path, qui
     assert exported.returncode == 0 and "adapter_model.safetensors" in exported.stdout, exported.stderr[-3000:]
     gguf = qadapt("export", str(run), "--format", "gguf", "--out", str(tmp_path / "model.gguf"))
     assert gguf.returncode == 0, gguf.stderr[-3000:]
+    assert "deprecated" not in gguf.stderr, gguf.stderr[-3000:]  # the user's screen: qadapt's own lines
     from qadapt.export import llamacpp
 
     reader = "llama.cpp" if llamacpp.installed() else "transformers"  # the embedded model, run where it will run

@@ -7,6 +7,7 @@ Without the extra, `installed()` is False and what needs it says how to get it.
 from __future__ import annotations
 
 import ctypes
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +74,14 @@ def run_side_by_side(merged: Path, gguf_file: Path, texts: list[str], prompts: l
 def _side_by_side(model, tokenizer, llm, text: str, prompt: str, tokens: int, ends: set[int]) -> dict:
     ids = tokenizer(text, return_tensors="pt").input_ids
     reference = model(input_ids=ids).logits[0].numpy()
+    # The model's own cache (a hybrid family has its own kind), passed on under the name this transformers
+    # gives it: `past_key_values` is deprecated and warns on a user's screen.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=tokenizer(prompt, return_tensors="pt").input_ids, use_cache=True)
     expected = []
     while len(expected) < tokens and not ends.intersection(expected[-1:]):
         expected.append(int(out.logits[0, -1].argmax()))
-        out = model(input_ids=torch.tensor([expected[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([expected[-1:]]), use_cache=True, **{name: getattr(out, name)})
     cpp_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)  # add_bos: as the vocab says
     row = {"text": text[:60], "same_tokenization": cpp_ids == ids[0].tolist()}
     if not row["same_tokenization"]:
