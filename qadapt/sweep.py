@@ -162,6 +162,7 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
 
     if eval_dtype not in get_args(DType):
         raise QadaptError(f"--eval-dtype {eval_dtype!r} is not one of {', '.join(get_args(DType))}")
+    _set_size.cache_clear()  # a set file may have changed since an earlier sweep in this process
     state = plan_sweep(recipe, grids, overrides, out)
     sweep_recipe = load_recipe(recipe, overrides)
     out.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,7 @@ class _Decoder:
         # Only the last position's logits are read: on a prefill the full (rows, width, vocab) logits
         # would be a fifth of the work and gigabytes of memory.
         self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-        self.cache_name = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5
+        self.cache_name = cache_keyword(model)
         self.new_cache = lambda: _with_room(DynamicCache(config=model.config))
         self.cache = None
         self.rows: list[int] = []  # prompt index of each row
@@ -333,6 +333,12 @@ def _number_tokens(tokenizer, device) -> torch.Tensor:
     """Ids of the tokens that would go on with a number just written: "7", "57", ".5", ",000"."""
     vocabulary = range(len(tokenizer))
     return torch.tensor([i for i in vocabulary if re.match(r"[.,]?\d", tokenizer.decode([i]))], device=device)
+
+
+def cache_keyword(model) -> str:
+    """The keyword the model's forward takes its KV cache by: `cache` since transformers 5 renamed it
+    (`past_key_values` still works there but prints a deprecation warning on the user's screen)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _with_room(cache):

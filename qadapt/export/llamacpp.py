@@ -7,7 +7,6 @@ Without the extra, `installed()` is False and what needs it says how to get it.
 from __future__ import annotations
 
 import ctypes
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +73,9 @@ def run_side_by_side(merged: Path, gguf_file: Path, texts: list[str], prompts: l
 def _side_by_side(model, tokenizer, llm, text: str, prompt: str, tokens: int, ends: set[int]) -> dict:
     ids = tokenizer(text, return_tensors="pt").input_ids
     reference = model(input_ids=ids).logits[0].numpy()
-    # The model's own cache (a hybrid family has its own kind), passed on under the name this transformers
-    # gives it: `past_key_values` is deprecated and warns on a user's screen.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from qadapt.decoding.generation import cache_keyword
+
+    name = cache_keyword(model)  # the model's own cache (a hybrid family has its own kind) is passed back
     out = model(input_ids=tokenizer(prompt, return_tensors="pt").input_ids, use_cache=True)
     expected = []
     while len(expected) < tokens and not ends.intersection(expected[-1:]):
