@@ -70,7 +70,7 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     head = task.logits_head(model)
     quantized = sum(m.weight.numel() for m in model.modules() if is_linear(m) and m is not head)
     other = sum(p.numel() for p in model.parameters()) - quantized
-    attach_adapters(model, recipe.adapter.spec())
+    attach_adapters(model, recipe.adapter)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     tokens = recipe.train.micro_batch_size * recipe.data.cutoff_len

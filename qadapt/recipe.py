@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
+from qadapt.adapters.spec import SPECS, AdapterSpec, BottleneckSpec, LowRankSpec, spec_class
 from qadapt.errors import QadaptError
 
 Quant = Literal["nf4", "fp4", "int8", "none"]
@@ -40,59 +41,6 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of a hub id."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code. Only when you trust it."""
-
-
-@dataclass
-class AdapterConfig:
-    kind: Literal["lora", "dora", "series", "parallel"] = "lora"
-    """Adapter family member: `lora`, `dora` (LoRA + magnitude), `series` or `parallel` bottleneck."""
-    rank: int = 16
-    """lora/dora: rank r."""
-    alpha: float = 32.0
-    """lora/dora: scale numerator: the update is (alpha / r) * B A, or (alpha / sqrt(r)) with rslora."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input (every kind)."""
-    rslora: bool = False
-    """lora/dora: rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
-    lr_ratio: float = 1.0
-    """lora/dora: B's learning rate is lr_ratio × A's (LoRA+, Hayou et al. 2024, arXiv 2402.12354; they
-    suggest 16); 1: plain LoRA."""
-    targets: Optional[list[str]] = None
-    """Module-name suffixes to wrap, e.g. [q_proj, v_proj]; null: the model family's default.
-    lora/dora always; series/parallel with placement `linears` (series: `name:input` / `name:output`
-    picks the side, else the family's side as in LLM-Adapters)."""
-    placement: Literal["mlp", "attention", "both", "linears"] = "mlp"
-    """series/parallel: beside (parallel) or after (series) the MLP block, the attention block, both
-    (series: Houlsby), or at the named target linears (the LLM-Adapters code's placement)."""
-    bottleneck_size: int = 256
-    """series/parallel: width of the bottleneck (down-projection size)."""
-    activation: Literal["tanh", "relu", "gelu", "silu"] = "tanh"
-    """series/parallel: non-linearity between down- and up-projection."""
-    scale: Union[float, Literal["learned"]] = 1.0
-    """series/parallel: multiplier of the adapter's output, or `learned` (a trained scalar from 1)."""
-    init: Literal["bert", "zero"] = "zero"
-    """series/parallel: `zero` (up-projection zero: starts as the base model) or `bert` (both
-    projections normal(0, 0.02), as the LLM-Adapters paper)."""
-    start_from: Optional[str] = None
-    """A finished run (or an adapter folder) whose adapter weights this run starts from instead of `init`:
-    the same adapter settings and base; the optimizer, schedule and step count start afresh."""
-
-    @property
-    def low_rank(self) -> bool:
-        """lora or dora: an update of the target linears' weights (qadapt.adapters.spec.KINDS)."""
-        from qadapt.adapters.spec import LowRankSpec, adapter_kind
-
-        return adapter_kind(self.kind).spec is LowRankSpec
-
-    def spec(self):
-        """This section as the typed spec the adapter package attaches (qadapt.adapters.spec)."""
-        from qadapt.adapters.spec import BottleneckSpec, LowRankSpec, adapter_kind
-
-        targets = tuple(self.targets) if self.targets else None
-        if adapter_kind(self.kind).spec is LowRankSpec:
-            return LowRankSpec(self.kind, self.rank, self.alpha, self.dropout, self.rslora, targets)
-        return BottleneckSpec(self.kind, self.placement, targets, self.bottleneck_size, self.activation, self.scale,
-                              self.init, self.dropout)
 
 
 @dataclass
@@ -213,7 +161,8 @@ class Recipe:
     """`causal-lm` (instruction tuning a decoder) or `token-classification` (tagging words, e.g. NER,
     with an encoder such as BERT; the head is trained with the adapters)."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    adapter: AdapterSpec = field(default_factory=LowRankSpec)
+    """The adapter: a LowRankSpec (lora, dora) or a BottleneckSpec (series, parallel), by its `kind`."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -250,9 +199,9 @@ def recipe_from_dict(raw: dict, overrides: list[str] = (), source: str = "recipe
     return recipe
 
 
-def adapter_section(saved: dict, source: str) -> AdapterConfig:
+def adapter_section(saved: dict, source: str) -> AdapterSpec:
     """The adapter section kept in an adapter_config.json (beside its other keys), checked as a recipe's is."""
-    names = {f.name for f in fields(AdapterConfig)}
+    names = {f.name for spec in SPECS for f in fields(spec)}
     return recipe_from_dict({"adapter": {k: v for k, v in saved.items() if k in names}}, source=source).adapter
 
 
@@ -277,7 +226,8 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
         return rows
 
     before, after = flat(old), flat(new)
-    return [(key, before[key], after[key]) for key in before if before[key] != after[key]]
+    keys = [*before, *(key for key in after if key not in before)]  # another adapter kind has other keys
+    return [(key, before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)]
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
@@ -328,6 +278,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         if name not in raw:
             continue
         hint = hints[name]
+        if _is_tagged_union(hint):
+            values[name] = _build_tagged(hint, raw[name], f"{prefix}{name}.", problems)
+            continue
         if is_dataclass(hint):
             values[name] = _build(hint, raw[name], f"{prefix}{name}.", problems)
             continue
@@ -337,6 +290,47 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         else:
             values[name] = value
     return cls(**values)
+
+
+def _is_tagged_union(hint: Any) -> bool:
+    return get_origin(hint) in (Union, types.UnionType) and all(is_dataclass(a) for a in get_args(hint))
+
+
+# A saved run lists every adapter key of the flat section earlier versions wrote; a sweep's grid may switch
+# the kind of a recipe that sets the other kinds' keys. Those keys are read past, as they always were,
+# except one that would silently change training.
+REFUSED_FOR_OTHER_KINDS = {"lr_ratio": 1.0}
+
+
+def _build_tagged(hint: Any, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """One member of a union of dataclasses, chosen by the mapping's `kind` (the adapter section)."""
+    where = prefix.rstrip(".")
+    members = get_args(hint)
+    if not isinstance(raw, dict):
+        problems.append(f"{where} must be a mapping, got {raw!r}")
+        return members[0]()
+    kind = raw.get("kind", members[0]().kind)  # the first member's default kind: lora
+    try:
+        cls = spec_class(kind)
+    except QadaptError as error:
+        problems.append(f"{prefix}kind: {error}")
+        return members[0]()
+    own = {f.name for f in fields(cls)}
+    others = {f.name: member for member in members for f in fields(member) if f.name not in own}
+    for key in others.keys() & raw.keys():  # read past, but a value of the wrong type is still named
+        _, problem = _coerce(raw[key], get_type_hints(others[key])[key])
+        if problem:
+            problems.append(f"{prefix}{key}: {problem}")
+    for key, default in REFUSED_FOR_OTHER_KINDS.items():
+        if key in others and raw.get(key, default) != default:
+            problems.append(f"{prefix}{key} applies to {_kinds_with(members, key)} adapters, not to a {kind} adapter")
+    return _build(cls, {k: v for k, v in raw.items() if k not in others}, prefix, problems)
+
+
+def _kinds_with(members: tuple, key: str) -> str:
+    kinds = [k for member in members if key in {f.name for f in fields(member)}
+             for k in get_args(get_type_hints(member)["kind"])]
+    return " and ".join(kinds)
 
 
 def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
@@ -384,18 +378,7 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
 
 def _range_problems(r: Recipe) -> list[str]:
     checks = [
-        ("adapter.rank", r.adapter.rank >= 1, "must be at least 1"),
-        ("adapter.alpha", r.adapter.alpha > 0, "must be positive"),
-        ("adapter.dropout", 0 <= r.adapter.dropout < 1, "must be in [0, 1)"),
-        ("adapter.targets", r.adapter.targets is None or len(r.adapter.targets) > 0, "must name a module, or be null"),
-        ("adapter.targets", r.adapter.targets is None or r.adapter.low_rank or r.adapter.placement == "linears",
-         f"apply to lora, dora and placement: linears, not to a {r.adapter.kind} adapter with placement: "
-         f"{r.adapter.placement}"),
-        ("adapter.lr_ratio", r.adapter.lr_ratio > 0, "must be positive"),
-        ("adapter.lr_ratio", r.adapter.lr_ratio == 1 or r.adapter.low_rank,
-         f"applies to lora and dora (B's learning rate), not to a {r.adapter.kind} adapter"),
-        ("adapter.bottleneck_size", r.adapter.bottleneck_size >= 1, "must be at least 1"),
-        ("adapter.scale", r.adapter.scale == "learned" or r.adapter.scale > 0, "must be positive, or learned"),
+        *_adapter_problems(r.adapter),
         ("data.path", len(r.data.sources) > 0, "must name a data source, or a list of them"),
         ("data.cutoff_len", r.data.cutoff_len >= 8, "must be at least 8 tokens"),
         ("data.chat_template", r.data.chat_template is None or r.data.template == "chat",
@@ -421,3 +404,19 @@ def _range_problems(r: Recipe) -> list[str]:
         ("eval.max_new_tokens", r.eval.max_new_tokens >= 1, "must be at least 1"),
     ]
     return [f"{key} {message}" for key, ok, message in checks if not ok]
+
+
+def _adapter_problems(a: AdapterSpec) -> list[tuple[str, bool, str]]:
+    checks = [("adapter.dropout", 0 <= a.dropout < 1, "must be in [0, 1)"),
+              ("adapter.targets", a.targets is None or len(a.targets) > 0, "must name a module, or be null")]
+    if isinstance(a, LowRankSpec):
+        return checks + [("adapter.rank", a.rank >= 1, "must be at least 1"),
+                         ("adapter.alpha", a.alpha > 0, "must be positive"),
+                         ("adapter.lr_ratio", a.lr_ratio > 0, "must be positive")]
+    assert isinstance(a, BottleneckSpec)
+    return checks + [
+        ("adapter.targets", a.targets is None or a.placement == "linears",
+         f"apply to lora, dora and placement: linears, not to a {a.kind} adapter with placement: {a.placement}"),
+        ("adapter.bottleneck_size", a.bottleneck_size >= 1, "must be at least 1"),
+        ("adapter.scale", a.scale == "learned" or a.scale > 0, "must be positive, or learned"),
+    ]

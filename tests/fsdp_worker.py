@@ -27,7 +27,7 @@ from qadapt.training import distributed
 from qadapt.adapters import adapter_state_dict, attach_adapters
 from qadapt.models import load_base, load_tokenizer
 from qadapt.quant import prepare_for_kbit_training
-from qadapt.recipe import AdapterConfig, ModelConfig
+from qadapt.recipe import ModelConfig, adapter_section
 from qadapt.training.loss import accumulate_gradients
 
 GLOBAL_BATCH, MICRO_BATCH, STEPS = 8, 2, 3
@@ -43,7 +43,7 @@ def main(model_dir: str, out: Path, kind: str) -> None:
     rows = D.tokenize(records, tokenizer, "alpaca", 96, False).rows
     model = load_base(config, quant_storage_like_compute=sharded)
     prepare_for_kbit_training(model, gradient_checkpointing=True)
-    attach_adapters(model, AdapterConfig(kind=kind, rank=4, alpha=8, dropout=0.0, bottleneck_size=8).spec())
+    attach_adapters(model, adapter_section(dict(kind=kind, rank=4, alpha=8, dropout=0.0, bottleneck_size=8), "adapter"))
     if sharded:
         units = distributed.fsdp_units(model)
         model = FSDP(model, device_id=torch.device("cpu"), use_orig_params=False,

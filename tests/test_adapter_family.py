@@ -24,7 +24,8 @@ from qadapt.adapters import (
     layer_dims,
     load_adapter_state_dict,
 )
-from qadapt.recipe import AdapterConfig
+from qadapt.adapters.spec import AdapterSpec, adapter_spec
+from qadapt.recipe import adapter_section
 from qadapt.tasks.causal_lm import summed_token_loss
 from qadapt.tasks.token_classification import summed_tag_loss
 
@@ -42,14 +43,14 @@ FAMILY_QUANTS = [(family, quant) for family in FAMILIES for quant in QUANTS
                  or family == "bert"]
 
 
-def adapter_config(kind: str, family: str, **options) -> AdapterConfig:
+def adapter_config(kind: str, family: str, **options) -> AdapterSpec:
     """Small adapters; bottlenecks on both sub-layers (OPT has no MLP block: beside its linears; a mixture of
     experts has no linear after its experts: series after the attention only)."""
     placement = "linears" if kind == "parallel" and FAMILIES[family].mlp is None else "both"
     if kind == "series" and FAMILIES[family].mlp_output is None:
         placement = "attention"
     defaults = dict(kind=kind, rank=4, alpha=8, dropout=0.0, bottleneck_size=8, placement=placement)
-    return AdapterConfig(**{**defaults, **options})
+    return adapter_section({**defaults, **options}, "a recipe's adapter section")  # the keys of its kind
 
 
 def logits(model, seed: int = 0) -> torch.Tensor:
@@ -57,7 +58,7 @@ def logits(model, seed: int = 0) -> torch.Tensor:
         return model(input_ids=token_batch(seed, vocab=TINY_VOCAB)["input_ids"]).logits
 
 
-def expected_trainable(model, wrapped: list[str], cfg: AdapterConfig) -> int:
+def expected_trainable(model, wrapped: list[str], cfg: AdapterSpec) -> int:
     """The trainable-parameter formula of each kind, from the wrapped modules' sizes."""
     total = 0
     for name in wrapped:
@@ -86,7 +87,7 @@ def test_starts_as_the_base_model(load_family, kind, quant, family):
     """LoRA and DoRA always, bottlenecks with init `zero`: exactly the base model's output."""
     model = load_family(family, quant)
     before = logits(model)
-    attach_adapters(model, adapter_config(kind, family, init="zero").spec())
+    attach_adapters(model, adapter_config(kind, family, init="zero"))
     assert torch.equal(logits(model), before)
 
 
@@ -95,7 +96,7 @@ def test_starts_as_the_base_model(load_family, kind, quant, family):
 def test_training_moves_only_adapters_and_round_trips(load_family, kind, quant, family):
     model = load_family(family, quant)
     cfg = adapter_config(kind, family, init="bert", scale="learned")
-    wrapped = attach_adapters(model, cfg.spec())
+    wrapped = attach_adapters(model, cfg)
     assert count_parameters(model)[0] == expected_trainable(model, wrapped, cfg)
 
     adapter_names = set(adapter_params(model))
@@ -120,7 +121,7 @@ def test_training_moves_only_adapters_and_round_trips(load_family, kind, quant, 
     model.eval()
     trained = logits(model, seed=7)
     fresh = load_family(family, quant)
-    attach_adapters(fresh, cfg.spec())
+    attach_adapters(fresh, cfg)
     load_adapter_state_dict(fresh, adapter_state_dict(model))
     fresh.eval()
     assert torch.equal(logits(fresh, seed=7), trained)
@@ -168,19 +169,19 @@ def per_layer(layers: int, **suffixes: str) -> dict[str, str]:
 ])
 def test_llama_placements_wrap_what_llm_adapters_wraps(load_tiny, options, expected):
     model = load_tiny("nf4")
-    wrapped = attach_adapters(model, AdapterConfig(bottleneck_size=8, **options).spec())
+    wrapped = attach_adapters(model, adapter_spec(bottleneck_size=8, **options))
     assert wrapped_layout(model, wrapped) == expected
 
 
 def test_paper_bottleneck_shapes_on_llama(load_tiny):
     """mh_adapter: in -> b -> in; output_adapter: out -> b -> out; parallel: in -> b -> out."""
     model = load_tiny("nf4")
-    attach_adapters(model, AdapterConfig(kind="series", placement="linears", bottleneck_size=8).spec())
+    attach_adapters(model, adapter_spec(kind="series", placement="linears", bottleneck_size=8))
     up, down = model.model.layers[0].mlp.up_proj, model.model.layers[0].mlp.down_proj
     assert (up.bottleneck.down.in_features, up.bottleneck.up.out_features) == (64, 64)  # hidden
     assert (down.bottleneck.down.in_features, down.bottleneck.up.out_features) == (64, 64)  # down's output
     model = load_tiny("nf4")
-    attach_adapters(model, AdapterConfig(kind="parallel", placement="linears", targets=["up_proj"], bottleneck_size=8).spec())
+    attach_adapters(model, adapter_spec(kind="parallel", placement="linears", targets=["up_proj"], bottleneck_size=8))
     up = model.model.layers[0].mlp.up_proj
     assert (up.bottleneck.down.in_features, up.bottleneck.up.out_features) == (64, 128)
 
@@ -192,12 +193,12 @@ def test_series_and_parallel_follow_their_equations():
     for kind, on_input in [("series", False), ("series", True), ("parallel", False)]:
         model = torch.nn.Sequential()
         model.add_module("proj", base)
-        cfg = AdapterConfig(kind=kind, placement="linears", targets=[f"proj:{'input' if on_input else 'output'}"]
+        cfg = adapter_spec(kind=kind, placement="linears", targets=[f"proj:{'input' if on_input else 'output'}"]
                             if kind == "series" else ["proj"], bottleneck_size=3, init="bert", scale=0.5,
                             activation="gelu", dropout=0.0)
         from qadapt.adapters.placement import plan_adapters
 
-        layer = plan_adapters(model, cfg.spec())["proj"](base)
+        layer = plan_adapters(model, cfg)["proj"](base)
         down, up = layer.bottleneck.down.weight, layer.bottleneck.up.weight
 
         def bottleneck(h):
@@ -232,7 +233,7 @@ def test_dora_weight_norm_matches_the_dequantized_weight(load_tiny, quant):
     import bitsandbytes as bnb
 
     model = load_tiny(quant)
-    attach_adapters(model, AdapterConfig(kind="dora", rank=4, targets=["down_proj"]).spec())
+    attach_adapters(model, adapter_spec(kind="dora", rank=4, targets=["down_proj"]))
     layer = model.model.layers[0].mlp.down_proj
     torch.nn.init.normal_(layer.lora_b.weight, std=0.1)
     weight = layer.base.weight
@@ -247,7 +248,7 @@ def test_dora_weight_norm_matches_the_dequantized_weight(load_tiny, quant):
 
 def test_lora_and_dora_wrap_conv1d_on_gpt2(load_family):
     model = load_family("gpt2", "none")
-    wrapped = attach_adapters(model, AdapterConfig(kind="dora", rank=4, targets=["c_attn"]).spec())
+    wrapped = attach_adapters(model, adapter_spec(kind="dora", rank=4, targets=["c_attn"]))
     layer = model.get_submodule(wrapped[0])
     assert type(layer.base).__name__ == "Conv1D"
     assert layer.lora_a.in_features == 64 and layer.lora_b.out_features == 3 * 64
@@ -269,7 +270,7 @@ def test_placement_mistakes_are_explained(load_family, family, options, message)
     from qadapt.errors import QadaptError
 
     with pytest.raises(QadaptError, match=message):
-        attach_adapters(load_family(family, "none"), AdapterConfig(**options).spec())
+        attach_adapters(load_family(family, "none"), adapter_spec(**options))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -279,9 +280,10 @@ def test_unknown_family_works_with_explicit_linear_targets(load_family, kind):
     model = load_family("llama", "none")
     model.config.model_type = "something-new"
     with pytest.raises(QadaptError, match="something-new.*not in qadapt's family table.*q_proj"):
-        attach_adapters(model, AdapterConfig(kind=kind).spec())
+        attach_adapters(model, adapter_spec(kind=kind))
     targets = ["down_proj:output"] if kind == "series" else ["down_proj"]
-    assert len(attach_adapters(model, AdapterConfig(kind=kind, placement="linears", targets=targets).spec())) == 2
+    spec = adapter_section({"kind": kind, "placement": "linears", "targets": targets}, "adapter")
+    assert len(attach_adapters(model, spec)) == 2
 
 
 @pytest.mark.parametrize("recipe, expected", [
@@ -298,14 +300,14 @@ def test_paper_recipes_place_adapters_as_the_papers_commands(load_tiny, recipe, 
 
     cfg = load_recipe(REPO / "recipes" / "paper" / recipe).adapter
     model = load_tiny("nf4")
-    assert wrapped_layout(model, attach_adapters(model, cfg.spec())) == expected
+    assert wrapped_layout(model, attach_adapters(model, cfg)) == expected
 
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_dora_norm_is_recomputed_after_every_optimizer_step(load_tiny, foreach):
     """The norm is cached between changes of A and B; a step (either AdamW implementation) must refresh it."""
     model = load_tiny("nf4")
-    attach_adapters(model, AdapterConfig(kind="dora", rank=4, dropout=0.0, targets=["down_proj"]).spec())
+    attach_adapters(model, adapter_spec(kind="dora", rank=4, dropout=0.0, targets=["down_proj"]))
     layer = model.model.layers[0].mlp.down_proj
     optimizer = torch.optim.AdamW(list(adapter_params(model).values()), lr=1e-2, foreach=foreach)
     model.train()
@@ -338,7 +340,7 @@ def test_a_folded_adapter_computes_what_it_did_unfolded(load_family, kind, famil
     from qadapt.export.merge import fold_adapters
 
     model = load_family(family, "none").eval()
-    attach_adapters(model, adapter_config(kind, family).spec())
+    attach_adapters(model, adapter_config(kind, family))
     base = logits(model)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -25,7 +25,7 @@ import torch
 from conftest import REPO, token_batch
 
 from qadapt.adapters import adapter_params, attach_adapters
-from qadapt.recipe import AdapterConfig
+from qadapt.adapters.spec import adapter_spec
 
 REFERENCE_PYTHON = REPO / ".venv-adapterhub" / "bin" / "python"
 pytestmark = pytest.mark.skipif(not REFERENCE_PYTHON.is_file(),
@@ -79,8 +79,8 @@ def test_series_block_placements_compute_what_adapterhub_computes(load_tiny, tin
     options = {"reduction_factor": 64 / SIZE, "non_linearity": "tanh", "init_weights": "bert",
                "scaling": scale, **options}
     model = load_tiny("none")
-    attach_adapters(model, AdapterConfig(kind="series", bottleneck_size=SIZE, activation="tanh", dropout=0.0,
-                                         **{"scale": 1.0, **ours_options}).spec())
+    attach_adapters(model, adapter_spec(kind="series", bottleneck_size=SIZE, activation="tanh", dropout=0.0,
+                                         **{"scale": 1.0, **ours_options}))
     params = adapter_params(model)
     initial = {name: p.detach().clone() for name, p in params.items()}
     torch.manual_seed(1)

@@ -153,10 +153,10 @@ def test_fsdp_sharded_4bit_base_trains_as_one_process(tiny_llama_dir, tmp_path, 
 def test_every_fsdp_unit_is_all_frozen_or_all_trained(load_tiny, kind):
     from qadapt.adapters import attach_adapters
     from qadapt.training.distributed import fsdp_units
-    from qadapt.recipe import AdapterConfig
+    from qadapt.recipe import adapter_section
 
     model = load_tiny("nf4")
-    attach_adapters(model, AdapterConfig(kind=kind, rank=4, bottleneck_size=8, scale="learned").spec())
+    attach_adapters(model, adapter_section(dict(kind=kind, rank=4, bottleneck_size=8, scale="learned"), "adapter"))
     units = fsdp_units(model) | {id(model)}  # FSDP always wraps the root
 
     def own_parameters(unit):  # what FSDP flattens into this unit: its subtree minus nested units

@@ -20,7 +20,7 @@ from qadapt import lean_cpu
 from qadapt.adapters import DoRALinear, LoRALinear, attach_adapters
 from qadapt.data import IGNORE_INDEX
 from qadapt.lean_cpu.masks import CheapDropout, keep_mask
-from qadapt.recipe import AdapterConfig
+from qadapt.adapters.spec import adapter_spec
 from qadapt.tasks.causal_lm import summed_token_loss
 
 
@@ -97,7 +97,7 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(load_tiny, quant
     """A trained head (LoRA on it) takes the checkpointed chunks, a frozen one LinearCrossEntropy."""
     model = load_tiny(quant)
     targets = ["q_proj", "down_proj"] + (["lm_head"] if head == "trained" else [])
-    attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.0, targets=targets).spec())
+    attach_adapters(model, adapter_spec(kind="lora", rank=4, dropout=0.0, targets=targets))
     for module in model.modules():
         if isinstance(module, LoRALinear):
             nn.init.normal_(module.lora_b.weight, std=0.02)
@@ -124,7 +124,7 @@ def loss_curve(load_tiny, variant: str, steps: int = 8, seed: int = 0, compute_d
     torch.manual_seed(0)
     model = load_tiny("nf4", compute_dtype=compute_dtype)
     torch.manual_seed(seed)  # the adapters' initialization and dropout masks
-    attach_adapters(model, AdapterConfig(kind="lora", rank=8, dropout=0.1).spec())
+    attach_adapters(model, adapter_spec(kind="lora", rank=8, dropout=0.1))
     if variant != "plain":
         lean_cpu.for_training(model)
     for module in model.modules():
@@ -244,7 +244,7 @@ def test_adapters_reading_one_input_share_its_mask_for_one_call_only_when_asked(
     """Off by default: each adapter draws its own mask, as PEFT's layers do."""
     torch.manual_seed(0)
     model = load_tiny("nf4", gradient_checkpointing=False)
-    attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.5, targets=ALL_LINEARS).spec())
+    attach_adapters(model, adapter_spec(kind="lora", rank=4, dropout=0.5, targets=ALL_LINEARS))
     lean_cpu.for_training(model, shared_masks=shared)
     model.train()
     first, second = dropout_inputs(model), dropout_inputs(model)
@@ -263,7 +263,7 @@ def test_checkpointing_recomputes_the_same_shared_masks(load_tiny):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = load_tiny("nf4", gradient_checkpointing=checkpointing)
-        attach_adapters(model, AdapterConfig(kind="lora", rank=4, dropout=0.3, targets=ALL_LINEARS).spec())
+        attach_adapters(model, adapter_spec(kind="lora", rank=4, dropout=0.3, targets=ALL_LINEARS))
         lean_cpu.for_training(model, shared_masks=True)
         for module in model.modules():
             if isinstance(module, LoRALinear):

@@ -139,12 +139,12 @@ def test_three_steps_with_the_paper_s_targets_are_the_reference_s(load_tiny, qua
     three AdamW steps of qadapt's adapters and of the restated reference from the same weights give the same
     losses and adapter weights (fp32 rounding)."""
     from qadapt.adapters import adapter_params, attach_adapters
-    from qadapt.recipe import AdapterConfig
+    from qadapt.adapters.spec import adapter_spec
 
     torch.manual_seed(0)
     ours = load_tiny(quant)
-    attach_adapters(ours, AdapterConfig(kind=kind, placement="linears", targets=targets, bottleneck_size=8,
-                                        init="bert", dropout=0.0).spec())
+    attach_adapters(ours, adapter_spec(kind=kind, placement="linears", targets=targets, bottleneck_size=8,
+                                        init="bert", dropout=0.0))
     theirs = load_tiny(quant)
     reference = paper_wrapped(theirs, kind, targets, size=8)
     theirs.requires_grad_(False)

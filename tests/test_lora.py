@@ -17,7 +17,7 @@ from qadapt.adapters import (
     inject_adapters,
 )
 from qadapt.errors import QadaptError
-from qadapt.recipe import AdapterConfig
+from qadapt.adapters.spec import adapter_spec
 from qadapt.tasks.causal_lm import summed_token_loss
 
 QUANTS = ["nf4", "int8", "none"]
@@ -44,7 +44,7 @@ def test_identity_at_init(load_tiny, quant):
     batch = token_batch()
     with torch.no_grad():
         before = model(input_ids=batch["input_ids"]).logits
-        attach_adapters(model, AdapterConfig(rank=4, alpha=8, dropout=0.0).spec())
+        attach_adapters(model, adapter_spec(rank=4, alpha=8, dropout=0.0))
         after = model(input_ids=batch["input_ids"]).logits
     assert torch.equal(before, after)
 
@@ -52,7 +52,7 @@ def test_identity_at_init(load_tiny, quant):
 @pytest.mark.parametrize("quant", QUANTS)
 def test_training_moves_only_adapters(load_tiny, quant):
     model = load_tiny(quant)
-    attach_adapters(model, AdapterConfig(rank=4, alpha=8, dropout=0.1).spec())
+    attach_adapters(model, adapter_spec(rank=4, alpha=8, dropout=0.1))
     frozen_before = base_state(model)
     adapters_before = {k: v.detach().clone() for k, v in adapter_params(model).items()}
     train_steps(model)  # two steps: B leaves zero on the first, A moves once B is non-zero
@@ -68,7 +68,7 @@ def test_training_moves_only_adapters(load_tiny, quant):
 def test_trainable_count_matches_formula(load_tiny, quant):
     model = load_tiny(quant)
     rank = 8
-    wrapped = attach_adapters(model, AdapterConfig(rank=rank).spec())
+    wrapped = attach_adapters(model, adapter_spec(rank=rank))
     expected = 0
     for name in wrapped:
         layer = model.get_submodule(name)
@@ -87,22 +87,22 @@ def test_quantized_base_layers_are_bitsandbytes(load_tiny):
 
     for quant, cls in [("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)]:
         model = load_tiny(quant)
-        wrapped = attach_adapters(model, AdapterConfig(rank=4).spec())
+        wrapped = attach_adapters(model, adapter_spec(rank=4))
         assert all(isinstance(model.get_submodule(name).base, cls) for name in wrapped)
 
 
 def test_missing_target_raises_with_the_models_linear_names(load_tiny):
     model = load_tiny("nf4")
     with pytest.raises(QadaptError, match=r"q_prj.*match no linear layer.*down_proj.*q_proj"):
-        attach_adapters(model, AdapterConfig(targets=["q_proj", "q_prj"]).spec())
+        attach_adapters(model, adapter_spec(targets=["q_proj", "q_prj"]))
 
 
 def test_unknown_model_type_needs_explicit_targets(load_tiny):
     model = load_tiny("none")
     model.config.model_type = "something-new"
     with pytest.raises(QadaptError, match="something-new.*no default adapter targets.*gate_proj"):
-        attach_adapters(model, AdapterConfig().spec())
-    assert len(attach_adapters(model, AdapterConfig(targets=["v_proj"]).spec())) == 2
+        attach_adapters(model, adapter_spec())
+    assert len(attach_adapters(model, adapter_spec(targets=["v_proj"]))) == 2
 
 
 @pytest.mark.parametrize("rslora, expected", [(False, 16 / 4), (True, 16 / math.sqrt(4))])
@@ -124,7 +124,7 @@ def test_forward_is_the_lora_equation():
 def test_gradient_checkpointing_reaches_every_adapter(load_tiny):
     model = load_tiny("nf4", gradient_checkpointing=True)
     assert model.is_gradient_checkpointing
-    attach_adapters(model, AdapterConfig(rank=4, dropout=0.0).spec())
+    attach_adapters(model, adapter_spec(rank=4, dropout=0.0))
     model.train()
     summed_token_loss(model, token_batch()).backward()
     for name, param in adapter_params(model).items():
@@ -136,7 +136,7 @@ def test_eval_forward_then_training_on_4bit(load_tiny):
     """Known trap: on an AVX512-BF16 CPU, an eval-mode no_grad forward used to repack the 4-bit
     weights in place and break the next backward. prepare_for_kbit_training switches that off."""
     model = load_tiny("nf4", compute_dtype="bf16")
-    attach_adapters(model, AdapterConfig(rank=4).spec())
+    attach_adapters(model, adapter_spec(rank=4))
     packed_before = base_state(model)
     model.eval()
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_every_optimizer_trains_the_adapters_on_4bit(load_tiny, name):
 
     model = load_tiny("nf4")
     # bitsandbytes keeps tensors under 4096 elements in 32-bit state; rank 64 makes A 64 x 64 = 4096.
-    attach_adapters(model, AdapterConfig(rank=64, dropout=0.0).spec())
+    attach_adapters(model, adapter_spec(rank=64, dropout=0.0))
     params = adapter_params(model)
     optimizer = optimizer_class(name)(list(params.values()), lr=1e-2)
     before = {k: v.detach().clone() for k, v in params.items()}

@@ -19,7 +19,8 @@ from conftest import REPO, tiny_recipe
 from torch import nn
 
 from qadapt.adapters import DoRALinear, LoRALinear, adapter_params, attach_adapters
-from qadapt.recipe import AdapterConfig, recipe_from_dict
+from qadapt.adapters.spec import adapter_spec
+from qadapt.recipe import recipe_from_dict
 
 peft = pytest.importorskip("peft")
 sys.path.insert(0, str(REPO / "tools"))
@@ -219,7 +220,7 @@ def test_lora_plus_groups_the_weights_as_peft_does(load_tiny):
 
     targets = ["q_proj", "v_proj", "down_proj"]
     model = load_tiny("none")
-    attach_adapters(model, AdapterConfig(kind="dora", rank=4, dropout=0.0, targets=targets).spec())
+    attach_adapters(model, adapter_spec(kind="dora", rank=4, dropout=0.0, targets=targets))
     scales = {id(p): group["lr_scale"] for group in param_groups(model, 16.0) for p in group["params"]}
     ours = {name: scales[id(p)] for name, p in adapter_params(model).items()}
 

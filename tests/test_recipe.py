@@ -116,7 +116,9 @@ def test_missing_and_malformed_recipe_files(tmp_path):
 def test_bottleneck_options_are_checked():
     recipe = recipe_from_dict({"adapter": {"kind": "series", "scale": "learned", "activation": "gelu"}})
     assert recipe.adapter.scale == "learned"
-    assert recipe_from_dict({"adapter": {"scale": "0.5"}}).adapter.scale == 0.5
+    assert recipe_from_dict({"adapter": {"kind": "parallel", "scale": "0.5"}}).adapter.scale == 0.5
+    # A lora adapter reads past the bottleneck keys (a saved run lists them all), their values still checked.
+    assert recipe_from_dict({"adapter": {"kind": "lora", "bottleneck_size": 64}}).adapter.kind == "lora"
     with pytest.raises(QadaptError, match="adapter.scale: expected a finite number or one of learned, got 'big'"):
         recipe_from_dict({"adapter": {"scale": "big"}})
     with pytest.raises(QadaptError, match="adapter.targets apply to lora, dora and placement: linears"):
@@ -142,14 +144,16 @@ def test_a_shipped_sweep_command_names_runs_that_all_load(path: Path, tmp_path):
 def test_the_recipes_adapter_kinds_are_the_adapter_packages():
     from typing import get_args, get_type_hints
 
-    from qadapt.adapters.spec import KINDS, BottleneckSpec, LowRankSpec
-    from qadapt.recipe import AdapterConfig
+    from qadapt.adapters.kinds import KINDS
+    from qadapt.adapters.spec import SPECS
+    from qadapt.recipe import Recipe
 
-    assert get_args(get_type_hints(AdapterConfig)["kind"]) == tuple(KINDS)
+    assert get_args(get_type_hints(Recipe)["adapter"]) == SPECS
+    assert [kind for spec in SPECS for kind in get_args(get_type_hints(spec)["kind"])] == list(KINDS)
     for kind in KINDS:
-        spec = AdapterConfig(kind=kind, targets=["up_proj"], placement="linears").spec()
-        assert spec.kind == kind and spec.targets == ("up_proj",)
-        assert isinstance(spec, LowRankSpec if kind in ("lora", "dora") else BottleneckSpec)
+        spec = recipe_from_dict({"adapter": {"kind": kind, "targets": ["up_proj"], "placement": "linears"}}).adapter
+        assert spec.kind == kind and spec.targets == ["up_proj"]
+        assert type(spec) is KINDS[kind].spec
 
 
 def test_the_recipes_templates_are_the_text_templates_and_chat():

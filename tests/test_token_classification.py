@@ -9,7 +9,8 @@ from conftest import ENCODER_FAMILIES, SHARED_DATA, qadapt
 from qadapt.adapters import TrainedHead, attach_adapters
 from qadapt.errors import QadaptError
 from qadapt.models import load_base, load_tokenizer
-from qadapt.recipe import AdapterConfig, ModelConfig
+from qadapt.adapters.spec import adapter_spec
+from qadapt.recipe import ModelConfig
 from qadapt.tasks.token_classification import Sentence, entity_scores, load_sentences, predict_tags, tokenize_sentences
 
 LABELS = ["O", "B-PER", "I-PER"]
@@ -32,7 +33,7 @@ def test_each_encoder_family_gets_4bit_layers_adapters_and_an_fp32_head(tiny_enc
     assert type(model.classifier) is torch.nn.Linear  # skipped by bitsandbytes: it is new and trains
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 12  # 6 linears x 2 layers
 
-    wrapped = attach_adapters(model, AdapterConfig(kind="lora", rank=4).spec())
+    wrapped = attach_adapters(model, adapter_spec(kind="lora", rank=4))
     assert len(wrapped) == 13 and wrapped[-1] == "classifier"
     assert isinstance(model.classifier, TrainedHead) and model.classifier.linear.weight.dtype == torch.float32
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -47,7 +48,7 @@ def test_each_encoder_family_gets_4bit_layers_adapters_and_an_fp32_head(tiny_enc
 @pytest.mark.parametrize("family", ["bert", "mpnet", "distilbert"])
 def test_houlsby_series_adapters_follow_the_attention_and_the_ffn_output(tiny_encoder_dir, family):
     model = load_encoder(tiny_encoder_dir(family))
-    wrapped = attach_adapters(model, AdapterConfig(kind="series", placement="both", bottleneck_size=8).spec())
+    wrapped = attach_adapters(model, adapter_spec(kind="series", placement="both", bottleneck_size=8))
     attention, ffn = {"bert": ("attention.output.dense", "output.dense"), "mpnet": ("attn.o", "output.dense"),
                       "distilbert": ("out_lin", "lin2")}[family]
     layers = [name for name in wrapped if name != "classifier"]
@@ -59,10 +60,10 @@ def test_houlsby_series_adapters_follow_the_attention_and_the_ffn_output(tiny_en
 
 def test_parallel_adapter_beside_each_encoder_attention(tiny_encoder_dir):
     model = load_encoder(tiny_encoder_dir("bert"))
-    wrapped = attach_adapters(model, AdapterConfig(kind="parallel", placement="attention", bottleneck_size=8).spec())
+    wrapped = attach_adapters(model, adapter_spec(kind="parallel", placement="attention", bottleneck_size=8))
     assert [n for n in wrapped if n != "classifier"] == [f"bert.encoder.layer.{i}.attention" for i in (0, 1)]
     with pytest.raises(QadaptError, match="no MLP block"):
-        attach_adapters(load_encoder(tiny_encoder_dir("bert")), AdapterConfig(kind="parallel", placement="mlp").spec())
+        attach_adapters(load_encoder(tiny_encoder_dir("bert")), adapter_spec(kind="parallel", placement="mlp"))
 
 
 def test_an_encoder_that_cannot_checkpoint_says_which_key_to_change(tiny_encoder_dir):

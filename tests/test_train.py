@@ -10,7 +10,8 @@ from conftest import SHARED_DATA, token_batch
 
 from qadapt import data as D
 from qadapt.adapters import adapter_params, attach_adapters
-from qadapt.recipe import AdapterConfig, recipe_from_dict
+from qadapt.adapters.spec import adapter_spec
+from qadapt.recipe import recipe_from_dict
 from qadapt.inference.loader import load_trained_model
 from qadapt.training.loss import accumulate_gradients, eval_loss
 from qadapt.training.train import lr_at, prepare_data, train
@@ -47,7 +48,7 @@ def test_accumulation_gives_the_gradient_of_one_large_batch(load_tiny):
     def gradients(groups):
         torch.manual_seed(0)
         model = load_tiny("nf4")
-        attach_adapters(model, AdapterConfig(rank=4, dropout=0.0).spec())
+        attach_adapters(model, adapter_spec(rank=4, dropout=0.0))
         for name, param in adapter_params(model).items():  # non-zero B so that A gets gradients too
             torch.nn.init.normal_(param, std=0.02)
         model.train()
@@ -121,7 +122,7 @@ def test_lora_plus_moves_b_at_lr_ratio_times_a(load_tiny, kind):
     def first_b_step(ratio: float) -> float:
         torch.manual_seed(0)
         model = load_tiny("nf4")
-        attach_adapters(model, AdapterConfig(kind=kind, rank=4, dropout=0.0).spec())
+        attach_adapters(model, adapter_spec(kind=kind, rank=4, dropout=0.0))
         groups = param_groups(model, ratio)
         assert sum(len(g["params"]) for g in groups) == len(adapter_params(model))
         optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)

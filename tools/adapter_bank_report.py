@@ -37,7 +37,7 @@ def untrained(run_dir: Path, tokenizer, sets: dict) -> dict[str, dict]:
     recipe = load_run_recipe(run_dir)
     torch.manual_seed(0)
     model, _ = load_frozen_base(recipe.model, head_labels(run_dir / ADAPTER_DIR))
-    attach_adapters(model, recipe.adapter.spec())
+    attach_adapters(model, recipe.adapter)
     model.eval()
     return scores(model, tokenizer, sets, recipe.data.cutoff_len)
 

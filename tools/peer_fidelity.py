@@ -48,8 +48,10 @@ def peft_model(recipe, targets: list[str]):
     from qadapt.plan import choose_gradient_checkpointing
     from qadapt.quant import disable_cpu_weight_repacking
 
+    from qadapt.adapters.kinds import adapter_kind
+
     m, a = recipe.model, recipe.adapter
-    if not a.low_rank:
+    if adapter_kind(a.kind).peft_options is None:
         raise QadaptError(f"adapter.kind {a.kind}: PEFT has no bottleneck adapters to compare with; lora or dora")
     dtype = resolve_compute_dtype(m.compute_dtype)
     quantization = (None if m.quant == "none" else BitsAndBytesConfig(load_in_8bit=True) if m.quant == "int8" else
@@ -68,7 +70,7 @@ def peft_model(recipe, targets: list[str]):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
-                        use_rslora=a.rslora, use_dora=a.kind == "dora", task_type="CAUSAL_LM")
+                        use_rslora=a.rslora, task_type="CAUSAL_LM", **adapter_kind(a.kind).peft_options)
     return get_peft_model(model, config)
 
 
@@ -117,13 +119,13 @@ def peft_scheduler(optimizer, recipe, max_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max_steps)
 
 
-def step_batches(rows: list[dict], tokenizer, order, recipe, device) -> list[dict]:
+def step_batches(rows: list[dict], tokenizer, order, recipe, model) -> list[dict]:
     """The micro-batches of qadapt's next optimizer step, drawn as its training loop draws them."""
-    from qadapt.tasks import task_named
+    from qadapt.tasks import StepSource, task_named
 
     t = recipe.train
-    one_process = SimpleNamespace(num_processes=1, process_index=0, device=device)
-    drawn = SimpleNamespace(accelerator=one_process, train_rows=rows, tokenizer=tokenizer)
+    one_process = SimpleNamespace(num_processes=1, process_index=0, device=model.device)
+    drawn = StepSource(rows, tokenizer, one_process, model)
     return task_named(recipe.task).step_batches(drawn, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
 
 
@@ -175,7 +177,7 @@ def train_peft(recipe, work: Path) -> dict:
     model.train()
     started = time.perf_counter() - state["wall_s"]
     for step in range(state["step"], max_steps):
-        micro_batches = step_batches(rows, tokenizer, order, recipe, model.device)
+        micro_batches = step_batches(rows, tokenizer, order, recipe, model)
         step_loss = peft_step(model, micro_batches)
         state["tokens"] += sum(int(b["attention_mask"].sum()) for b in micro_batches)
         if t.max_grad_norm:

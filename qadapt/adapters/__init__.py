@@ -20,7 +20,8 @@ from qadapt.adapters.head import TOKEN_CLASSIFIER, TrainedHead
 from qadapt.adapters.inject import detach_adapters, inject_adapters, is_linear, linear_layer_names, wrap_modules
 from qadapt.adapters.lora import LoRALinear
 from qadapt.adapters.placement import plan_adapters
-from qadapt.adapters.spec import KINDS, AdapterSpec, BottleneckSpec, LowRankSpec, adapter_kind
+from qadapt.adapters.kinds import KINDS, AdapterKind, adapter_kind, kind_of_peft_config
+from qadapt.adapters.spec import AdapterSpec, BottleneckSpec, LowRankSpec, adapter_spec
 
 
 def attach_adapters(model: nn.Module, spec: AdapterSpec) -> list[str]:
@@ -39,9 +40,9 @@ def has_token_classifier(model: nn.Module) -> bool:
 
 
 __all__ = [
-    "Adapter", "AdapterSpec", "Bottleneck", "BottleneckSpec", "DoRALinear", "FAMILIES", "Family", "KINDS",
-    "LoRALinear", "LowRankSpec", "ParallelAdapter", "SeriesAdapter", "TrainedHead", "adapter_kind", "adapter_params",
-    "adapter_state_dict", "attach_adapters",
+    "Adapter", "AdapterKind", "AdapterSpec", "Bottleneck", "BottleneckSpec", "DoRALinear", "FAMILIES", "Family",
+    "KINDS", "LoRALinear", "LowRankSpec", "ParallelAdapter", "SeriesAdapter", "TrainedHead", "adapter_kind",
+    "adapter_params", "adapter_spec", "adapter_state_dict", "attach_adapters", "kind_of_peft_config",
     "count_parameters", "detach_adapters", "family_of", "has_token_classifier", "inject_adapters", "is_linear",
     "layer_dims", "linear_layer_names", "load_adapter_state_dict", "mark_only_adapters_trainable",
     "plan_adapters",

@@ -15,10 +15,9 @@ from torch import nn
 
 from qadapt.adapters.base import layer_dims
 from qadapt.adapters.bottleneck import Bottleneck, ParallelAdapter, SeriesAdapter
-from qadapt.adapters.dora import DoRALinear
 from qadapt.adapters.families import family_of
 from qadapt.adapters.inject import Wrap, ends_with, match_blocks, match_linears
-from qadapt.adapters.lora import LoRALinear
+from qadapt.adapters.kinds import adapter_kind
 from qadapt.adapters.spec import AdapterSpec, BottleneckSpec, LowRankSpec
 from qadapt.errors import QadaptError
 
@@ -27,16 +26,16 @@ SIDES = ("input", "output")
 
 def plan_adapters(model: nn.Module, cfg: AdapterSpec) -> dict[str, Wrap]:
     """{module name: function wrapping that module in its adapter}, in model order."""
+    layer = adapter_kind(cfg.kind).layer
     if isinstance(cfg, LowRankSpec):
-        layer = DoRALinear if cfg.kind == "dora" else LoRALinear
         targets = list(cfg.targets or family_of(model, "adapter targets").linears)
         wrap = partial(layer, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, rslora=cfg.rslora)
         return {name: wrap for name in match_linears(model, targets)}
     if cfg.placement == "linears":
-        return _plan_on_linears(model, cfg)
+        return _plan_on_linears(model, cfg, layer)
     family = family_of(model, f"{cfg.placement} placement")
     placements = ["attention", "mlp"] if cfg.placement == "both" else [cfg.placement]
-    if cfg.kind == "series":
+    if layer is SeriesAdapter:
         outputs = [family.attention_output if p == "attention" else _mlp_output(model, family) for p in placements]
         return {name: partial(_series, cfg=cfg, on_input=False) for name in match_linears(model, outputs)}
     if "mlp" in placements and family.mlp is None:
@@ -51,8 +50,8 @@ def plan_adapters(model: nn.Module, cfg: AdapterSpec) -> dict[str, Wrap]:
     return {name: plan[name] for name, _ in model.named_modules() if name in plan}
 
 
-def _plan_on_linears(model: nn.Module, cfg: BottleneckSpec) -> dict[str, Wrap]:
-    if cfg.kind == "parallel":
+def _plan_on_linears(model: nn.Module, cfg: BottleneckSpec, layer: type) -> dict[str, Wrap]:
+    if layer is ParallelAdapter:
         if cfg.targets and any(":" in t for t in cfg.targets):
             raise QadaptError("adapter.targets: a parallel adapter has no side; drop the ':input' / ':output'")
         if cfg.targets:

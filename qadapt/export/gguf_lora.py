@@ -29,6 +29,7 @@ BASE_NAME, ADAPTER_NAME = "base.gguf", "adapter.gguf"
 def export_gguf_lora(run_dir: str | Path, out: str | Path, gguf_type: str = "f16") -> dict:
     from qadapt.export.gguf_export import (GGUF_TYPES, MERGE_DTYPE, refuse_below_floor, run_in_llamacpp,
                                            tokenizer_pre, write_gguf_as)
+    from qadapt.adapters.kinds import adapter_kind
     from qadapt.export.merge import merge_run, refuse_unmergeable
     from qadapt.models import meta_model
     from qadapt.run_dir import load_run_recipe
@@ -38,7 +39,7 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, gguf_type: str = "f16
     run_dir, out = Path(run_dir), Path(out)
     recipe = load_run_recipe(run_dir)
     refuse_unmergeable(recipe, "gguf", "export to GGUF")
-    if recipe.adapter.kind != "lora":
+    if not adapter_kind(recipe.adapter.kind).llamacpp_adapter:
         raise QadaptError(f"llama.cpp's adapter files hold LoRA only, not {recipe.adapter.kind}; export the "
                           "merged model instead (--format gguf)")
     llamacpp.require("--format gguf-lora (checked by running base + adapter)")

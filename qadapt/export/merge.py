@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qadapt.adapters import Adapter, LoRALinear, attach_adapters, is_linear
 from qadapt.adapters.inject import replace_module
-from qadapt.adapters.spec import adapter_kind
+from qadapt.adapters.kinds import adapter_kind
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, describe_written, refuse_existing
 from qadapt.tasks import task_named
@@ -206,7 +206,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     gc.collect()
     if base_out is not None:
         save_hf_folder(full, tokenizer, recipe.data.template, base_out)
-    attach_adapters(full, recipe.adapter.spec())
+    attach_adapters(full, recipe.adapter)
     load_adapter(full, run_dir / ADAPTER_DIR)
     full.eval()
     adapter_logits = logits_on(full, tokenizer, texts)

@@ -8,13 +8,14 @@ PEFT's adapter folder holds `adapter_config.json` and `adapter_model.safetensors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qadapt.adapters.spec import adapter_kind, kind_of_peft_config
+from qadapt.adapters.kinds import adapter_kind, kind_of_peft_config
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, describe_written, refuse_existing
 
@@ -106,8 +107,8 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
         "output_dir": str(out),
     }, source=str(peft_dir / PEFT_CONFIG))
     model = meta_model(recipe.model)
-    recipe.adapter.targets = compact_targets(model, wrapped)
-    attach_adapters(model, recipe.adapter.spec())  # on the meta device: checks names and shapes, loads nothing
+    recipe.adapter = dataclasses.replace(recipe.adapter, targets=compact_targets(model, wrapped))
+    attach_adapters(model, recipe.adapter)  # on the meta device: checks names and shapes, loads nothing
     load_adapter_state_dict(model, state)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out / RECIPE_FILE)

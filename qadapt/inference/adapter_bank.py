@@ -24,12 +24,13 @@ from torch import nn
 from qadapt.adapters import LoRALinear, TrainedHead, attach_adapters, detach_adapters, load_adapter_state_dict
 from qadapt.adapters.head import TOKEN_CLASSIFIER
 from qadapt.adapters.inject import replace_module
-from qadapt.adapters.spec import adapter_kind
+from qadapt.adapters.kinds import adapter_kind
 from qadapt.adapters.lora import lora_scale
 from qadapt.base_identity import check_same_base
 from qadapt.errors import QadaptError
 from qadapt.inference.loader import head_labels, load_frozen_base
-from qadapt.recipe import AdapterConfig, adapter_section
+from qadapt.adapters.spec import AdapterSpec
+from qadapt.recipe import adapter_section
 from qadapt.run_dir import load_run_recipe, read_adapter_config
 from qadapt.run_files import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 
@@ -37,7 +38,7 @@ from qadapt.run_files import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
 @dataclass
 class LoadedAdapter:
     name: str
-    config: AdapterConfig
+    config: AdapterSpec
     labels: list[str] | None  # a token classifier's head outputs
     weights: dict[str, torch.Tensor]
     file_bytes: int  # adapter.safetensors on disk
@@ -97,7 +98,7 @@ class AdapterBank:
             detach_adapters(self.model)
             if adapter.labels is not None:
                 _new_head(self.model, adapter.labels)
-            attach_adapters(self.model, adapter.config.spec())
+            attach_adapters(self.model, adapter.config)
             self._layout = adapter.layout
         load_adapter_state_dict(self.model, adapter.weights)
         self.model.eval()

@@ -65,7 +65,7 @@ def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_
     recipe = load_run_recipe(run_dir)
     tokenizer = task_named(recipe.task).run_tokenizer(recipe, run_dir)
     model, base = load_frozen_base(recipe.model, head_labels(run_dir / adapter), compute_dtype)
-    attach_adapters(model, recipe.adapter.spec())
+    attach_adapters(model, recipe.adapter)
     load_adapter(model, run_dir / adapter, base)
     if lean_cpu.applies(compute_device()):
         lean_cpu.for_answering(model)  # LoRA computed as training computed it on this CPU: the same numbers

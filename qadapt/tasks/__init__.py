@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qadapt.errors import QadaptError
-from qadapt.tasks.base import EvalOptions, LoadedModel, Task, TrainingData
+from qadapt.tasks.base import EvalOptions, LoadedModel, StepSource, Task, TrainingData
 from qadapt.tasks.causal_lm import CausalLM
 from qadapt.tasks.token_classification import TokenClassification
 
@@ -39,5 +39,5 @@ def task_of_target(target: str | Path) -> Task:
     return task_named(load_run_recipe(path).task) if (path / RECIPE_FILE).is_file() else DEFAULT_TASK
 
 
-__all__ = ["DEFAULT_TASK", "EvalOptions", "LoadedModel", "TASKS", "Task", "TrainingData", "task_named",
+__all__ = ["DEFAULT_TASK", "EvalOptions", "LoadedModel", "StepSource", "TASKS", "Task", "TrainingData", "task_named",
            "task_of_adapter", "task_of_target"]

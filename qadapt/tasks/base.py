@@ -45,6 +45,19 @@ class EvalOptions:
 
 
 @dataclass
+class StepSource:
+    """What a task draws an optimizer step's batches from: the run's rows, tokenizer, processes and model.
+
+    Training builds one per run; a task that makes its batches from the model's own answers samples with
+    `model`.
+    """
+    train_rows: list[dict]
+    tokenizer: object
+    accelerator: object  # accelerate's Accelerator: this process's index, the count, the device
+    model: torch.nn.Module
+
+
+@dataclass
 class LoadedModel:
     """A model ready to score, with what its task needs beside it."""
     model: torch.nn.Module
@@ -85,7 +98,7 @@ class Task:
     def training_data(self, recipe, tokenizer) -> TrainingData:
         raise NotImplementedError
 
-    def step_batches(self, s, size: int, count: int, order, group_by_length: bool = False) -> list[dict]:
+    def step_batches(self, s: StepSource, size: int, count: int, order, group_by_length: bool = False) -> list[dict]:
         """This process's micro-batches for the next optimizer step, drawn from `s.train_rows`.
 
         Every process walks the same seeded order; a step takes size × count × processes examples of it

@@ -38,7 +38,7 @@ def prepare_model(recipe: Recipe, device: torch.device, labels: list[str] | None
     if recipe.train.gradient_checkpointing == "auto":
         say(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
     prepare_for_kbit_training(model, checkpointing)
-    wrapped = attach_adapters(model, recipe.adapter.spec())
+    wrapped = attach_adapters(model, recipe.adapter)
     if recipe.adapter.start_from:
         start_from_adapter(model, recipe.adapter.start_from, base)
     if lean_cpu.applies(device):

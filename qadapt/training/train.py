@@ -43,7 +43,7 @@ from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_
 from qadapt.run_dir import MetricsLog, create_run_dir, save_adapter
 from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE, eval_dir
 from qadapt.training.stop_signals import EXIT_CODES, StopSignals
-from qadapt.tasks import EvalOptions, LoadedModel, Task, TrainingData, task_named
+from qadapt.tasks import EvalOptions, LoadedModel, StepSource, Task, TrainingData, task_named
 
 
 def lr_at(step: int, max_steps: int, warmup_steps: int, peak_lr: float, schedule: str) -> float:
@@ -199,6 +199,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
     """Optimizer steps from `progress.step` to the last; saves checkpoints, and one more when asked to stop."""
     t, acc = recipe.train, s.accelerator
     order = data_lib.example_order(len(s.train_rows), seed=t.seed, start=progress.examples_seen)
+    source = StepSource(s.train_rows, s.tokenizer, acc, s.model)
     started, elapsed_before = time.perf_counter(), progress.elapsed_s
     cpu_started, cpu_before = time.process_time(), progress.cpu_s
     with tqdm(total=s.max_steps, initial=progress.step, desc="train", unit="step",
@@ -207,7 +208,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
             for group in s.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            micro_batches = s.task.step_batches(s, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
+            micro_batches = s.task.step_batches(source, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
             loss = accumulate_gradients(s.model, micro_batches, acc, s.task, s.scaler)
             s.scaler.unscale_(s.optimizer)
             grad_norm = _float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm) if t.max_grad_norm else None)
