@@ -3,4 +3,7 @@
 Importing qadapt is cheap: torch, transformers and bitsandbytes load only when a command needs them.
 """
 
+from qadapt.console import quiet_known_noise
+
 __version__ = "0.1.0"
+quiet_known_noise()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qadapt.errors import QadaptError
 from qadapt.recipe import Recipe
 
 GIB = 2**30
@@ -62,6 +63,9 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     from qadapt.models import meta_model
     from qadapt.tasks import task_named
     from qadapt.tasks.causal_lm import LOSS_CHUNK_TOKENS
+
+    if fsdp_gpus < 1:
+        raise QadaptError(f"--fsdp-gpus must be at least 1, got {fsdp_gpus}")
 
     dtype_bytes = _DTYPE_BYTES.get(recipe.model.compute_dtype, compute_dtype_bytes)
     task = task_named(recipe.task)

@@ -8,7 +8,6 @@ preparation, and the 8-bit / paged optimizers.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 
@@ -16,9 +15,6 @@ from qadapt.errors import QadaptError
 
 
 def _bitsandbytes():
-    # On a CPU bitsandbytes looks for an optional hub kernel at import and warns when it is absent;
-    # the built-in CPU kernels are used instead, so the warning is noise for our users.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import bitsandbytes
 
     return bitsandbytes
@@ -107,6 +103,18 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     if name not in classes:
         raise QadaptError(f"unknown optimizer {name!r}; choose one of adamw, {', '.join(classes)}")
     return classes[name]
+
+
+def unpaged_here(name: str, device: torch.device) -> str | None:
+    """What to tell the user when a paged optimizer runs where paging does not exist (a CPU), else None.
+
+    Paging (CUDA unified memory) moves optimizer state to CPU memory when the GPU runs short; bitsandbytes
+    runs the same optimizer unpaged on a CPU and warns in its own words (qadapt.console silences that).
+    """
+    if not name.startswith("paged_") or device.type == "cuda":
+        return None
+    return (f"train.optimizer {name}: paging is a CUDA feature; on this {device.type} it runs unpaged "
+            f"(the same {name.removeprefix('paged_')} updates)")
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:

@@ -230,8 +230,13 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
     return [(key, before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)]
 
 
+def recipe_yaml(recipe: Recipe) -> str:
+    """The recipe resolved, as YAML: what `qadapt check` prints and a run keeps."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    path.write_text(recipe_yaml(recipe))
 
 
 def _apply_overrides(raw: dict, overrides: list[str], problems: list[str]) -> dict:

@@ -17,6 +17,16 @@ COLOUR = ("\033[32m", "\033[0m")  # trained text in green on a terminal
 BRACKETS = ("[[", "]]")  # elsewhere, trained text in double brackets
 
 
+def show_data(recipe: Recipe, show: int, as_json: bool = False, colour: bool = False) -> str:
+    """`qadapt data`: the view as text (or JSON); what reading the data says goes to stderr, beside it."""
+    import sys
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(sys.stderr):
+        view = data_view(recipe, show)
+    return to_json(view) if as_json else format_view(view, colour)
+
+
 def data_view(recipe: Recipe, show: int) -> dict:
     """{"examples": [{"segments": [{"text", "trained"}, ...]}, ...], "counts": {...}} of the first `show`."""
     task = task_named(recipe.task)

@@ -105,6 +105,9 @@ def quickstart_cli_run(tmp_path_factory):
 def test_real_smollm2_nf4_trains_through_the_cli_and_reloads(quickstart_cli_run):
     run, result = quickstart_cli_run
     assert "trainable parameters: 4,884,480" in result.stdout
+    # The first screen shows qadapt's lines and progress bars: no library noise (qadapt.console).
+    for noise in ("gemm_4bit_forward", "Warning", "deprecat"):
+        assert noise not in result.stderr, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 8
@@ -120,23 +123,25 @@ def test_real_smollm2_nf4_trains_through_the_cli_and_reloads(quickstart_cli_run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, quant", [("dora", "nf4"), ("series", "int8")])
-def test_real_smollm2_trains_every_kind(tmp_path, kind, quant):
+@pytest.mark.parametrize("kind, quant, optimizer", [("dora", "nf4", "adamw"), ("series", "int8", "paged_adamw_8bit")])
+def test_real_smollm2_trains_every_kind(tmp_path, kind, quant, optimizer):
     """Each adapter kind learns on the real embedded model through the real quantized path (LoRA: the
     test above; parallel shares series' bottleneck and runs on tiny models in every storage)."""
     run = tmp_path / "run"
     result = qadapt("train", "recipes/quickstart.yaml", f"adapter.kind={kind}", f"model.quant={quant}",
                     "data.path=builtin:arithmetic", "adapter.bottleneck_size=64", "train.max_steps=6", "train.eval_every=0", "data.val_size=8",
-                    f"output_dir={run}")
+                    f"train.optimizer={optimizer}", f"output_dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"with {kind} adapters" in result.stdout
+    if optimizer.startswith("paged"):  # said once by qadapt, not by bitsandbytes
+        assert "runs unpaged" in result.stdout and "Paged optimizers" not in result.stderr, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_loss"] < 0.8 * summary["eval_loss_before"], summary  # clearly falling in 6 steps
 
 
 def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
     from qadapt.inference.loader import load_target
-    from qadapt.tasks.math_sets import answer_prompts
+    from qadapt.inference.answering import answer_prompts
 
     run = train_tiny_run(tmp_path / "run", tiny_llama_dir, model={"compute_dtype": "fp32"})
     loaded = load_target(str(run))
@@ -150,7 +155,7 @@ def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
     assert chat.stdout == "you> " + expected[0] + "\nyou> " + expected[1] + "\nyou> "
 
     # --history: the second answer sees the first exchange, rendered as training renders a conversation.
-    from qadapt.tasks.math_sets import answer_conversation
+    from qadapt.inference.answering import answer_conversation
 
     talk = [{"role": "user", "content": "Two plus two?"}]
     first = answer_conversation(model, tokenizer, template, talk, max_new_tokens=6)
@@ -163,7 +168,7 @@ def test_generate_and_chat_answer_with_a_trained_run(tiny_llama_dir, tmp_path):
 
     # Sampled: the samples the decoder draws for the prompt, each under its number.
     from qadapt.decoding.sampling import Sampling
-    from qadapt.tasks.math_sets import sample_answers
+    from qadapt.inference.answering import sample_answers
 
     sampling = Sampling(temperature=1.5, samples=2, seed=3)
     drawn = sample_answers(model, tokenizer, template, [{"instruction": "Two plus two?", "input": ""}], sampling,

@@ -271,3 +271,24 @@ def test_fsdp_refuses_an_8bit_base_before_loading_it():
 
     with pytest.raises(QadaptError, match="bitsandbytes supports FSDP for its 4-bit layers only"):
         load_base_to_shard(ModelConfig(quant="int8"), accelerator=None)
+
+
+def test_a_paged_optimizer_is_said_to_run_unpaged_off_cuda_only():
+    """bitsandbytes' own warning is silenced (qadapt.console); qadapt says it once, and only off a GPU."""
+    import warnings
+
+    import torch
+
+    from qadapt.console import quiet_known_noise
+    from qadapt.quant import unpaged_here
+
+    assert "runs unpaged" in unpaged_here("paged_adamw_8bit", torch.device("cpu"))
+    assert unpaged_here("paged_adamw_8bit", torch.device("cuda", 0)) is None
+    assert unpaged_here("adamw_8bit", torch.device("cpu")) is None
+    quiet_known_noise()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_known_noise()  # the filter goes in front again after simplefilter
+        warnings.warn("Paged optimizers are not supported on CPU. Falling back to non-paged optimizer behavior.")
+        warnings.warn("a real warning")
+    assert [str(w.message) for w in caught] == ["a real warning"]

@@ -18,7 +18,7 @@ import pytest
 from conftest import qadapt
 from qadapt.decoding.sampling import Sampling
 from qadapt.errors import QadaptError
-from qadapt.inference.rationales import Problem, distinct, is_right, read_problems, run_rationales
+from qadapt.inference.rationales import EndpointOptions, Problem, distinct, is_right, read_problems, run_rationales
 from qadapt.tasks import answers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, {"object": "list", "data": [{"id": "smollm2-135m", "object": "model"}]})
 
     def do_POST(self):
-        from qadapt.tasks.math_sets import answer_conversation
+        from qadapt.inference.answering import answer_conversation
 
         server = self.server
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -156,7 +156,7 @@ def test_rationales_from_an_openai_compatible_endpoint(tmp_path, monkeypatch):
     out = tmp_path / "endpoint.json"
     try:
         stats = run_rationales(url, [str(data)], out, Sampling(0.8, samples=2, seed=1), limit=6, max_new_tokens=32,
-                               api_key_env="QADAPT_TEST_KEY", concurrency=3, timeout=60)
+                               endpoint=EndpointOptions(api_key_env="QADAPT_TEST_KEY", concurrency=3, timeout=60))
     finally:
         server.shutdown()
     assert len(server.requests) == 6 * 2 + 1  # one request per sample, and the refused one again
@@ -171,4 +171,4 @@ def test_rationales_from_an_openai_compatible_endpoint(tmp_path, monkeypatch):
 
     with pytest.raises(QadaptError, match="cannot reach the teacher at http://127.0.0.1:9/v1"):
         run_rationales("http://127.0.0.1:9/v1", [str(data)], tmp_path / "none.json", Sampling(samples=1), limit=1,
-                       model="m")
+                       endpoint=EndpointOptions(model="m"))

@@ -238,7 +238,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_not_run(reference, tiny_llama_dir, 
     (["eval", "runs/x", "--resume", "--data", "s.json"], ["eval", "runs/x", "--resume", "--data", "s.json"]),
 ])
 def test_resume_stands_alone_or_names_a_checkpoint(args, expected):
-    from qadapt.cli import with_resume_value
+    from qadapt.cli_options import with_resume_value
 
     assert with_resume_value(args) == expected
 

@@ -258,8 +258,8 @@ def main() -> None:
             tmp.write_text(json.dumps(summary, indent=2))
     e = recipe.eval
     if e.sets:
-        run_eval(str(out), e.sets, e.limit, e.batch_size, e.max_new_tokens, e.strict, eval_dir(out),
-                 compute_dtype=args.eval_dtype, resume=True)
+        run_eval(str(out), e.sets, limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                 strict=e.strict, out=eval_dir(out), compute_dtype=args.eval_dtype, resume=True)
     if args.results:
         from qadapt.kept_results import keep_results
 

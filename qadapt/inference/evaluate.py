@@ -14,7 +14,7 @@ from qadapt.run_files import CALCULATOR_SUFFIX, EVAL_DIR, RECIPE_FILE, eval_dir
 from qadapt.tasks import EvalOptions, task_of_target
 
 
-def run_eval(target: str, data: list[str], limit: int | None = None, batch_size: int = 64,
+def run_eval(target: str, data: list[str], *, limit: int | None = None, batch_size: int = 64,
              max_new_tokens: int = 256, strict: bool = False, out: Path | None = None, quant: str = "nf4",
              template: str | None = None, compute_dtype: str | None = None, resume: bool = False,
              calculator: bool = False) -> dict:

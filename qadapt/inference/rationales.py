@@ -30,9 +30,10 @@ from qadapt.decoding.sampling import Sampling
 from qadapt.endpoint import Endpoint
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_file
+from qadapt.inference.answering import sample_answers
 from qadapt.scores import wilson_interval
 from qadapt.tasks import answers
-from qadapt.tasks.math_sets import load_eval_set, sample_answers
+from qadapt.tasks.math_sets import load_eval_set
 
 NEAR_DUPLICATE = 0.95  # difflib ratio of two normalised rationales at or above which the later one is dropped
 DEFAULT_SYSTEM = ("Solve the problem step by step. End with a sentence of the form \"The answer is N.\" "
@@ -225,10 +226,19 @@ def sampling_settings(sampling: Sampling, teacher: str, max_new_tokens: int, ext
     return {"teacher": teacher, **asdict(sampling), "max_new_tokens": max_new_tokens, **extra}
 
 
-def run_rationales(teacher: str, specs: list[str], out: Path, sampling: Sampling, split: str = "train",
+@dataclass(frozen=True)
+class EndpointOptions:
+    """How an http(s) teacher is asked (`qadapt rationales --model ...`)."""
+    model: str | None = None  # None: the first model the endpoint lists
+    api_key_env: str | None = None  # the environment variable holding the API key (read, sent, never written)
+    concurrency: int = 4  # requests in flight at once
+    timeout: float = 120.0  # seconds to wait for one answer (retried)
+    system: str | None = None  # the system prompt; None: DEFAULT_SYSTEM, '' for none
+
+
+def run_rationales(teacher: str, specs: list[str], out: Path, sampling: Sampling, *, split: str = "train",
                    limit: int | None = None, max_new_tokens: int = 256, batch_size: int = 64, quant: str = "nf4",
-                   template: str | None = None, model: str | None = None, api_key_env: str | None = None,
-                   concurrency: int = 4, timeout: float = 120.0, system: str | None = None) -> dict:
+                   template: str | None = None, endpoint: EndpointOptions = EndpointOptions()) -> dict:
     """`qadapt rationales`: the teacher (a target `qadapt eval` takes, or an http(s) endpoint) solves every
     problem of `specs` K times; the right, distinct solutions go to `out`."""
     from tqdm import tqdm
@@ -238,19 +248,21 @@ def run_rationales(teacher: str, specs: list[str], out: Path, sampling: Sampling
     problems = read_problems(specs, split, limit)
     extra = {"template": template}
     if teacher.startswith(("http://", "https://")):
-        if concurrency < 1:
-            raise QadaptError(f"--concurrency must be at least 1, got {concurrency}")
-        key = os.environ.get(api_key_env) if api_key_env else None
-        if api_key_env and key is None:
-            raise QadaptError(f"--api-key-env {api_key_env}: no such environment variable is set")
-        endpoint = Endpoint(teacher, key, timeout)
+        e = endpoint
+        if e.concurrency < 1:
+            raise QadaptError(f"--concurrency must be at least 1, got {e.concurrency}")
+        key = os.environ.get(e.api_key_env) if e.api_key_env else None
+        if e.api_key_env and key is None:
+            raise QadaptError(f"--api-key-env {e.api_key_env}: no such environment variable is set")
+        server = Endpoint(teacher, key, e.timeout)
+        model = e.model
         if model is None:
-            listed = endpoint.models()
+            listed = server.models()
             if not listed:
                 raise QadaptError(f"{teacher}/models lists no model; name one with --model")
             model = listed[0]
-        system = DEFAULT_SYSTEM if system is None else system
-        solver = EndpointTeacher(endpoint, model, sampling, max_new_tokens, concurrency, system or None)
+        system = DEFAULT_SYSTEM if e.system is None else e.system
+        solver = EndpointTeacher(server, model, sampling, max_new_tokens, e.concurrency, system or None)
         name, extra = f"{teacher} {model}", {"system": system}
     else:
         check_load_options(quant, template, None)

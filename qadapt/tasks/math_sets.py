@@ -16,8 +16,7 @@ from typing import Callable
 from qadapt.conversations import end_of_turn
 from qadapt.data import BUILTIN_ARITHMETIC, conversation_template, load_examples, prompt_text
 from qadapt.decoding.calculator import calculator_result
-from qadapt.decoding.generation import greedy_generate, sample_generate
-from qadapt.decoding.sampling import Sampling
+from qadapt.decoding.generation import greedy_generate
 from qadapt.errors import QadaptError
 from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
 from qadapt.scores import outcomes_text, set_name, split_first, write_results
@@ -60,38 +59,7 @@ def load_eval_set(spec: str, limit: int | None = None, split: str = "test") -> E
     return EvalSet(set_name(spec), records, golds, multiple_choice)
 
 
-def answer_prompts(model, tokenizer, template: str, instructions: list[str], max_new_tokens: int = 256,
-                   batch_size: int = 64, on_done=None) -> list[str]:
-    """Greedy answers to instructions, templated as in training, cut where a new turn would start."""
-    prompts = [prompt_text({"instruction": i, "input": ""}, template, tokenizer) for i in instructions]
-    return _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done)
-
-
-def sample_answers(model, tokenizer, template: str, records: list[dict], sampling: Sampling,
-                   max_new_tokens: int = 256, batch_size: int = 64, keys: list[int] | None = None,
-                   on_done=None) -> list[list[str]]:
-    """`sampling.samples` sampled answers to each record's prompt (as training templates it); `keys` seed
-    each record's samples (qadapt.decoding.generation.sample_generate)."""
-    prompts = [prompt_text(r, template, tokenizer) for r in records]
-    return sample_generate(model, tokenizer, prompts, sampling, max_new_tokens, batch_size,
-                           stop_strings(template, tokenizer), add_special_tokens=is_text_template(template),
-                           on_done=on_done, prompt_keys=keys)
-
-
-def answer_conversation(model, tokenizer, template: str, messages: list[dict], max_new_tokens: int = 256,
-                        sampling: Sampling | None = None) -> str:
-    """The next assistant turn of `messages` (greedy, or one sample seeded by the turn's number), the
-    conversation rendered as training renders one."""
-    chat_template, _ = conversation_template(template, tokenizer)
-    prompt = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                           add_generation_prompt=True)
-    if sampling is None:
-        return _decode(model, tokenizer, template, [prompt], max_new_tokens, 1)[0]
-    return sample_generate(model, tokenizer, [prompt], sampling, max_new_tokens, 1, stop_strings(template, tokenizer),
-                           add_special_tokens=is_text_template(template), prompt_keys=[len(messages)])[0][0]
-
-
-def _decode(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int, batch_size: int,
+def decode_prompts(model, tokenizer, template: str, prompts: list[str], max_new_tokens: int, batch_size: int,
             on_done=None, calculator: bool = False) -> list[str]:
     # The chat template writes its own special tokens; a text template gets the tokenizer's, as in training.
     return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size,
@@ -113,7 +81,7 @@ def evaluate_set(model, tokenizer, template: str, eval_set: EvalSet, batch_size:
                  strict: bool = False, on_done=None, calculator: bool = False) -> tuple[dict, list[dict]]:
     """(accuracy row, prediction rows) of one set."""
     prompts = [prompt_text(r, template, tokenizer) for r in eval_set.records]
-    outputs = _decode(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done, calculator)
+    outputs = decode_prompts(model, tokenizer, template, prompts, max_new_tokens, batch_size, on_done, calculator)
     predictions = []
     for prompt, output, gold in zip(prompts, outputs, eval_set.golds):
         extracted = answers.extract(output, eval_set.multiple_choice, strict)

@@ -19,6 +19,7 @@ from qadapt import data as data_lib
 from qadapt.training import distributed
 from qadapt.adapters import count_parameters
 from qadapt.chat_templates import save_run_template
+from qadapt.console import say
 from qadapt.training.checkpoint import (
     Progress,
     checkpoint_folder,
@@ -36,7 +37,7 @@ from qadapt.training.loss import accumulate_gradients, eval_loss
 from qadapt.training.loss_scale import fp16_overflow, grad_scaler
 from qadapt.machine import describe as describe_machine
 from qadapt.models import resolve_compute_dtype
-from qadapt.quant import optimizer_class
+from qadapt.quant import optimizer_class, unpaged_here
 from qadapt.recipe import Recipe
 from qadapt.training.prepare import prepare_model
 from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
@@ -105,6 +106,8 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
         distributed.wrap_adapters_apart(accelerator, model)
     optimizer = optimizer_class(t.optimizer)(param_groups(model, recipe.adapter.lr_ratio), lr=t.lr,
                                              weight_decay=t.weight_decay)
+    if (note := unpaged_here(t.optimizer, accelerator.device)) is not None:
+        say(note)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     examples_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
