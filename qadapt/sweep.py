@@ -5,9 +5,10 @@
 The runs are the cross product of the grids (the first grid varies slowest). A value may be a YAML
 mapping that sets several keys of a section at once, `--grid 'adapter={kind: lora},{kind: series,
 placement: mlp}'`, so one sweep can compare settings that are not a product. Each run trains in its
-own process (`qadapt train ... --resume`) into DIR/<name>, named after its grid values, and is then
-scored on the recipe's eval sets (`qadapt eval ... --resume`, fp32 compute by default, so that answers
-do not depend on the batch). With `--baseline` the untrained base is scored too, into DIR/base.
+own process (qadapt.sweep_job: the library's train, resumed when interrupted) into DIR/<name>, named
+after its grid values, and is then scored on the recipe's eval sets, set by set (qadapt eval's library
+call, fp32 compute by default, so that answers do not depend on the batch). Each job leaves a result
+file; the sweep reads that, never the job's screen (which it shows and keeps in DIR/logs). With `--baseline` the untrained base is scored too, into DIR/base.
 
 Nothing is lost when a sweep is stopped, killed or moved to another machine: the same command skips
 the finished runs and sets, resumes the interrupted run from its last checkpoint, and retries the runs
@@ -46,7 +47,6 @@ LOGS_DIR = "logs"
 BASELINE = "base"
 BY_VALUE = ("kind", "placement")  # keys a run is named by their value alone (series-mlp)
 TRAINED_OTHERWISE = "trained with another recipe"
-STOP_CODES = (130, 143)  # the run was stopped by Ctrl-C / SIGTERM: stop the sweep too
 
 
 @dataclass
@@ -167,11 +167,11 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
     sweep_recipe = load_recipe(recipe, overrides)
     out.mkdir(parents=True, exist_ok=True)
     _save_state(out, state)
-    eval_args = _eval_args(sweep_recipe, eval_dtype)
-    if baseline and eval_args:
+    scoring = _eval_options(sweep_recipe, eval_dtype)
+    if baseline and scoring:
         kept_base = results / BASELINE if results else None
         if kept_base is None or not _scored_all(kept_base, sweep_recipe):
-            _score_baseline(sweep_recipe, eval_args, out)
+            _score_baseline(sweep_recipe, scoring, out)
             if results and _scored_all(out / BASELINE, sweep_recipe):
                 keep_results(out / BASELINE, results)
     timer = _Eta(len(state.runs), [r.train_s + r.eval_s for r in state.runs if r.status == "done" and r.train_s
@@ -196,8 +196,8 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
               f"{timer.eta()}", flush=True)
         started = time.perf_counter()
         error = _train(recipe, [*overrides, *run.overrides], run_dir, out, run)
-        if error is None and eval_args:
-            error = _evaluate(run_dir, eval_args, out / LOGS_DIR / f"{run.name}.eval.log", run)
+        if error is None and scoring:
+            error = _evaluate(run_dir, scoring, out / LOGS_DIR / f"{run.name}.eval.log", run)
         run.status, run.error = ("failed", error) if error else ("done", None)
         if error:
             print(f"sweep: {run.name} failed: {error}", flush=True)
@@ -274,59 +274,81 @@ def _set_size(task: str, spec: str, limit: int | None) -> int | None:
     return task_named(task).set_size(spec, limit)
 
 
-def _eval_args(recipe, eval_dtype: str) -> list[str]:
+def _eval_options(recipe, eval_dtype: str) -> dict | None:
+    """run_eval's options for the recipe's eval section (None: it names no sets)."""
     e = recipe.eval
     if not e.sets:
-        return []
-    args = [arg for spec in e.sets for arg in ("--data", spec)]
-    args += ["--batch-size", str(e.batch_size), "--max-new-tokens", str(e.max_new_tokens),
-             "--compute-dtype", eval_dtype, "--resume"]
-    return args + (["--limit", str(e.limit)] if e.limit else []) + (["--strict"] if e.strict else [])
+        return None
+    return {"sets": list(e.sets), "options": {"limit": e.limit, "batch_size": e.batch_size,
+                                              "max_new_tokens": e.max_new_tokens, "strict": e.strict,
+                                              "compute_dtype": eval_dtype}}
 
 
 def _train(recipe: Path, overrides: list[str], run_dir: Path, out: Path, run: SweepRun) -> str | None:
     """Train one run (resuming it if it was interrupted); None, or the one-line error it failed with."""
     if (run_dir / SUMMARY_FILE).is_file():
         return None
-    # Scoring is the sweep's own step (resumable set by set), so training scores nothing.
-    command = ["train", str(recipe), *overrides, f"output_dir={run_dir}", "--skip-eval"]
-    if run_dir.exists():  # interrupted: continue from its last checkpoint (or from step 0 if it has none)
-        command.append("--resume")
+    # Interrupted (the folder exists): continue from its last checkpoint, or from step 0 if it has none.
+    job = {"action": "train", "recipe": str(recipe), "overrides": [*overrides, f"output_dir={run_dir}"],
+           "resume": run_dir.exists()}
     started = time.perf_counter()
-    error = _qadapt(command, out / LOGS_DIR / f"{run.name}.train.log")
+    error = _run_job(job, out / LOGS_DIR / f"{run.name}.train.log")
     run.train_s = (run.train_s or 0) + time.perf_counter() - started
     return error
 
 
-def _evaluate(target_dir: Path, eval_args: list[str], log: Path, run: SweepRun | None,
-              target: str | None = None, extra: list[str] = ()) -> str | None:
+def _evaluate(target_dir: Path, scoring: dict, log: Path, run: SweepRun | None, target: str | None = None,
+              loading: dict | None = None) -> str | None:
     started = time.perf_counter()
-    command = ["eval", target or str(target_dir), *eval_args, *extra, "--out", str(eval_dir(target_dir))]
-    error = _qadapt(command, log)
+    options = {**scoring["options"], **(loading or {})}
+    job = {"action": "eval", "target": target or str(target_dir), "sets": scoring["sets"],
+           "out": str(eval_dir(target_dir)), "options": options}
+    error = _run_job(job, log)
     if run is not None:
         run.eval_s = (run.eval_s or 0) + time.perf_counter() - started
     return error
 
 
-def _score_baseline(recipe, eval_args: list[str], out: Path) -> None:
+def _score_baseline(recipe, scoring: dict, out: Path) -> None:
     """The untrained base, loaded as the runs load it, on the same sets: the row every run is compared to."""
     base_dir = out / BASELINE
     if _scored_all(base_dir, recipe):
         return
     print(f"sweep: scoring the untrained base {recipe.model.name} ({recipe.model.quant})", flush=True)
-    extra = ["--quant", recipe.model.quant, "--template", recipe.data.template]
-    error = _evaluate(base_dir, eval_args, out / LOGS_DIR / f"{BASELINE}.eval.log", None, recipe.model.name, extra)
+    loading = {"quant": recipe.model.quant, "template": recipe.data.template}
+    error = _evaluate(base_dir, scoring, out / LOGS_DIR / f"{BASELINE}.eval.log", None, recipe.model.name, loading)
     if error:
         print(f"sweep: scoring the base failed: {error}", flush=True)
 
 
-def _qadapt(args: list[str], log: Path) -> str | None:
-    """Run `python -m qadapt ARGS`, its output shown and kept in `log`; None, or its one-line error.
+def _run_job(job: dict, log: Path) -> str | None:
+    """Run one job in its own process (qadapt.sweep_job), its output shown and kept in `log`; None, or the
+    one-line error its result file records.
 
-    The command runs in a session of its own, and a Ctrl-C or SIGTERM the sweep gets is passed on to it
-    once, so the run saves a checkpoint and stops; then the sweep stops too, saying how to go on.
+    The job runs in a session of its own, and a Ctrl-C or SIGTERM the sweep gets is passed on to it once,
+    so a run saves a checkpoint and stops; then the sweep stops too, saying how to go on.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = log.with_suffix(".job.json"), log.with_suffix(".result.json")
+    result_file.unlink(missing_ok=True)
+    job_file.write_text(json.dumps({**job, "result": str(result_file)}, indent=1) + "\n")
+    code, received = _watch([sys.executable, "-m", "qadapt.sweep_job", str(job_file)], log,
+                            header=f"{job['action']} {job.get('target') or job.get('recipe')}")
+    result = json.loads(result_file.read_text()) if result_file.is_file() else None
+    # Stopped: it saved a checkpoint (130 / 143), or a signal ended it before it could (-2 / -15), or we passed one on.
+    stopped = result is not None and result["status"] == "stopped"
+    if received or stopped or -code in (signal.SIGINT, signal.SIGTERM):
+        exit_code = 128 + received[0] if received else result["exit_code"] if stopped else 128 - code
+        raise TrainingStopped(f"the sweep was stopped ({job['action']} exited {code}); run the same qadapt sweep "
+                              "command again to continue where it stopped", exit_code)
+    if result is not None:
+        return result.get("error")
+    return _died(code, log)
+
+
+def _watch(command: list[str], log: Path, header: str) -> tuple[int, list[int]]:
+    """Run `command`, its output shown and appended to `log`, forwarding SIGINT / SIGTERM to it; return its
+    exit code and the signals the sweep received."""
     process: subprocess.Popen | None = None
     received: list[int] = []
 
@@ -339,35 +361,25 @@ def _qadapt(args: list[str], log: Path) -> str | None:
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with open(log, "ab") as kept:
-            kept.write(f"\n$ qadapt {' '.join(args)}\n".encode())
+            kept.write(f"\n$ {header}\n".encode())
             kept.flush()
-            process = subprocess.Popen([sys.executable, "-m", "qadapt", *args], stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
             if received:
                 process.send_signal(received[0])
-            tail = b""
             for chunk in iter(lambda: os.read(process.stdout.fileno(), 65536), b""):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 kept.write(chunk)
-                tail = (tail + chunk)[-8192:]
             code = process.wait()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-    # Stopped: it saved a checkpoint (130 / 143), or a signal ended it before it could (-2 / -15), or we passed one on.
-    if received or code in STOP_CODES or -code in (signal.SIGINT, signal.SIGTERM):
-        exit_code = 128 + (received[0] if received else -code if code < 0 else code - 128)
-        raise TrainingStopped(f"the sweep was stopped (qadapt {args[0]} exited {code}); run the same qadapt sweep "
-                              "command again to continue where it stopped", exit_code)
-    return None if code == 0 else _error_line(tail.decode(errors="replace"), code)
+    return code, received
 
 
-def _error_line(output: str, code: int) -> str:
-    """The `error: ...` line of a failed command, else the last line it printed (a traceback's exception).
-
-    A command killed by a signal printed nothing about it: its last line would be a mere progress line.
-    """
+def _died(code: int, log: Path) -> str:
+    """Why a job that left no result ended: the signal that killed it, or its exit code (the log says more)."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -375,14 +387,7 @@ def _error_line(output: str, code: int) -> str:
             name = f"signal {-code}"
         hint = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
-    lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    if errors:
-        return errors[-1][len("error: "):]
-    boxed = [line.strip("│ ") for line in lines if line.startswith("│")]  # a usage error, in typer's box
-    if boxed:
-        return " ".join(boxed)
-    return lines[-1] if lines else f"exited with code {code}"
+    return f"exited with code {code} before writing its result; see {log}"
 
 
 def _has_matplotlib() -> bool:

@@ -15,7 +15,7 @@ from conftest import write_tiny_recipe
 
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.recipe import load_recipe
-from qadapt.sweep import _error_line, _qadapt, expand_grids, run_name, split_values, sweep
+from qadapt.sweep import _died, _run_job, expand_grids, run_name, split_values, sweep
 
 
 def test_grids_expand_to_their_cross_product_first_grid_slowest():
@@ -45,8 +45,9 @@ def test_a_mapping_override_sets_keys_of_its_section_and_keeps_the_others(tmp_pa
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"adapter": {"kind": "lora", "rank": 4, "bottleneck_size": 8}}))
     recipe = load_recipe(path, ["adapter={kind: series, placement: attention}"])
-    assert (recipe.adapter.kind, recipe.adapter.placement, recipe.adapter.rank, recipe.adapter.bottleneck_size) == (
-        "series", "attention", 4, 8)
+    assert (recipe.adapter.kind, recipe.adapter.placement, recipe.adapter.bottleneck_size) == ("series", "attention", 8)
+    recipe = load_recipe(path, ["adapter={kind: dora, alpha: 8}"])
+    assert (recipe.adapter.kind, recipe.adapter.rank, recipe.adapter.alpha) == ("dora", 4, 8)
 
 
 def test_a_typo_in_any_run_fails_before_anything_trains(tmp_path):
@@ -59,13 +60,18 @@ def test_a_typo_in_any_run_fails_before_anything_trains(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
-@pytest.mark.slow
-def test_a_command_killed_by_a_signal_is_recorded_as_killed_not_by_its_last_line():
-    progress = "train:  40%|████      | 72/180 [28:48<43:12, 24.0s/step]"
-    assert _error_line(progress, -signal.SIGKILL) == "killed by SIGKILL (the system may have run out of memory)"
-    assert _error_line(progress, -signal.SIGSEGV) == "killed by SIGSEGV"
-    assert _error_line("Traceback ...\nValueError: bad shape", 1) == "ValueError: bad shape"
-    assert _error_line("x\nerror: data: /no/such.json not found\ny", 1) == "data: /no/such.json not found"
+def test_a_jobs_error_is_read_from_its_result_file_and_a_killed_one_is_named(tmp_path, capfd):
+    """The sweep reads a job's structured result, not its screen; a job killed before it could write one
+    (no result file) is recorded by its signal."""
+    log = tmp_path / "logs" / "run.train.log"
+    job = {"action": "train", "recipe": "recipes/quickstart.yaml", "resume": False,
+           "overrides": ["model.name=/no/such/model", f"output_dir={tmp_path}/run"]}
+    assert _run_job(job, log) == "model folder not found: /no/such/model"
+    assert json.loads(log.with_suffix(".result.json").read_text())["status"] == "failed"
+    assert "error: model folder not found" in log.read_text()  # the log keeps what the job printed
+    assert _died(-signal.SIGKILL, log) == "killed by SIGKILL (the system may have run out of memory)"
+    assert _died(-signal.SIGSEGV, log) == "killed by SIGSEGV"
+    assert _died(1, log) == f"exited with code 1 before writing its result; see {log}"
 
 
 def _tiny_recipe(tiny_llama_dir, tmp_path):
@@ -169,7 +175,8 @@ def test_a_signal_while_a_command_starts_is_passed_on_to_it(tmp_path, monkeypatc
     previous = signal.signal(signal.SIGTERM, unforwarded)
     try:
         with pytest.raises(TrainingStopped) as stopped:
-            _qadapt(["check", "recipes/quickstart.yaml"], tmp_path / "check.log")
+            _run_job({"action": "train", "recipe": "recipes/quickstart.yaml", "overrides": [], "resume": False},
+                     tmp_path / "train.log")
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.exit_code == 143
