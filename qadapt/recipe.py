@@ -24,6 +24,8 @@ Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bi
 Template = Literal["alpaca", "llm-adapters", "chat"]
 DataFormat = Literal["auto", "instruction", "messages", "sharegpt", "prompt_completion"]
 Task = Literal["causal-lm", "token-classification"]
+# The experiment trackers accelerate reports to (qadapt.training.trackers).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 
 @dataclass
@@ -136,8 +138,12 @@ class TrainConfig:
     final adapter). A run resumes from its latest with `qadapt train RECIPE --resume`."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep; older ones are deleted once a newer one is complete."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every logged row too, through accelerate: `tensorboard` (into the run's
+    tensorboard/), `wandb`, `mlflow`, `comet_ml`, `aim`, `clearml`, `dvclive`, `swanlab`, `trackio`; each reads
+    its usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...). metrics.jsonl is written either way."""
     tensorboard: bool = False
-    """Also log to TensorBoard (needs the `tensorboard` package)."""
+    """The older spelling of `report_to: [tensorboard]`."""
 
 
 @dataclass
@@ -207,7 +213,7 @@ def adapter_section(saved: dict, source: str) -> AdapterSpec:
 
 # Keys that change how a run is logged, saved or scored, not what it trains.
 NEUTRAL_KEYS = {"output_dir", "data.bad_rows", "train.log_every", "train.eval_every", "train.save_every",
-                "train.keep_checkpoints", "train.tensorboard"}
+                "train.keep_checkpoints", "train.tensorboard", "train.report_to"}
 
 
 def training_differences(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
@@ -404,6 +410,8 @@ def _range_problems(r: Recipe) -> list[str]:
         ("train.eval_every", r.train.eval_every >= 0, "must be 0 (end only) or more"),
         ("train.save_every", r.train.save_every >= 0, "must be 0 (end only) or more"),
         ("train.keep_checkpoints", r.train.keep_checkpoints >= 1, "must be at least 1"),
+        *[("train.report_to", name in TRACKERS, f"{name!r} is not one of {', '.join(TRACKERS)}")
+          for name in r.train.report_to],
         ("eval.limit", r.eval.limit is None or r.eval.limit >= 1, "must be at least 1, or null"),
         ("eval.batch_size", r.eval.batch_size >= 1, "must be at least 1"),
         ("eval.max_new_tokens", r.eval.max_new_tokens >= 1, "must be at least 1"),

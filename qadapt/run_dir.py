@@ -12,6 +12,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from qadapt.errors import QadaptError
 from qadapt.files import atomic_folder, write_errors_reported
 from qadapt.recipe import Recipe, load_recipe, save_recipe
 from qadapt.run_files import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, CHECKPOINTS_DIR,
-                              QADAPT_OUTPUTS, RECIPE_FILE, SUMMARY_FILE, TENSORBOARD_DIR, TRAINING_LOG)
+                              QADAPT_OUTPUTS, RECIPE_FILE, SUMMARY_FILE, TRAINING_LOG)
 
 def create_run_dir(recipe: Recipe, resuming: bool = False, overwrite: bool = False) -> Path:
     """Make the output directory and prove it writable, before any model is loaded.
@@ -117,28 +118,19 @@ def load_run_recipe(run_dir: Path) -> Recipe:
 
 
 class MetricsLog:
-    """Appends one JSON row per call to metrics.jsonl, flushed so a crash keeps what was logged."""
+    """Appends one JSON row per call to metrics.jsonl, flushed so a crash keeps what was logged; then
+    hands the row to `also` (the experiment trackers, qadapt.training.trackers)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, also: Callable[[dict], None] | None = None):
         self.file = open(run_dir / TRAINING_LOG, "a")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise QadaptError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(run_dir / TENSORBOARD_DIR)
+        self.also = also
 
     def log(self, row: dict) -> None:
         with write_errors_reported(Path(self.file.name), "free some space, then continue with --resume"):
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
+        if self.also is not None:
+            self.also(row)
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED_DATA, token_batch
+from conftest import SHARED_DATA, token_batch, train_tiny_run
 
 from qadapt import data as D
 from qadapt.adapters import adapter_params, attach_adapters
@@ -101,16 +101,50 @@ def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama
         torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
-    import importlib.util
+def test_a_run_reports_to_mlflow_tensorboard_and_wandb_as_metrics_jsonl_says(tmp_path, tiny_llama_dir, monkeypatch):
+    """`train.report_to`, through accelerate's trackers, offline: a local MLflow file store, TensorBoard's event
+    files in the run directory (both read back), W&B in offline mode; each gets the rows of metrics.jsonl."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no database store; a file store it is
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = train_tiny_run(tmp_path / "run", tiny_llama_dir, train={"max_steps": 3, "eval_every": 0, "save_every": 0,
+                                                                    "report_to": ["mlflow", "tensorboard", "wandb"]})
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert [step for step, _ in losses] == [1, 2, 3]
+
+    events = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, pytest.approx(x, rel=1e-6)) for s, x in losses]
+
+    client = MlflowClient(store)
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("qadapt").experiment_id])
+    assert mlflow_run.info.run_name == "run" and mlflow_run.data.params["adapter.kind"] == "lora"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "loss"))
+    assert history == [(s, pytest.approx(x, rel=1e-6)) for s, x in losses]
+
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert next(offline.glob("run-*.wandb")).stat().st_size > 0
+
+
+def test_a_tracker_that_is_not_installed_or_not_known_is_named(monkeypatch):
+    from accelerate import utils
 
     from qadapt.errors import QadaptError
-    from qadapt.run_dir import MetricsLog
+    from qadapt.recipe import recipe_from_dict
+    from qadapt.training.trackers import require_installed
 
-    if importlib.util.find_spec("tensorboard") is not None:
-        pytest.skip("tensorboard is installed here")
-    with pytest.raises(QadaptError, match="pip install tensorboard"):
-        MetricsLog(tmp_path, tensorboard=True)
+    with pytest.raises(QadaptError, match="train.report_to 'wandbb' is not one of tensorboard, wandb, mlflow"):
+        recipe_from_dict({"train": {"report_to": ["wandbb"]}})
+    monkeypatch.setattr(utils, "is_comet_ml_available", lambda: False)
+    with pytest.raises(QadaptError, match="train.report_to comet_ml: not installed here; pip install comet-ml"):
+        require_installed(["tensorboard", "comet_ml"])
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])

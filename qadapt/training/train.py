@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qadapt import data as data_lib
-from qadapt.training import distributed
+from qadapt.training import distributed, trackers
 from qadapt.adapters import count_parameters
 from qadapt.chat_templates import save_run_template
 from qadapt.console import say
@@ -87,7 +87,7 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     """
     from accelerate.utils import set_seed
 
-    accelerator = _accelerator()
+    accelerator = _accelerator(trackers.accelerator_options(recipe))
     run_dir, metrics = _open_run_dir(recipe, accelerator, resume_step, overwrite)
     set_seed(recipe.train.seed)
     task = task_named(recipe.task)
@@ -132,12 +132,12 @@ def param_groups(model: torch.nn.Module, lr_ratio: float) -> list[dict]:
     return [{"params": rest, "lr_scale": 1.0}, {"params": faster, "lr_scale": lr_ratio}]
 
 
-def _accelerator():
+def _accelerator(options: dict):
     from accelerate import Accelerator
 
     try:
         # Without CUDA, cpu=True lets `accelerate launch` / torchrun give each process a gloo rank.
-        return Accelerator(cpu=not torch.cuda.is_available())
+        return Accelerator(cpu=not torch.cuda.is_available(), **options)
     except RuntimeError as exc:
         if "no available devices" not in str(exc):
             raise
@@ -152,10 +152,11 @@ def _open_run_dir(recipe: Recipe, accelerator, resume_step: int | None, overwrit
         run_dir = create_run_dir(recipe, resuming=resume_step is not None, overwrite=overwrite)
         if resume_step is not None:
             truncate_metrics(run_dir, resume_step)
-        metrics = MetricsLog(run_dir, recipe.train.tensorboard)
+        metrics = MetricsLog(run_dir, also=lambda row: accelerator.log(trackers.numbers(row), step=row["step"]))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         run_dir, metrics = Path(recipe.output_dir).expanduser(), None
+    trackers.start(accelerator, recipe)
     return run_dir, metrics
 
 
@@ -325,6 +326,7 @@ def finish(s: Setup, recipe: Recipe, progress: Progress, score: bool = True) -> 
             tmp.write_text(json.dumps(summary, indent=2))
         s.metrics.close()
         print(format_summary(summary))
+    s.accelerator.end_training()  # the trackers' runs end here
     return summary
 
 
