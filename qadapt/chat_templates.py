@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_file
-from qadapt.run_files import CHAT_TEMPLATE_FILE
+from qadapt.run_dir import RunDir
 
 # The Alpaca template, as the LLM-Adapters paper trains and evaluates with it.
 ALPACA_PROMPT = (
@@ -94,7 +94,7 @@ def with_thinking(template: str, thinking: bool | None, name: str) -> str:
 def use_run_template(tokenizer, data_config, run_dir: Path | None = None) -> None:
     """Give `tokenizer` the chat template of the run: the one saved in `run_dir` once the run trained (so a
     template file or a base model changed later changes nothing), else the recipe's choice."""
-    saved = Path(run_dir) / CHAT_TEMPLATE_FILE if run_dir is not None else None
+    saved = RunDir(run_dir).chat_template_file if run_dir is not None else None
     if saved is not None and saved.is_file():
         tokenizer.chat_template = saved.read_text(encoding="utf-8")
         return
@@ -109,7 +109,7 @@ def use_run_template(tokenizer, data_config, run_dir: Path | None = None) -> Non
 
 def save_run_template(tokenizer, run_dir: Path) -> None:
     """Keep the template a chat run trains with in its directory (atomically)."""
-    with atomic_file(Path(run_dir) / CHAT_TEMPLATE_FILE) as tmp:
+    with atomic_file(RunDir(run_dir).chat_template_file) as tmp:
         tmp.write_text(tokenizer.chat_template, encoding="utf-8")
 
 

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from qadapt.files import atomic_folder
-from qadapt.run_files import EVAL_DIR, EVAL_METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, TRAINING_LOG
+from qadapt.run_dir import EVAL_METRICS_FILE, RunDir
 
-KEPT_FILES = (RECIPE_FILE, SUMMARY_FILE, TRAINING_LOG, f"{EVAL_DIR}/{EVAL_METRICS_FILE}")
+KEPT_FILES = (RunDir.RECIPE, RunDir.SUMMARY, RunDir.TRAINING_LOG, f"{RunDir.EVAL}/{EVAL_METRICS_FILE}")
 
 
 def keep_results(run_dir: Path, into: Path) -> Path:

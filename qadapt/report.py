@@ -21,8 +21,7 @@ from pathlib import Path
 from qadapt.errors import QadaptError
 from qadapt.files import atomic_file
 from qadapt.machine import one_line
-from qadapt.recipe import load_recipe
-from qadapt.run_files import EVAL_METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, TRAINING_LOG, eval_dir
+from qadapt.run_dir import EVAL_METRICS_FILE, RunDir
 from qadapt.scores import mcnemar_p, wilson_interval
 
 HELD_OUT_SETS = ("gsm8k", "svamp", "aqua")  # no MAWPS-derived training problem shares their text
@@ -32,10 +31,10 @@ MAWPS_SETS = ("addsub", "multiarith", "singleeq", "mawps")  # overlap MAWPS-deri
 def read_runs(run_dir: Path) -> list[dict]:
     """The rows of one run: as scored by the paper's protocol, then with the calculator if it was."""
     run = read_run(run_dir)
-    calculator_file = eval_dir(run_dir, calculator=True) / EVAL_METRICS_FILE
-    if not calculator_file.is_file():
+    calculator_scores = RunDir(run_dir).scores(calculator=True)
+    if calculator_scores is None:
         return [run]
-    sets = json.loads(calculator_file.read_text())["sets"]
+    sets = calculator_scores["sets"]
     return [run, run | {"name": f"{run['name']} + calculator", "losses": [], "eval_losses": [],
                         "scores": {name: _score(row) for name, row in sets.items()},
                         "scoring_s": _total(sets, "seconds"), "scoring_cpu_s": _total(sets, "cpu_s")}]
@@ -43,21 +42,20 @@ def read_runs(run_dir: Path) -> list[dict]:
 
 def read_run(run_dir: Path) -> dict:
     """What a report shows of one run: its recipe, summary, loss curve and scores per set."""
-    run_dir = Path(run_dir)
-    eval_file = eval_dir(run_dir) / EVAL_METRICS_FILE
-    trained = (run_dir / RECIPE_FILE).is_file()
-    if not trained and not eval_file.is_file():
-        raise QadaptError(f"{run_dir} is not a run directory (no {RECIPE_FILE}) nor an evaluated model "
-                          f"(no eval/{EVAL_METRICS_FILE})")
-    if trained and not (run_dir / SUMMARY_FILE).is_file():
-        raise QadaptError(f"run {run_dir} has not finished (no {SUMMARY_FILE})")
-    metrics_file = run_dir / TRAINING_LOG
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if trained else []
-    sets = json.loads(eval_file.read_text())["sets"] if eval_file.is_file() else {}
+    run = RunDir(run_dir)
+    scores = run.scores()
+    trained = run.is_run()
+    if not trained and scores is None:
+        raise QadaptError(f"{run.path} is not a run directory (no {run.RECIPE}) nor an evaluated model "
+                          f"(no {run.EVAL}/{EVAL_METRICS_FILE})")
+    if trained and not run.finished():
+        raise QadaptError(f"run {run.path} has not finished (no {run.SUMMARY})")
+    rows = [json.loads(line) for line in run.training_log.read_text().splitlines() if line.strip()] if trained else []
+    sets = scores["sets"] if scores else {}
     return {
-        "name": run_dir.name,
-        "recipe": load_recipe(run_dir / RECIPE_FILE) if trained else None,
-        "summary": json.loads((run_dir / SUMMARY_FILE).read_text()) if trained else None,
+        "name": run.path.name,
+        "recipe": run.recipe if trained else None,
+        "summary": run.summary if trained else None,
         "losses": [(r["step"], r["loss"]) for r in rows if "loss" in r],
         "eval_losses": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
         "scores": {name: _score(row) for name, row in sets.items()},

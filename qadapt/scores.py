@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from qadapt.files import atomic_file
-from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
+from qadapt.run_dir import EVAL_METRICS_FILE, PREDICTIONS_FILE
 
 Z_95 = 1.959964  # two-sided 95% normal quantile
 

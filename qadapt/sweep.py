@@ -39,7 +39,7 @@ from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.files import atomic_file
 from qadapt.kept_results import keep_results
 from qadapt.recipe import DType, load_recipe, training_differences
-from qadapt.run_files import EVAL_METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, eval_dir
+from qadapt.run_dir import RunDir
 from qadapt.scores import set_name
 
 SWEEP_FILE = "sweep.json"
@@ -206,13 +206,13 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
         _save_state(out, state)
         # A run that failed at once would make the rest look quick: only finished runs set the pace.
         timer.skip() if error else timer.done(time.perf_counter() - started)
-    finished = [out / BASELINE] if (eval_dir(out / BASELINE) / EVAL_METRICS_FILE).is_file() else []
+    finished = [out / BASELINE] if RunDir(out / BASELINE).scores() else []
     stale = {r.name for r in state.runs if r.status == "failed" and (r.error or "").startswith(TRAINED_OTHERWISE)}
-    finished += sorted(p.parent for p in out.glob(f"*/{SUMMARY_FILE}") if p.parent.name not in {BASELINE, *stale})
+    finished += sorted(p.parent for p in out.glob(f"*/{RunDir.SUMMARY}") if p.parent.name not in {BASELINE, *stale})
     if results:  # what other sessions or machines finished: their kept copies, where this one has no run
         here = {p.name for p in finished}
-        kept = [results / BASELINE] if (eval_dir(results / BASELINE) / EVAL_METRICS_FILE).is_file() else []
-        kept += sorted(p.parent for p in results.glob(f"*/{SUMMARY_FILE}") if p.parent.name != BASELINE)
+        kept = [results / BASELINE] if RunDir(results / BASELINE).scores() else []
+        kept += sorted(p.parent for p in results.glob(f"*/{RunDir.SUMMARY}") if p.parent.name != BASELINE)
         finished += [p for p in kept if p.name not in here and p.name not in stale]
     failed = [r for r in state.runs if r.status == "failed"]
     print(f"sweep: {len(state.runs) - len(failed)} of {len(state.runs)} runs done"
@@ -231,9 +231,10 @@ def _trained_otherwise(run_dir: Path, recipe: Path, overrides: list[str]) -> str
 
     A sweep continued after its recipe changed would otherwise put old and new runs in one table.
     """
-    if not (run_dir / SUMMARY_FILE).is_file():
+    run = RunDir(run_dir)
+    if not run.finished():
         return None  # an interrupted run is checked by train --resume
-    changes = training_differences(load_recipe(run_dir / RECIPE_FILE), load_recipe(recipe, overrides))
+    changes = training_differences(run.recipe, load_recipe(recipe, overrides))
     if not changes:
         return None
     shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
@@ -242,7 +243,7 @@ def _trained_otherwise(run_dir: Path, recipe: Path, overrides: list[str]) -> str
 
 def _finished(run_dir: Path, sweep_recipe) -> bool:
     """Trained (summary.json) and scored on every eval set of the recipe."""
-    return (run_dir / SUMMARY_FILE).is_file() and _scored_all(run_dir, sweep_recipe)
+    return RunDir(run_dir).finished() and _scored_all(run_dir, sweep_recipe)
 
 
 def _kept_and_current(results: Path | None, name: str, recipe: Path, overrides: list[str], sweep_recipe) -> bool:
@@ -250,14 +251,13 @@ def _kept_and_current(results: Path | None, name: str, recipe: Path, overrides: 
     kept = results / name if results else None
     if kept is None or not _finished(kept, sweep_recipe):
         return False
-    return not training_differences(load_recipe(kept / RECIPE_FILE), load_recipe(recipe, overrides))
+    return not training_differences(RunDir(kept).recipe, load_recipe(recipe, overrides))
 
 
 def _scored_all(folder: Path, recipe) -> bool:
     """Whether folder/eval/metrics.json holds every eval set of the recipe, each on as many problems as the
     recipe asks now (its `eval.limit`, a set's '@N')."""
-    metrics = eval_dir(folder) / EVAL_METRICS_FILE
-    scored = json.loads(metrics.read_text())["sets"] if metrics.is_file() else {}
+    scored = (RunDir(folder).scores() or {"sets": {}})["sets"]
     for spec in recipe.eval.sets:
         row = scored.get(set_name(spec))
         expected = _set_size(recipe.task, spec, recipe.eval.limit)
@@ -286,7 +286,7 @@ def _eval_options(recipe, eval_dtype: str) -> dict | None:
 
 def _train(recipe: Path, overrides: list[str], run_dir: Path, out: Path, run: SweepRun) -> str | None:
     """Train one run (resuming it if it was interrupted); None, or the one-line error it failed with."""
-    if (run_dir / SUMMARY_FILE).is_file():
+    if RunDir(run_dir).finished():
         return None
     # Interrupted (the folder exists): continue from its last checkpoint, or from step 0 if it has none.
     job = {"action": "train", "recipe": str(recipe), "overrides": [*overrides, f"output_dir={run_dir}"],
@@ -302,7 +302,7 @@ def _evaluate(target_dir: Path, scoring: dict, log: Path, run: SweepRun | None, 
     started = time.perf_counter()
     options = {**scoring["options"], **(loading or {})}
     job = {"action": "eval", "target": target or str(target_dir), "sets": scoring["sets"],
-           "out": str(eval_dir(target_dir)), "options": options}
+           "out": str(RunDir(target_dir).eval_dir()), "options": options}
     error = _run_job(job, log)
     if run is not None:
         run.eval_s = (run.eval_s or 0) + time.perf_counter() - started

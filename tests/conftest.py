@@ -130,14 +130,14 @@ def run_with_visible_adapter(folder: Path, model_dir: Path, kind: str = "lora", 
     """A real run (one training step), then adapter weights big enough that merging visibly matters."""
     from safetensors.torch import load_file, save_file
 
-    from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
+    from qadapt.run_dir import RunDir
 
     adapter = {"kind": kind, "rank": 4, "bottleneck_size": 16}
     if targets:
         adapter["targets"] = targets
     run = train_tiny_run(folder / f"{kind}-{quant}", model_dir, model={"quant": quant, "compute_dtype": compute_dtype},
                          adapter=adapter)
-    weights_file = run / ADAPTER_DIR / ADAPTER_WEIGHTS
+    weights_file = RunDir(run).adapter.weights_file
     generator = torch.Generator().manual_seed(1)
     weights = {name: value + scale * torch.randn(value.shape, generator=generator)
                for name, value in load_file(weights_file).items()}

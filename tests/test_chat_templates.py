@@ -15,7 +15,7 @@ from qadapt.chat_templates import TEMPLATES, template_text, use_run_template
 from qadapt.conversations import end_of_turn, without_generation_tags
 from qadapt.errors import QadaptError
 from qadapt.recipe import recipe_from_dict
-from qadapt.run_files import CHAT_TEMPLATE_FILE
+from qadapt.run_dir import RunDir
 from qadapt.tasks.math_sets import stop_strings
 from test_conversations import TALK, trained_text, write_rows
 
@@ -128,7 +128,7 @@ def test_a_run_keeps_the_template_it_trained_with_through_eval_and_merge(tmp_pat
     path = write_rows(tmp_path / "talks.jsonl", [{"messages": TALK}] * 4)
     run = train_tiny_run(tmp_path / "run", tiny_llama_dir, train={"max_steps": 1},
                          data={"path": path, "template": "chat", "chat_template": str(template_file), "val_size": 0})
-    assert (run / CHAT_TEMPLATE_FILE).read_text() == TEMPLATES["phi3"]
+    assert RunDir(run).chat_template_file.read_text() == TEMPLATES["phi3"]
     template_file.write_text("{{ 'changed after training' }}")  # the run does not read it again
     loaded = load_target(str(run))
     assert loaded.tokenizer.chat_template == TEMPLATES["phi3"]

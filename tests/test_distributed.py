@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, write_tiny_recipe
 from safetensors.torch import load_file
 
-from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
+from qadapt.run_dir import RunDir
 
 
 # Two processes sum a gradient in another order than one; Adam divides each update by the gradient's own
@@ -61,7 +61,7 @@ def compare_one_and_two_processes(tmp_path: Path, model: str, compute_dtype: str
     assert f"steps: {steps} of {4 * micro} examples (2 processes)" in output
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch"] == 4 * micro
-    adapters = [load_file(tmp_path / run / ADAPTER_DIR / ADAPTER_WEIGHTS) for run in ("one", "two")]
+    adapters = [load_file(RunDir(tmp_path / run).adapter.weights_file) for run in ("one", "two")]
     return losses(tmp_path / "one"), losses(tmp_path / "two"), adapters
 
 
@@ -77,7 +77,7 @@ def test_two_processes_match_one_on_a_tiny_model_and_resume(tiny_llama_dir, tmp_
 
     # Resume with the same number of processes: drop what the run did after its step-2 checkpoint.
     run = tmp_path / "two"
-    shutil.rmtree(run / ADAPTER_DIR)
+    shutil.rmtree(RunDir(run).adapter.path)
     (run / "summary.json").unlink()
     output = launch(2, tmp_path / "recipe.yaml", f"output_dir={run}", "--resume")
     assert "resume: continuing from" in output and "step-000002" in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, tiny_recipe
@@ -79,8 +80,15 @@ def test_training_with_an_eval_section_scores_the_run_and_eval_reproduces_it(tin
     assert row["seconds"] > 0 and row["cpu_s"] > 0  # each set's scoring time, wall and CPU
     assert row["outcomes"] == "".join("1" if p["correct"] else "0" for p in predictions)  # for paired tests
 
-    # `qadapt eval RUN` reloads base + adapter from the run directory and decodes to the same answers.
-    again = run_eval(str(run), ["builtin:arithmetic"], limit=4, max_new_tokens=8, batch_size=4, out=tmp_path / "again")
+    # `qadapt eval RUN` reloads base + adapter from the run directory and decodes to the same answers, reading
+    # the run's recipe and adapter config once each (qadapt.run_dir.RunDir).
+    reads = []
+    real_read_text = Path.read_text
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self.name) or real_read_text(self, *a, **k))
+        again = run_eval(str(run), ["builtin:arithmetic"], limit=4, max_new_tokens=8, batch_size=4,
+                         out=tmp_path / "again")
+    assert reads.count("recipe.yaml") == 1 and reads.count("adapter_config.json") == 1, reads
     reloaded = [json.loads(line) for line in (tmp_path / "again" / "predictions.jsonl").read_text().splitlines()]
     assert [p["output"] for p in reloaded] == [p["output"] for p in predictions]
     assert _untimed(again["sets"]) == _untimed(metrics["sets"])

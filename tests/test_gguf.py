@@ -16,7 +16,7 @@ from qadapt.export.gguf_export import export_gguf, read_back_in_transformers, to
 from qadapt.export.gguf_families import FAMILIES, gguf_family
 from qadapt.export.gguf_lora import export_gguf_lora
 from qadapt.export.merge import merge_run
-from qadapt.run_dir import load_run_recipe
+from qadapt.run_dir import RunDir
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp.installed(), reason="needs llama-cpp-python (the llamacpp extra)")
 
@@ -181,7 +181,7 @@ def test_a_lora_runs_in_llamacpp_on_the_base_it_was_trained_against(tmp_path, to
     assert check["same_tokenization"] == 6 and check["top1_agreement"] >= 0.99, check
     adapter = gguf.GGUFReader(tmp_path / "lora" / "adapter.gguf")
     assert adapter.get_field("general.type").contents() == "adapter"
-    alpha = load_run_recipe(run).adapter.alpha  # llama.cpp's scale alpha / rank is the run's (no rsLoRA)
+    alpha = RunDir(run).trained_recipe.adapter.alpha  # llama.cpp's scale alpha / rank is the run's (no rsLoRA)
     assert adapter.get_field("adapter.lora.alpha").contents() == pytest.approx(alpha)
     assert "blk.0.attn_q.weight.lora_a" in {t.name for t in adapter.tensors}
     merged = tmp_path / "merged"

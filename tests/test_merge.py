@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from qadapt.errors import QadaptError
 from qadapt.export.merge import compare_logits, logits_on, merge_run, probe_texts
 from qadapt.inference.loader import load_trained_model
-from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
+from qadapt.run_dir import RunDir
 
 
 def plain_base_logits(run: Path, texts: list[str]) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_fold_is_exactly_w_plus_scaled_ba_on_the_chosen_base(tmp_path, tiny_llam
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     as_trained = load_base(load_recipe(run / "recipe.yaml").model)
-    adapter = load_file(run / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    adapter = load_file(RunDir(run).adapter.weights_file)
     name = "model.layers.1.mlp.down_proj"
     delta = 8.0 * adapter[f"{name}.lora_b.weight"] @ adapter[f"{name}.lora_a.weight"]  # s = alpha / rank = 32 / 4
     if base == "dequantized":
@@ -114,7 +114,7 @@ def test_bottleneck_adapters_refuse_to_merge(tmp_path, tiny_llama_dir):
 
 def test_broken_adapter_weights_write_nothing(tmp_path, tiny_llama_dir):
     run = run_with_visible_adapter(tmp_path, tiny_llama_dir, "lora", "nf4")
-    weights_file = run / ADAPTER_DIR / ADAPTER_WEIGHTS
+    weights_file = RunDir(run).adapter.weights_file
     weights = load_file(weights_file)
     name = next(k for k in weights if k.endswith("lora_b.weight"))
     weights[name][0, 0] = float("nan")

@@ -159,7 +159,7 @@ def run_both(model_dir, tmp_path: Path, sections: dict, steps: int = 4):
     from safetensors.torch import load_file
 
     from qadapt.export.peft_format import PEFT_WEIGHTS, peft_state_to_ours
-    from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS, TRAINING_LOG
+    from qadapt.run_dir import RunDir
     from qadapt.training.train import train
 
     raw = tiny_recipe(model_dir, tmp_path / "qadapt", **sections)
@@ -172,10 +172,10 @@ def run_both(model_dir, tmp_path: Path, sections: dict, steps: int = 4):
     raw["data"] |= {"max_examples": 4 * steps}
     recipe = recipe_from_dict(raw)
     train(recipe)
-    rows = [json.loads(line) for line in (tmp_path / "qadapt" / TRAINING_LOG).read_text().splitlines()]
+    rows = [json.loads(line) for line in RunDir(tmp_path / "qadapt").training_log.read_text().splitlines()]
     ours = [row["loss"] for row in rows if "loss" in row]
     peer = train_peft(recipe, tmp_path / "peft")
-    our_adapter = load_file(tmp_path / "qadapt" / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    our_adapter = load_file(RunDir(tmp_path / "qadapt").adapter.weights_file)
     peer_adapter = peft_state_to_ours(load_file(tmp_path / "peft" / "adapter" / PEFT_WEIGHTS))
     return (ours, our_adapter), (peer["losses"], peer_adapter)
 

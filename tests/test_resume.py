@@ -14,10 +14,9 @@ import pytest
 import yaml
 from conftest import write_tiny_recipe
 
-from qadapt.training.checkpoint import latest_checkpoint, problem_with
 from qadapt.errors import QadaptError
 from qadapt.recipe import load_recipe
-from qadapt.run_files import OPTIMIZER_FILE, STATE_FILE
+from qadapt.run_dir import CheckpointFolder, RunDir
 from qadapt.training.train import train
 
 STEPS = 10
@@ -99,7 +98,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(reference, tiny_llama
     output = process.communicate()[0]
     assert process.returncode == 143, output
     assert "Traceback" not in output
-    saved = latest_checkpoint(run)
+    saved = RunDir(run).latest_checkpoint()
     assert saved is not None and f"checkpoint: {saved}" in output
     assert f"resume with: qadapt train {recipe} train.lr=1e-2 --resume" in output
 
@@ -119,14 +118,15 @@ def test_a_corrupt_or_cut_short_checkpoint_is_skipped_with_a_warning(reference, 
     run = copy_unfinished(reference[0], tmp_path / "run")
     names = [p.name for p in sorted((run / "checkpoints").iterdir())]
     assert names == ["step-000004", "step-000006", "step-000008"]  # keep_checkpoints: 3
-    optimizer = run / "checkpoints" / "step-000008" / OPTIMIZER_FILE
+    optimizer = run / "checkpoints" / "step-000008" / CheckpointFolder.OPTIMIZER
     data = bytearray(optimizer.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     optimizer.write_bytes(bytes(data))
-    (run / "checkpoints" / "step-000006" / STATE_FILE).unlink()  # a save cut short
+    (run / "checkpoints" / "step-000006" / CheckpointFolder.STATE).unlink()  # a save cut short
     (run / "checkpoints" / ".tmp-step-000010-x").mkdir()  # a temporary folder of an interrupted save
 
-    assert problem_with(run / "checkpoints" / "step-000008") == f"{OPTIMIZER_FILE} does not match its recorded sha256"
+    assert CheckpointFolder(run / "checkpoints" / "step-000008").problem() == (
+        f"{CheckpointFolder.OPTIMIZER} does not match its recorded sha256")
     train(load_recipe(write_recipe(tmp_path, tiny_llama_dir)), resume="latest")
     warnings = capsys.readouterr().err
     assert "skipping checkpoint" in warnings and "step-000008" in warnings and "step-000006" in warnings
@@ -149,7 +149,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(refer
     recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir), ["train.lr=1e30"])
     with pytest.raises(QadaptError, match=r"diverged at step \d+: the loss is (nan|inf).*step-000008.*train.lr"):
         train(recipe, resume="latest", allow_recipe_changes=True)
-    assert latest_checkpoint(run) == run / "checkpoints" / "step-000008"
+    assert RunDir(run).latest_checkpoint().path == run / "checkpoints" / "step-000008"
     assert not (run / "adapter").exists()
 
 
@@ -217,12 +217,12 @@ def test_a_pickle_in_a_checkpoint_is_refused_not_run(reference, tiny_llama_dir, 
             return (Path.touch, (marker,))
 
     folder = run / "checkpoints" / "step-000008"
-    optimizer = folder / OPTIMIZER_FILE
+    optimizer = folder / CheckpointFolder.OPTIMIZER
     optimizer.write_bytes(pickle.dumps({"state": Payload()}))
-    state = json.loads((folder / STATE_FILE).read_text())  # an attacker can fix the recorded hash too
-    state["files"][OPTIMIZER_FILE] = {"bytes": optimizer.stat().st_size,
-                                      "sha256": hashlib.sha256(optimizer.read_bytes()).hexdigest()}
-    (folder / STATE_FILE).write_text(json.dumps(state))
+    state = json.loads((folder / CheckpointFolder.STATE).read_text())  # an attacker can fix the recorded hash too
+    state["files"][CheckpointFolder.OPTIMIZER] = {"bytes": optimizer.stat().st_size,
+                                                 "sha256": hashlib.sha256(optimizer.read_bytes()).hexdigest()}
+    (folder / CheckpointFolder.STATE).write_text(json.dumps(state))
     with pytest.raises(QadaptError, match="refusing to unpickle"):
         train(load_recipe(write_recipe(tmp_path, tiny_llama_dir)), resume=str(folder))
     assert not marker.exists()
@@ -272,7 +272,7 @@ def test_a_full_disk_while_saving_leaves_the_last_checkpoint_and_no_debris(refer
                                           r"half-written was left; the last complete checkpoint is .*step-000008"):
         train(recipe, resume="latest", allow_recipe_changes=True)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006", "step-000008"]
-    assert latest_checkpoint(run) == run / "checkpoints" / "step-000008"
+    assert RunDir(run).latest_checkpoint().path == run / "checkpoints" / "step-000008"
 
 
 def test_a_changed_data_file_is_noticed_on_resume(tiny_llama_dir, tmp_path):

@@ -21,8 +21,7 @@ import torch
 from qadapt.inference.adapter_bank import AdapterBank
 from qadapt.adapters import attach_adapters
 from qadapt.inference.loader import head_labels, load_frozen_base
-from qadapt.run_dir import load_run_recipe
-from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE
+from qadapt.run_dir import RunDir
 from qadapt.tasks import task_named
 from qadapt.tasks.token_classification import entity_scores, load_sentences, predict_tags
 
@@ -34,9 +33,10 @@ def scores(model, tokenizer, sets: dict, cutoff_len: int) -> dict[str, dict]:
 
 
 def untrained(run_dir: Path, tokenizer, sets: dict) -> dict[str, dict]:
-    recipe = load_run_recipe(run_dir)
+    run = RunDir(run_dir)
+    recipe = run.trained_recipe
     torch.manual_seed(0)
-    model, _ = load_frozen_base(recipe.model, head_labels(run_dir / ADAPTER_DIR))
+    model, _ = load_frozen_base(recipe.model, head_labels(run.adapter))
     attach_adapters(model, recipe.adapter)
     model.eval()
     return scores(model, tokenizer, sets, recipe.data.cutoff_len)
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    first = load_run_recipe(args.runs[0])
+    first = RunDir(args.runs[0]).trained_recipe
     tokenizer = task_named(first.task).load_tokenizer(first.model)
     sets = {Path(spec).name: load_sentences(spec, "test") for spec in args.data}
     report = {"untrained": untrained(args.runs[0], tokenizer, sets)}
@@ -62,12 +62,13 @@ def main() -> None:
         bank.activate(name)
         switch_s = time.perf_counter() - started
         loaded = bank.adapters[name]
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        run = RunDir(run_dir)
+        summary = run.summary
         report["adapters"][name] = {
             "kind": loaded.config.kind, "trainable_params": summary["trainable_params"],
             "file_mb": loaded.file_bytes / 1e6, "load_s": loaded.load_s, "switch_s": switch_s,
             "train_wall_s": summary["wall_s"],
-            "sets": scores(bank.model, tokenizer, sets, load_run_recipe(run_dir).data.cutoff_len),
+            "sets": scores(bank.model, tokenizer, sets, run.trained_recipe.data.cutoff_len),
         }
     print_report(report)
     if args.json:

@@ -21,20 +21,20 @@ import sys
 from pathlib import Path
 
 from qadapt.machine import describe
-from qadapt.run_files import SUMMARY_FILE, TRAINING_LOG
+from qadapt.run_dir import RunDir
 
 FIGURES = ("tokens_per_s", "s_per_step", "peak_memory_mb", "eval_loss")
 
 
 def train(recipe: Path, out: Path, steps: int, packing: bool, overrides: list[str]) -> dict:
     """Train one side (skipped when its run is already finished); its figures."""
-    if not (out / SUMMARY_FILE).is_file():
+    if not RunDir(out).summary_file.is_file():
         command = [sys.executable, "-m", "qadapt", "train", str(recipe), *overrides, f"output_dir={out}",
                    f"data.packing={str(packing).lower()}", f"train.max_steps={steps}", "train.save_every=0",
                    "train.eval_every=0", "--skip-eval", "--overwrite"]
         subprocess.run(command, check=True)
-    summary = json.loads((out / SUMMARY_FILE).read_text())
-    steps = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    summary = json.loads(RunDir(out).summary_file.read_text())
+    steps = [json.loads(line) for line in RunDir(out).training_log.read_text().splitlines()]
     padding = [row["padding_share"] for row in steps if "padding_share" in row]
     return {"tokens_per_s": summary["tokens_seen"] / summary["wall_s"], "s_per_step": summary["s_per_step"],
             "peak_memory_mb": summary["peak_memory_mb"], "eval_loss": summary["eval_loss"],

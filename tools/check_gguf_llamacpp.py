@@ -24,7 +24,7 @@ from qadapt.export.gguf_export import GGUF_TYPES, MERGE_DTYPE, tokenizer_pre, wr
 from qadapt.export.gguf_families import gguf_family
 from qadapt.export.merge import merge_run, probe_texts
 from qadapt.machine import describe, one_line
-from qadapt.run_dir import load_run_recipe
+from qadapt.run_dir import RunDir
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"machine: {one_line()}")
-    recipe = load_run_recipe(args.run)
+    recipe = RunDir(args.run).trained_recipe
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for gguf_type in args.types:

@@ -239,11 +239,11 @@ def main() -> None:
     from qadapt.files import atomic_file
     from qadapt.export.peft_format import import_peft
     from qadapt.recipe import load_recipe
-    from qadapt.run_files import SUMMARY_FILE, TRAINING_LOG, eval_dir
+    from qadapt.run_dir import RunDir
 
     recipe = load_recipe(args.recipe, args.overrides)
     out, work = args.out, args.out.with_name(args.out.name + ".peft-train")
-    if not (out / SUMMARY_FILE).is_file():
+    if not RunDir(out).finished():
         summary = train_peft(recipe, work)
         if out.exists():  # an import cut short: made again from the trained adapter
             import shutil
@@ -252,14 +252,14 @@ def main() -> None:
         import_peft(work / "adapter", out, base=recipe.model.name, quant=recipe.model.quant,
                     template=recipe.data.template)
         losses = summary.pop("losses")
-        (out / TRAINING_LOG).write_text("".join(json.dumps({"step": i, "loss": x}) + "\n"
-                                                for i, x in enumerate(losses, 1)))
-        with atomic_file(out / SUMMARY_FILE) as tmp:
+        RunDir(out).training_log.write_text("".join(json.dumps({"step": i, "loss": x}) + "\n"
+                                                    for i, x in enumerate(losses, 1)))
+        with atomic_file(RunDir(out).summary_file) as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
     e = recipe.eval
     if e.sets:
         run_eval(str(out), e.sets, limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                 strict=e.strict, out=eval_dir(out), compute_dtype=args.eval_dtype, resume=True)
+                 strict=e.strict, out=RunDir(out).eval_dir(), compute_dtype=args.eval_dtype, resume=True)
     if args.results:
         from qadapt.kept_results import keep_results
 

@@ -47,12 +47,12 @@ HEAD_TYPE_FOR_LOW_BITS = "q8_0"
 def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", base: str = "dequantized") -> dict:
     from qadapt.export.merge import merge_run, refuse_unmergeable
     from qadapt.models import meta_model
-    from qadapt.run_dir import load_run_recipe
+    from qadapt.run_dir import RunDir
 
     if gguf_type not in GGUF_TYPES:
         raise QadaptError(f"--type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     run_dir, out = Path(run_dir), Path(out)
-    recipe = load_run_recipe(run_dir)
+    recipe = RunDir(run_dir).trained_recipe
     refuse_unmergeable(recipe, "gguf", "export to GGUF")
     refuse_existing(out)
     config = meta_model(recipe.model).config.to_dict()

@@ -32,12 +32,12 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, gguf_type: str = "f16
     from qadapt.adapters.kinds import adapter_kind
     from qadapt.export.merge import merge_run, refuse_unmergeable
     from qadapt.models import meta_model
-    from qadapt.run_dir import load_run_recipe
+    from qadapt.run_dir import RunDir
 
     if gguf_type not in GGUF_TYPES:
         raise QadaptError(f"--type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     run_dir, out = Path(run_dir), Path(out)
-    recipe = load_run_recipe(run_dir)
+    recipe = RunDir(run_dir).trained_recipe
     refuse_unmergeable(recipe, "gguf", "export to GGUF")
     if not adapter_kind(recipe.adapter.kind).llamacpp_adapter:
         raise QadaptError(f"llama.cpp's adapter files hold LoRA only, not {recipe.adapter.kind}; export the "
@@ -71,14 +71,13 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, gguf_type: str = "f16
 def write_lora_gguf(run_dir: Path, out: Path, family: GgufFamily, config: dict) -> None:
     """The run's LoRA weights as a llama.cpp adapter GGUF (see the module's docstring)."""
     import gguf
-    from safetensors.torch import load_file
 
     from qadapt.adapters.lora import lora_scale
-    from qadapt.run_dir import load_run_recipe
-    from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
+    from qadapt.run_dir import RunDir
 
-    adapter = load_run_recipe(run_dir).adapter
-    weights = load_file(run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    run = RunDir(run_dir)
+    adapter = run.trained_recipe.adapter
+    weights = run.adapter.weights()
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     names = gguf.get_tensor_name_map(arch, config.get("num_hidden_layers") or config["n_layer"])
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch])

@@ -186,17 +186,16 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
 
     from qadapt.models import load_full_precision
     from qadapt.inference.loader import load_trained_model
-    from qadapt.run_dir import load_adapter, load_run_recipe
-    from qadapt.run_files import ADAPTER_DIR
+    from qadapt.run_dir import RunDir
 
     _check_choice("--base", base, BASES)
     _check_choice("--dtype", dtype, MERGE_DTYPES)
-    run_dir, out = Path(run_dir), Path(out)
-    recipe = load_run_recipe(run_dir)
+    run, out = RunDir(run_dir), Path(out)
+    run_dir, recipe = run.path, run.trained_recipe
     refuse_unmergeable(recipe, "merge", "merge")
     refuse_existing(out)
 
-    trained, tokenizer, _ = load_trained_model(run_dir, compute_dtype="fp32")
+    trained, tokenizer, _ = load_trained_model(run, compute_dtype="fp32")
     require_host_memory(recipe.model, dtype, trained)
     texts = probe_texts(recipe.data.template, tokenizer)
     trained_logits = logits_on(trained, tokenizer, texts)
@@ -207,7 +206,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     if base_out is not None:
         save_hf_folder(full, tokenizer, recipe.data.template, base_out)
     attach_adapters(full, recipe.adapter)
-    load_adapter(full, run_dir / ADAPTER_DIR)
+    run.adapter.load_into(full)
     full.eval()
     adapter_logits = logits_on(full, tokenizer, texts)
     folded = fold_adapters(full)

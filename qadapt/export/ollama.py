@@ -175,11 +175,11 @@ def export_ollama(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", 
     from qadapt.conversations import end_of_turn
     from qadapt.export.gguf_export import export_gguf
     from qadapt.export.merge import exported_chat_template, refuse_unmergeable
-    from qadapt.run_dir import load_run_recipe
+    from qadapt.run_dir import RunDir
     from qadapt.tasks import task_named
 
     run_dir, out = Path(run_dir), Path(out)
-    recipe = load_run_recipe(run_dir)
+    recipe = RunDir(run_dir).trained_recipe
     refuse_unmergeable(recipe, "gguf", "export for Ollama")
     refuse_existing(out)
     tokenizer = task_named(recipe.task).run_tokenizer(recipe, run_dir)

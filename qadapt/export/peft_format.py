@@ -44,20 +44,19 @@ def compact_targets(model: nn.Module, wrapped: list[str]) -> list[str]:
 
 def export_peft(run_dir: str | Path, out: str | Path) -> Path:
     """Write the run's LoRA / DoRA adapter as a PEFT adapter folder; return it."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers.pytorch_utils import Conv1D
 
     from qadapt.export.merge import refuse_unmergeable
     from qadapt.models import meta_model, resolve_model_path
-    from qadapt.run_dir import load_run_recipe, read_adapter_config
-    from qadapt.run_files import ADAPTER_DIR, ADAPTER_WEIGHTS
+    from qadapt.run_dir import RunDir
 
-    run_dir = Path(run_dir)
-    recipe = load_run_recipe(run_dir)
+    run = RunDir(run_dir)
+    recipe = run.trained_recipe
     refuse_unmergeable(recipe, "peft", "export to PEFT (which has no bottleneck adapters)")
     refuse_existing(Path(out))
-    wrapped = read_adapter_config(run_dir / ADAPTER_DIR)["wrapped_modules"]
-    weights = load_file(run_dir / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    wrapped = run.adapter.config["wrapped_modules"]
+    weights = run.adapter.weights()
     model = meta_model(recipe.model)
     base = resolve_model_path(recipe.model.name)
     adapter = recipe.adapter
@@ -87,8 +86,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
     from qadapt.adapters import attach_adapters, load_adapter_state_dict
     from qadapt.models import meta_model
     from qadapt.recipe import recipe_from_dict, save_recipe
-    from qadapt.run_dir import save_adapter
-    from qadapt.run_files import ADAPTER_DIR, RECIPE_FILE
+    from qadapt.run_dir import RunDir
 
     peft_dir, out = Path(peft_dir), Path(out)
     config = _read_peft_config(peft_dir)
@@ -102,7 +100,7 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
         "model": {"name": name, "quant": quant, "revision": config.get("revision")},
         "adapter": {"kind": kind_of_peft_config(config), "rank": config["r"],
                     "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
-                    "rslora": bool(config.get("use_rslora")), "placement": "linears"},
+                    "rslora": bool(config.get("use_rslora"))},
         "data": {"template": template},
         "output_dir": str(out),
     }, source=str(peft_dir / PEFT_CONFIG))
@@ -111,8 +109,9 @@ def import_peft(peft_dir: str | Path, out: str | Path, base: str | None = None, 
     attach_adapters(model, recipe.adapter)  # on the meta device: checks names and shapes, loads nothing
     load_adapter_state_dict(model, state)
     out.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, out / RECIPE_FILE)
-    save_adapter(model, out / ADAPTER_DIR, recipe, wrapped, state=state)
+    run = RunDir(out)
+    save_recipe(recipe, run.recipe_file)
+    run.adapter.save(model, recipe, wrapped, state=state)
     print(describe_written(out))
     return out
 

@@ -26,13 +26,11 @@ from qadapt.adapters.head import TOKEN_CLASSIFIER
 from qadapt.adapters.inject import replace_module
 from qadapt.adapters.kinds import adapter_kind
 from qadapt.adapters.lora import lora_scale
-from qadapt.base_identity import check_same_base
 from qadapt.errors import QadaptError
 from qadapt.inference.loader import head_labels, load_frozen_base
 from qadapt.adapters.spec import AdapterSpec
 from qadapt.recipe import adapter_section
-from qadapt.run_dir import load_run_recipe, read_adapter_config
-from qadapt.run_files import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS
+from qadapt.run_dir import AdapterFolder, RunDir
 
 
 @dataclass
@@ -64,29 +62,26 @@ class AdapterBank:
     @classmethod
     def from_runs(cls, run_dirs: list[str | Path]) -> "AdapterBank":
         """The first run's base, loaded once as it was trained, with every run's adapter (named by its folder)."""
-        first = Path(run_dirs[0])
-        recipe = load_run_recipe(first)
+        runs = [RunDir(path) for path in run_dirs]
+        first = runs[0]
         started = time.perf_counter()
-        bank = cls(*load_frozen_base(recipe.model, head_labels(first / ADAPTER_DIR)))
+        bank = cls(*load_frozen_base(first.trained_recipe.model, head_labels(first.adapter)))
         bank.base_load_s = time.perf_counter() - started
-        for run_dir in map(Path, run_dirs):
-            bank.load(run_dir.name, run_dir / ADAPTER_DIR)
-        bank.activate(first.name)
+        for run in runs:
+            bank.load(run.path.name, run.adapter.path)
+        bank.activate(first.path.name)
         return bank
 
     def load(self, name: str, folder: str | Path) -> LoadedAdapter:
         """Read an adapter folder (adapter.safetensors + adapter_config.json) into the bank."""
-        from safetensors.torch import load_file
-
-        started, folder = time.perf_counter(), Path(folder)
+        started, folder = time.perf_counter(), AdapterFolder(folder)
         if name in self.adapters:
             raise QadaptError(f"an adapter named {name!r} is already loaded")
-        config = read_adapter_config(folder)
-        check_same_base(config.get("base_identity"), self.base, str(folder))
-        adapter_cfg = adapter_section(config, str(folder / ADAPTER_CONFIG))
-        weights = load_file(folder / ADAPTER_WEIGHTS)
-        loaded = LoadedAdapter(name, adapter_cfg, head_labels(folder), weights,
-                               (folder / ADAPTER_WEIGHTS).stat().st_size, 0.0)
+        config = folder.config  # a folder without one is refused
+        folder.check_base(self.base)
+        adapter_cfg = adapter_section(config, str(folder.config_file))
+        loaded = LoadedAdapter(name, adapter_cfg, head_labels(folder), folder.weights(),
+                               folder.weights_file.stat().st_size, 0.0)
         loaded.load_s = time.perf_counter() - started
         self.adapters[name] = loaded
         return loaded

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qadapt.run_files import CALCULATOR_SUFFIX, EVAL_DIR, RECIPE_FILE, eval_dir
+from qadapt.run_dir import CALCULATOR_SUFFIX, RunDir, run_of
 from qadapt.tasks import EvalOptions, task_of_target
 
 
@@ -27,19 +27,21 @@ def run_eval(target: str, data: list[str], *, limit: int | None = None, batch_si
     """
     from qadapt.inference.loader import load_for_scoring
 
-    task = task_of_target(target)
+    run = run_of(target)  # read once: its recipe and adapter config serve the task, the loader and the output
+    task = task_of_target(run or target)
     options = EvalOptions(limit, batch_size, max_new_tokens, strict, compute_dtype, calculator, resume)
     # Known before loading, so that --resume finds earlier scores in the default folder too.
-    out_dir = Path(out) if out else default_output(target, quant, calculator)
+    out_dir = Path(out) if out else default_output(run or target, quant, calculator)
     return task.evaluate(target, data, options, out_dir,
-                         load=lambda: load_for_scoring(target, quant, template, compute_dtype))
+                         load=lambda: load_for_scoring(run or target, quant, template, compute_dtype))
 
 
-def default_output(target: str, quant: str = "nf4", calculator: bool = False) -> Path:
+def default_output(target: str | RunDir, quant: str = "nf4", calculator: bool = False) -> Path:
     """Where scores go without --out: RUN/eval (RUN/eval-calculator), or runs/eval/MODEL-QUANT for a bare model."""
+    run = run_of(target)
+    if run is not None:
+        return run.eval_dir(calculator)
     path = Path(target).expanduser()
-    if (path / RECIPE_FILE).is_file():
-        return eval_dir(path, calculator)
-    folder = Path("runs") / EVAL_DIR / f"{path.name or target}-{quant}"
+    folder = Path("runs") / RunDir.EVAL / f"{path.name or target}-{quant}"
     # FOLDER-calculator for scores decoded with the calculator, never FOLDER itself.
     return folder.with_name(folder.name + CALCULATOR_SUFFIX) if calculator else folder

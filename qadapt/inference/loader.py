@@ -21,17 +21,16 @@ from qadapt.adapters import attach_adapters
 from qadapt.base_identity import base_identity
 from qadapt.devices import compute_device
 from qadapt.errors import QadaptError
-from qadapt.recipe import DType, ModelConfig, Quant, Recipe, Template
-from qadapt.run_dir import load_adapter, load_run_recipe, read_adapter_config
-from qadapt.run_files import ADAPTER_CONFIG, ADAPTER_DIR, RECIPE_FILE
+from qadapt.recipe import DType, ModelConfig, Quant, Template
+from qadapt.run_dir import AdapterFolder, RunDir, run_of
 from qadapt.tasks import DEFAULT_TASK, LoadedModel, task_named, task_of_adapter, task_of_target
 
 
-def head_labels(folder: Path) -> list[str] | None:
+def head_labels(folder: AdapterFolder) -> list[str] | None:
     """The labels of the head an adapter folder carries (in logit order), None when its task adds none
     (and for a bare weights file without a config, as causal-LM adapters once were written)."""
-    config = read_adapter_config(folder) if (folder / ADAPTER_CONFIG).is_file() else {}
-    return task_of_adapter(config).head_labels(config, str(folder / ADAPTER_CONFIG))
+    config = folder.config if folder.has_config() else {}
+    return task_of_adapter(config).head_labels(config, str(folder.config_file))
 
 
 def load_frozen_base(cfg: ModelConfig, labels: list[str] | None = None,
@@ -56,25 +55,25 @@ def load_frozen_base(cfg: ModelConfig, labels: list[str] | None = None,
     return model, identity
 
 
-def load_trained_model(run_dir: str | Path, adapter: str = ADAPTER_DIR, compute_dtype: str | None = None):
+def load_trained_model(run_dir: str | Path | RunDir, compute_dtype: str | None = None):
     """(model, tokenizer, recipe): the run's base, quantized as trained, with its adapter loaded.
 
     `compute_dtype` overrides the recipe's (e.g. fp32 for answers that do not depend on the batch).
     """
-    run_dir = Path(run_dir)
-    recipe = load_run_recipe(run_dir)
-    tokenizer = task_named(recipe.task).run_tokenizer(recipe, run_dir)
-    model, base = load_frozen_base(recipe.model, head_labels(run_dir / adapter), compute_dtype)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    recipe = run.trained_recipe
+    tokenizer = task_named(recipe.task).run_tokenizer(recipe, run.path)
+    model, base = load_frozen_base(recipe.model, head_labels(run.adapter), compute_dtype)
     attach_adapters(model, recipe.adapter)
-    load_adapter(model, run_dir / adapter, base)
+    run.adapter.load_into(model, base)
     if lean_cpu.applies(compute_device()):
         lean_cpu.for_answering(model)  # LoRA computed as training computed it on this CPU: the same numbers
     model.eval()
     return model, tokenizer, recipe
 
 
-def load_target(target: str, quant: str = "nf4", template: str | None = None, compute_dtype: str | None = None,
-                unpack: bool = True) -> LoadedModel:
+def load_target(target: str | RunDir, quant: str = "nf4", template: str | None = None,
+                compute_dtype: str | None = None, unpack: bool = True) -> LoadedModel:
     """A run directory (its base as trained, its adapter, its template) or a bare model, ready to answer.
 
     `unpack`: on a CPU, unpack a 4-bit base for decoding when memory allows (lean_cpu.unpack_for_decoding).
@@ -82,11 +81,12 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
     greedy answers can depend on which problems share its batch; compute_dtype fp32 avoids that.
     """
     check_load_options(quant, template, compute_dtype)
-    if require_answering_run(target) is not None:
-        model, tokenizer, recipe = load_trained_model(Path(target).expanduser(), compute_dtype=compute_dtype)
+    run = require_answering_run(target)
+    if run is not None:
+        model, tokenizer, recipe = load_trained_model(run, compute_dtype=compute_dtype)
         loaded = LoadedModel(model, tokenizer, template or recipe.data.template, recipe.data.cutoff_len)
     else:
-        cfg = ModelConfig(name=target, quant=quant, compute_dtype=compute_dtype or "auto")
+        cfg = ModelConfig(name=str(target), quant=quant, compute_dtype=compute_dtype or "auto")
         tokenizer = DEFAULT_TASK.load_tokenizer(cfg)
         model, _ = load_frozen_base(cfg)  # the kernels training uses, so a baseline compares like with like
         loaded = LoadedModel(model, tokenizer, template or "alpaca", None)
@@ -95,12 +95,13 @@ def load_target(target: str, quant: str = "nf4", template: str | None = None, co
     return loaded
 
 
-def load_for_scoring(target: str, quant: str = "nf4", template: str | None = None,
+def load_for_scoring(target: str | RunDir, quant: str = "nf4", template: str | None = None,
                      compute_dtype: str | None = None) -> LoadedModel:
     """What `qadapt eval` scores: a run directory of any task, or a bare model (load_target)."""
+    target = run_of(target) or target
     if task_of_target(target).generates:
         return load_target(target, quant, template, compute_dtype)
-    model, tokenizer, recipe = load_trained_model(Path(target).expanduser(), compute_dtype=compute_dtype)
+    model, tokenizer, recipe = load_trained_model(target, compute_dtype=compute_dtype)
     return LoadedModel(model, tokenizer, recipe.data.template, recipe.data.cutoff_len)
 
 
@@ -111,14 +112,13 @@ def check_load_options(quant: str, template: str | None, compute_dtype: str | No
             raise QadaptError(f"{option} {value!r} is not one of {', '.join(get_args(allowed))}")
 
 
-def require_answering_run(target: str) -> Recipe | None:
-    """The recipe of a run that answers prompts (None for a bare model); a tagging run is refused."""
-    path = Path(target).expanduser()
-    if not (path / RECIPE_FILE).is_file():
+def require_answering_run(target: str | RunDir) -> RunDir | None:
+    """A run that answers prompts (None for a bare model); a tagging run is refused."""
+    run = run_of(target)
+    if run is None:
         return None
-    recipe = load_run_recipe(path)
-    task = task_named(recipe.task)
+    task = task_named(run.trained_recipe.task)
     if not task.generates:
-        raise QadaptError(f"{path} is a {task.name} run: it tags words and does not answer prompts; "
+        raise QadaptError(f"{run.path} is a {task.name} run: it tags words and does not answer prompts; "
                           "score it with qadapt eval RUN_DIR --data CONLL_FILE")
-    return recipe
+    return run

@@ -7,8 +7,6 @@ This registry is the one place a task name is looked up; everything else asks th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from qadapt.errors import QadaptError
 from qadapt.tasks.base import EvalOptions, LoadedModel, StepSource, Task, TrainingData
 from qadapt.tasks.causal_lm import CausalLM
@@ -30,13 +28,13 @@ def task_of_adapter(config: dict) -> Task:
     return task_named(config["task"]) if config.get("task") else DEFAULT_TASK
 
 
-def task_of_target(target: str | Path) -> Task:
-    """The task of a run directory (its recipe's); a bare model is a causal LM."""
-    from qadapt.run_dir import load_run_recipe
-    from qadapt.run_files import RECIPE_FILE
+def task_of_target(target) -> Task:
+    """The task of a run directory (its recipe's; a path or a qadapt.run_dir.RunDir); a bare model is a
+    causal LM."""
+    from qadapt.run_dir import run_of
 
-    path = Path(target).expanduser()
-    return task_named(load_run_recipe(path).task) if (path / RECIPE_FILE).is_file() else DEFAULT_TASK
+    run = run_of(target)
+    return task_named(run.trained_recipe.task) if run is not None else DEFAULT_TASK
 
 
 __all__ = ["DEFAULT_TASK", "EvalOptions", "LoadedModel", "StepSource", "TASKS", "Task", "TrainingData", "task_named",

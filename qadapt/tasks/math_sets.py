@@ -18,7 +18,7 @@ from qadapt.data import BUILTIN_ARITHMETIC, conversation_template, load_examples
 from qadapt.decoding.calculator import calculator_result
 from qadapt.decoding.generation import greedy_generate
 from qadapt.errors import QadaptError
-from qadapt.run_files import EVAL_METRICS_FILE, PREDICTIONS_FILE
+from qadapt.run_dir import EVAL_METRICS_FILE, PREDICTIONS_FILE
 from qadapt.scores import outcomes_text, set_name, split_first, write_results
 from qadapt.tasks import answers
 from qadapt.text_templates import is_text_template

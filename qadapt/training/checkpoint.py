@@ -1,23 +1,11 @@
-"""Full checkpoints: everything a run needs to continue exactly where it stopped.
-
-    checkpoints/step-000100/
-      adapter.safetensors, adapter_config.json   the adapter, loadable like RUN/adapter
-      optimizer.pt          the optimizer's state: tensors and numbers only, read with weights_only=True
-      rng_state.pt          python, numpy, torch (and CUDA) generator states, one entry per process
-      recipe.yaml           the resolved recipe the run was trained with
-      trainer_state.json    step, data position, losses so far, and every file's size and sha256
-
-A checkpoint is written under a temporary name, synced and renamed into place (qadapt.files), and
-trainer_state.json is written last inside it. One that does not match its own trainer_state.json (cut
-short, truncated, bit-flipped) is not used.
+"""What a full checkpoint keeps of the training, so that a run continues exactly where it stopped: its
+progress (step, data position, losses), every process's random generators, and whether the disk can hold
+the checkpoints. Where and how a checkpoint's files are written is qadapt.run_dir.CheckpointFolder's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -26,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qadapt.console import say
 from qadapt.errors import QadaptError
-from qadapt.files import atomic_folder, human_size, write_errors_reported
-from qadapt.recipe import Recipe, recipe_from_dict, save_recipe
-from qadapt.run_dir import write_adapter_files
-from qadapt.run_files import CHECKPOINT_PREFIX, CHECKPOINTS_DIR, OPTIMIZER_FILE, RECIPE_FILE, RNG_FILE, STATE_FILE
+from qadapt.files import human_size
+from qadapt.recipe import Recipe
+from qadapt.run_dir import CheckpointFolder, RunDir
 
 
 @dataclass
@@ -50,100 +36,25 @@ class Progress:
     loss_scale_state: dict | None = None  # fp16's GradScaler (scale, growth tracker); None for bf16 and fp32
 
 
-def checkpoint_folder(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{step:06d}"
-
-
-def save_checkpoint(folder: Path, model, optimizer_state: dict, progress: Progress, recipe: Recipe,
-                    wrapped: list[str], base: dict, rng_states: list[dict], weights: dict | None = None) -> Path:
-    """Write a complete checkpoint to `folder` atomically; a full disk leaves nothing behind.
+def save_checkpoint(run: RunDir, model, optimizer_state: dict, progress: Progress, recipe: Recipe,
+                    wrapped: list[str], base: dict, rng_states: list[dict],
+                    weights: dict | None = None) -> CheckpointFolder:
+    """Write the checkpoint of `progress.step` (qadapt.run_dir.CheckpointFolder); a full disk leaves nothing.
 
     `weights`: the adapter's weights when the model does not hold them whole (FSDP), else taken from it.
     """
+    folder = run.checkpoint(progress.step)
     try:
-        with write_errors_reported(folder, "nothing half-written was left"), atomic_folder(folder) as tmp:
-            write_adapter_files(tmp, model, recipe, wrapped, base, weights)
-            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-            torch.save(rng_states, tmp / RNG_FILE)
-            save_recipe(recipe, tmp / RECIPE_FILE)
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _file_sha256(f)} for f in sorted(tmp.iterdir())}
-            state = {**dataclasses.asdict(progress), "files": files}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        folder.write(model, recipe, wrapped, base, optimizer_state, rng_states, dataclasses.asdict(progress), weights)
     except QadaptError as error:  # only now look for the last good one: that hashes its files
-        latest = latest_checkpoint(folder.parent.parent, warn=False)
+        latest = run.latest_checkpoint(warn=False)
         raise QadaptError(f"{error}; the last complete checkpoint is {latest or 'none'}") from None
     return folder
 
 
-def problem_with(folder: Path) -> str | None:
-    """Why `folder` is not a usable checkpoint, or None when every file matches trainer_state.json."""
-    try:
-        state = json.loads((folder / STATE_FILE).read_text())
-        files = state["files"]
-        for name in (OPTIMIZER_FILE, RNG_FILE, RECIPE_FILE, "adapter.safetensors", "adapter_config.json"):
-            if name not in files:
-                return f"{STATE_FILE} does not list {name}"
-        for name, expected in files.items():
-            path = folder / name
-            if not path.is_file():
-                return f"{name} is missing"
-            if path.stat().st_size != expected["bytes"]:
-                return f"{name} has {path.stat().st_size} bytes, not {expected['bytes']}"
-            if _file_sha256(path) != expected["sha256"]:
-                return f"{name} does not match its recorded sha256"
-    except FileNotFoundError:
-        return f"it has no {STATE_FILE} (cut short)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{STATE_FILE} is unreadable ({type(exc).__name__}: {exc})"
-    return None
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint folders, oldest first (temporary folders of an unfinished save excluded)."""
-    folder = Path(run_dir) / CHECKPOINTS_DIR
-    steps = {p: p.name.removeprefix(CHECKPOINT_PREFIX) for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
-    return sorted((p for p, step in steps.items() if step.isdigit()), key=lambda p: int(steps[p]))
-
-
-def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
-    """The newest complete checkpoint; each newer broken one is skipped with a warning saying why."""
-    for folder in reversed(checkpoints(run_dir)):
-        problem = problem_with(folder)
-        if problem is None:
-            return folder
-        if warn:
-            say(f"skipping checkpoint {folder}: {problem}", warning=True)
-    return None
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, and leftovers of saves a crash cut short."""
-    for folder in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(folder, ignore_errors=True)
-    for leftover in (Path(run_dir) / CHECKPOINTS_DIR).glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def read_progress(folder: Path) -> Progress:
-    state = json.loads((folder / STATE_FILE).read_text())
+def read_progress(folder: CheckpointFolder) -> Progress:
     names = {f.name for f in dataclasses.fields(Progress)}
-    return Progress(**{key: value for key, value in state.items() if key in names})
-
-
-def read_recipe(folder: Path) -> Recipe:
-    import yaml
-
-    return recipe_from_dict(yaml.safe_load((folder / RECIPE_FILE).read_text()) or {}, source=str(folder / RECIPE_FILE))
-
-
-def load_tensors(path: Path):
-    """A torch file of tensors, numbers and containers. Anything else (pickled code) is refused, not run."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise QadaptError(f"{path} holds more than tensors and numbers; refusing to unpickle it "
-                          f"({first_line})") from None
+    return Progress(**{key: value for key, value in folder.state().items() if key in names})
 
 
 def rng_state() -> dict:
@@ -186,11 +97,3 @@ def require_disk_space(run_dir: Path, trainable_bytes: int, optimizer: str, keep
             f"not enough disk space for {run_dir}: {human_size(free)} free, the run needs about {human_size(needed)} "
             f"({what}); free some space, lower train.keep_checkpoints, or choose another output_dir"
         )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -5,7 +5,6 @@ start from here, so that they measure what a run trains.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -18,8 +17,7 @@ from qadapt.models import load_base
 from qadapt.plan import choose_gradient_checkpointing
 from qadapt.quant import prepare_for_kbit_training
 from qadapt.recipe import Recipe
-from qadapt.run_dir import load_adapter
-from qadapt.run_files import ADAPTER_DIR
+from qadapt.run_dir import adapter_folder_of
 from qadapt.training import distributed
 
 
@@ -48,12 +46,11 @@ def prepare_model(recipe: Recipe, device: torch.device, labels: list[str] | None
 
 def start_from_adapter(model: torch.nn.Module, path: str, base: dict) -> None:
     """Load a finished run's (or an adapter folder's) weights into the freshly attached adapters."""
-    folder = Path(path).expanduser()
-    folder = folder / ADAPTER_DIR if (folder / ADAPTER_DIR).is_dir() else folder
-    if not folder.is_dir():
-        raise QadaptError(f"adapter.start_from: no run or adapter folder at {folder}")
+    folder = adapter_folder_of(path)
+    if not folder.path.is_dir():
+        raise QadaptError(f"adapter.start_from: no run or adapter folder at {folder.path}")
     try:
-        load_adapter(model, folder, base)
+        folder.load_into(model, base)
     except QadaptError as exc:
-        raise QadaptError(f"adapter.start_from {folder}: {exc}") from None
-    say(f"adapter: starting from the weights in {folder}")
+        raise QadaptError(f"adapter.start_from {folder.path}: {exc}") from None
+    say(f"adapter: starting from the weights in {folder.path}")

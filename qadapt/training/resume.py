@@ -7,62 +7,48 @@ the seeded data order are those of the uninterrupted run at that step, so every 
 from __future__ import annotations
 
 import hashlib
-import json
 from array import array
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from qadapt.training import distributed
-from qadapt.base_identity import check_same_base
-from qadapt.training.checkpoint import (
-    OPTIMIZER_FILE,
-    RNG_FILE,
-    Progress,
-    latest_checkpoint,
-    load_tensors,
-    problem_with,
-    read_progress,
-    read_recipe,
-    set_rng_state,
-)
 from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.recipe import Recipe, recipe_differences, training_differences
-from qadapt.run_dir import load_adapter, read_adapter_config
-from qadapt.run_files import ADAPTER_WEIGHTS, CHECKPOINTS_DIR, SUMMARY_FILE, TRAINING_LOG
+from qadapt.run_dir import CheckpointFolder, RunDir
+from qadapt.training import distributed
+from qadapt.training.checkpoint import Progress, read_progress, set_rng_state
 
 LATEST = "latest"
-# Keys that change what is logged, saved or scored, never a number the training computes.
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+def find_checkpoint(run_dir: str | Path, resume: str) -> CheckpointFolder | None:
     """The checkpoint `--resume` means: the latest complete one in `run_dir`, or the folder given.
 
     None when `run_dir` has none yet: the run starts from step 0 (so `--resume` can always be passed).
     """
+    run = RunDir(run_dir)
     if resume != LATEST:
-        folder = Path(resume).expanduser()
-        if (folder / CHECKPOINTS_DIR).is_dir():  # a run directory: its latest checkpoint
-            return find_checkpoint(folder, LATEST)
-        if not folder.is_dir():
-            raise QadaptError(f"checkpoint not found: {folder}")
-        problem = problem_with(folder)
+        given = RunDir(resume)
+        if given.checkpoints_dir.is_dir():  # a run directory: its latest checkpoint
+            return find_checkpoint(given.path, LATEST)
+        if not given.path.is_dir():
+            raise QadaptError(f"checkpoint not found: {given.path}")
+        folder = CheckpointFolder(given.path)
+        problem = folder.problem()
         if problem:
             raise QadaptError(f"cannot resume from {folder}: {problem}")
         return folder
-    if (run_dir / SUMMARY_FILE).is_file():
-        raise QadaptError(f"the run in {run_dir} has finished ({SUMMARY_FILE}); nothing to resume. Pass "
+    if run.finished():
+        raise QadaptError(f"the run in {run.path} has finished ({run.SUMMARY}); nothing to resume. Pass "
                           "--overwrite to train it again, or choose another output_dir")
-    found = latest_checkpoint(run_dir)
+    found = run.latest_checkpoint()
     if found is None:
-        say(f"resume: no complete checkpoint in {run_dir / CHECKPOINTS_DIR} yet; starting from step 0")
+        say(f"resume: no complete checkpoint in {run.checkpoints_dir} yet; starting from step 0")
     return found
 
 
-def check_recipe(folder: Path, recipe: Recipe, allow_changes: bool) -> None:
+def check_recipe(folder: CheckpointFolder, recipe: Recipe, allow_changes: bool) -> None:
     """Refuse to resume with a recipe that trains differently from the checkpoint's, unless allowed."""
-    trained = read_recipe(folder)
+    trained = folder.recipe()
     changes = recipe_differences(trained, recipe)
     lines = [f"  {key}: {old!r} -> {new!r}" for key, old, new in changes]
     if training_differences(trained, recipe) and not allow_changes:
@@ -70,10 +56,10 @@ def check_recipe(folder: Path, recipe: Recipe, allow_changes: bool) -> None:
                           + "\n".join(lines) + "\nresuming would not continue the same run; undo the changes, or "
                           "pass --allow-recipe-changes to continue with the new values")
     if changes:
-        say(f"resume: recipe changes since {folder.name}:\n" + "\n".join(lines))
+        say(f"resume: recipe changes since {folder.path.name}:\n" + "\n".join(lines))
 
 
-def restore(folder: Path, model, optimizer, base: dict, train_rows: list[dict], accelerator,
+def restore(folder: CheckpointFolder, model, optimizer, base: dict, train_rows: list[dict], accelerator,
             allow_changes: bool) -> Progress:
     """Load the checkpoint's adapter, optimizer and random state into a freshly set-up run."""
     progress = read_progress(folder)
@@ -86,32 +72,17 @@ def restore(folder: Path, model, optimizer, base: dict, train_rows: list[dict], 
                           f"{accelerator.num_processes}: the data order would differ; pass --allow-recipe-changes "
                           "to continue anyway")
     if distributed.is_sharded(model):
-        check_same_base(read_adapter_config(folder).get("base_identity"), base, str(folder))
-        distributed.load_adapter_weights(model, load_file(folder / ADAPTER_WEIGHTS))
+        folder.adapter.check_base(base)
+        distributed.load_adapter_weights(model, folder.adapter.weights())
     else:
-        load_adapter(accelerator.unwrap_model(model), folder, base)
-    distributed.load_optimizer_state(model, optimizer, load_tensors(folder / OPTIMIZER_FILE))
-    rng_states = load_tensors(folder / RNG_FILE)
+        folder.adapter.load_into(accelerator.unwrap_model(model), base)
+    distributed.load_optimizer_state(model, optimizer, folder.tensors(folder.OPTIMIZER))
+    rng_states = folder.tensors(folder.RNG)
     if accelerator.process_index < len(rng_states):
         set_rng_state(rng_states[accelerator.process_index])
     progress.data_sha256, progress.num_processes = data_sha256, accelerator.num_processes
     say(f"resume: continuing from {folder} (step {progress.step})")
     return progress
-
-
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics rows logged after `step`: the resumed run logs those steps again."""
-    path = run_dir / TRAINING_LOG
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a row cut short by the crash
-    path.write_text("".join(kept))
 
 
 def rows_sha256(rows: list[dict]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qadapt.errors import QadaptError
 from qadapt.recipe import TRACKERS, Recipe
-from qadapt.run_files import TENSORBOARD_DIR
+from qadapt.run_dir import RunDir
 
 PROJECT = "qadapt"  # the W&B project, the MLflow experiment, the TensorBoard subfolder
 PACKAGES = {"comet_ml": "comet-ml", "mlflow": "mlflow"}  # pip names that differ from the tracker's
@@ -46,9 +46,9 @@ def accelerator_options(recipe: Recipe) -> dict:
     if not names:
         return {}
     require_installed(names)
-    run_dir = Path(recipe.output_dir).expanduser()
+    run_dir = RunDir(recipe.output_dir).path
     return {"log_with": names, "project_config": ProjectConfiguration(project_dir=str(run_dir),
-                                                                       logging_dir=str(run_dir / TENSORBOARD_DIR))}
+                                                                       logging_dir=str(RunDir(run_dir).tensorboard_dir))}
 
 
 def start(accelerator, recipe: Recipe) -> None:

@@ -10,7 +10,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -20,16 +19,7 @@ from qadapt.training import distributed, trackers
 from qadapt.adapters import count_parameters
 from qadapt.chat_templates import save_run_template
 from qadapt.console import say
-from qadapt.training.checkpoint import (
-    Progress,
-    checkpoint_folder,
-    latest_checkpoint,
-    prune_checkpoints,
-    read_progress,
-    require_disk_space,
-    rng_state,
-    save_checkpoint,
-)
+from qadapt.training.checkpoint import Progress, read_progress, require_disk_space, rng_state, save_checkpoint
 from qadapt.devices import peak_memory_mb, start_peak_memory
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.files import atomic_file, write_errors_reported
@@ -40,9 +30,8 @@ from qadapt.models import resolve_compute_dtype
 from qadapt.quant import optimizer_class, unpaged_here
 from qadapt.recipe import Recipe
 from qadapt.training.prepare import prepare_model
-from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_sha256, truncate_metrics
-from qadapt.run_dir import MetricsLog, create_run_dir, save_adapter
-from qadapt.run_files import ADAPTER_DIR, SUMMARY_FILE, eval_dir
+from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_sha256
+from qadapt.run_dir import CheckpointFolder, MetricsLog, RunDir
 from qadapt.training.stop_signals import EXIT_CODES, StopSignals
 from qadapt.tasks import EvalOptions, LoadedModel, StepSource, Task, TrainingData, task_named
 
@@ -74,7 +63,7 @@ class Setup:
     task: Task  # what the run learns: its batches, its loss, its scores
     wrapped: list[str]
     base: dict  # the base model's identity, recorded with every adapter saved
-    run_dir: Path
+    run: RunDir
     metrics: MetricsLog
     max_steps: int
     scaler: torch.amp.GradScaler  # fp16's loss scaling; with bf16 and fp32 it does nothing
@@ -88,19 +77,19 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     from accelerate.utils import set_seed
 
     accelerator = _accelerator(trackers.accelerator_options(recipe))
-    run_dir, metrics = _open_run_dir(recipe, accelerator, resume_step, overwrite)
+    run, metrics = _open_run_dir(recipe, accelerator, resume_step, overwrite)
     set_seed(recipe.train.seed)
     task = task_named(recipe.task)
-    tokenizer = task.run_tokenizer(recipe, run_dir)
+    tokenizer = task.run_tokenizer(recipe, run.path)
     if accelerator.is_main_process and recipe.data.template == "chat":
-        save_run_template(tokenizer, run_dir)  # eval, chat, merge and export prompt as it trained
+        save_run_template(tokenizer, run.path)  # eval, chat, merge and export prompt as it trained
     data = task.training_data(recipe, tokenizer)
     sharded = distributed.is_fsdp(accelerator)
     model, wrapped, base = prepare_model(recipe, accelerator.device, data.labels, accelerator if sharded else None)
     start_peak_memory(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     t = recipe.train
-    require_disk_space(run_dir, sum(p.numel() * p.element_size() for p in params), t.optimizer,
+    require_disk_space(run.path, sum(p.numel() * p.element_size() for p in params), t.optimizer,
                        t.keep_checkpoints, saving=t.save_every > 0)
     if sharded:
         distributed.wrap_adapters_apart(accelerator, model)
@@ -114,7 +103,7 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train_rows) / examples_per_step))
     scaler = grad_scaler(resolve_compute_dtype(recipe.model.compute_dtype), accelerator.device, sharded)
     return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, task,
-                 wrapped, base, run_dir, metrics, max_steps, scaler)
+                 wrapped, base, run, metrics, max_steps, scaler)
 
 
 def param_groups(model: torch.nn.Module, lr_ratio: float) -> list[dict]:
@@ -147,17 +136,17 @@ def _accelerator(options: dict):
 
 
 def _open_run_dir(recipe: Recipe, accelerator, resume_step: int | None, overwrite: bool):
-    """(run_dir, metrics log): only the main process writes; the others check it is there."""
+    """(run directory, metrics log): only the main process writes; the others check it is there."""
     if accelerator.is_main_process:
-        run_dir = create_run_dir(recipe, resuming=resume_step is not None, overwrite=overwrite)
+        run = RunDir.create(recipe, resuming=resume_step is not None, overwrite=overwrite)
         if resume_step is not None:
-            truncate_metrics(run_dir, resume_step)
-        metrics = MetricsLog(run_dir, also=lambda row: accelerator.log(trackers.numbers(row), step=row["step"]))
+            run.truncate_training_log(resume_step)
+        metrics = MetricsLog(run.path, also=lambda row: accelerator.log(trackers.numbers(row), step=row["step"]))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        run_dir, metrics = Path(recipe.output_dir).expanduser(), None
+        run, metrics = RunDir(recipe.output_dir), None
     trackers.start(accelerator, recipe)
-    return run_dir, metrics
+    return run, metrics
 
 
 def prepare_data(recipe: Recipe, tokenizer) -> TrainingData:
@@ -179,7 +168,7 @@ def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool 
     """
     if resume and overwrite:
         raise QadaptError("--resume continues a run and --overwrite replaces it: pass one of them")
-    checkpoint = find_checkpoint(Path(recipe.output_dir).expanduser(), resume) if resume else None
+    checkpoint = find_checkpoint(recipe.output_dir, resume) if resume else None
     if checkpoint:
         check_recipe(checkpoint, recipe, allow_recipe_changes)
     # Resuming with no checkpoint yet starts again (-1: none of the earlier attempt's metrics are kept).
@@ -266,7 +255,7 @@ def _refuse_divergence(s: Setup, recipe: Recipe, step: int, loss: float, grad_no
     if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm) or fp16_overflow(s.scaler)):
         return
     what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
-    latest = latest_checkpoint(s.run_dir, warn=False)
+    latest = s.run.latest_checkpoint(warn=False)
     raise QadaptError(
         f"training diverged at step {step}: {what}; this step was not applied and the run stops. Last good "
         f"checkpoint: {latest or 'none'}. Lower train.lr (now {recipe.train.lr:g})"
@@ -274,7 +263,7 @@ def _refuse_divergence(s: Setup, recipe: Recipe, step: int, loss: float, grad_no
     )
 
 
-def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> Path:
+def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> CheckpointFolder:
     """A full checkpoint at `progress.step` (every process contributes its random state), then pruning."""
     from accelerate.utils import gather_object
 
@@ -282,22 +271,22 @@ def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> Path:
     progress.loss_scale_state = s.scaler.state_dict() or None
     rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
     weights, optimizer_state = distributed.adapter_weights(s.model), distributed.optimizer_state(s.model, s.optimizer)
-    folder = checkpoint_folder(s.run_dir, progress.step)
+    folder = s.run.checkpoint(progress.step)
     if acc.is_main_process:
-        save_checkpoint(folder, acc.unwrap_model(s.model), optimizer_state, progress, recipe, s.wrapped, s.base,
+        save_checkpoint(s.run, acc.unwrap_model(s.model), optimizer_state, progress, recipe, s.wrapped, s.base,
                         rng_states, weights)
-        prune_checkpoints(s.run_dir, recipe.train.keep_checkpoints)
+        s.run.prune_checkpoints(recipe.train.keep_checkpoints)
     acc.wait_for_everyone()
     return folder
 
 
 def finish(s: Setup, recipe: Recipe, progress: Progress, score: bool = True) -> dict:
     trainable, total = count_parameters(s.model)
-    adapter = s.run_dir / ADAPTER_DIR
+    adapter = s.run.adapter
     weights = distributed.adapter_weights(s.model)
     if s.accelerator.is_main_process:
-        with write_errors_reported(adapter, "free some space, then continue from the last checkpoint with --resume"):
-            save_adapter(s.accelerator.unwrap_model(s.model), adapter, recipe, s.wrapped, s.base, weights)
+        with write_errors_reported(adapter.path, "free some space, then continue from the last checkpoint with --resume"):
+            adapter.save(s.accelerator.unwrap_model(s.model), recipe, s.wrapped, s.base, weights)
     summary = {
         "adapter_kind": recipe.adapter.kind,
         "trainable_params": trainable,
@@ -317,12 +306,12 @@ def finish(s: Setup, recipe: Recipe, progress: Progress, score: bool = True) -> 
         "eval_loss": progress.eval_loss,
         **_peak_memory_figures(s.accelerator.device),
         "machine": describe_machine(),
-        "adapter": str(adapter),
+        "adapter": str(adapter.path),
     }
     if recipe.eval.sets and score and s.accelerator.is_main_process:
         summary[s.task.score_key] = _final_scores(s, recipe)
     if s.accelerator.is_main_process:
-        with atomic_file(s.run_dir / SUMMARY_FILE) as tmp:
+        with atomic_file(s.run.summary_file) as tmp:
             tmp.write_text(json.dumps(summary, indent=2))
         s.metrics.close()
         print(format_summary(summary))
@@ -359,7 +348,7 @@ def _final_scores(s: Setup, recipe: Recipe) -> dict[str, float]:
     e = recipe.eval
     options = EvalOptions(e.limit, e.batch_size, e.max_new_tokens, e.strict)
     loaded = LoadedModel(model, s.tokenizer, recipe.data.template, recipe.data.cutoff_len)
-    metrics = s.task.evaluate(str(s.run_dir), e.sets, options, eval_dir(s.run_dir), load=lambda: loaded)
+    metrics = s.task.evaluate(str(s.run.path), e.sets, options, s.run.eval_dir(), load=lambda: loaded)
     return s.task.set_scores(metrics)
 
 
