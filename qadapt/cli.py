@@ -66,7 +66,7 @@ def data(recipe: Path = o.RecipeArg, overrides: Optional[list[str]] = o.Override
     import sys
 
     from qadapt.recipe import load_recipe
-    from qadapt.show_data import show_data
+    from qadapt.actions.show_data import show_data
 
     with _user_errors():
         typer.echo(show_data(load_recipe(recipe, overrides or []), show, as_json, colour=sys.stdout.isatty()))
@@ -76,7 +76,7 @@ def data(recipe: Path = o.RecipeArg, overrides: Optional[list[str]] = o.Override
 def plan(recipe: Path = o.RecipeArg, overrides: Optional[list[str]] = o.OverridesArg,
          gpu_memory: float = o.GpuMemoryOption, fsdp_gpus: int = o.FsdpGpusOption) -> None:
     """Predict a recipe's peak training memory from the model's config (no weights), and whether it fits."""
-    from qadapt.plan import format_plan, plan_memory
+    from qadapt.training.plan import format_plan, plan_memory
     from qadapt.recipe import load_recipe
 
     with _user_errors():
@@ -90,7 +90,7 @@ def sweep(recipe: Path = o.RecipeArg, overrides: Optional[list[str]] = o.Overrid
           baseline: bool = o.BaselineOption, eval_dtype: str = o.EvalDTypeOption,
           results: Optional[Path] = o.KeptResultsOption) -> None:
     """Train and score many runs of one recipe; the same command continues a stopped sweep."""
-    from qadapt.sweep import sweep as run_sweep
+    from qadapt.actions.sweep import sweep as run_sweep
 
     with _user_errors():
         run_sweep(recipe, grid or [], overrides or [], out or Path("runs") / f"sweep-{recipe.stem}", baseline,
@@ -168,7 +168,7 @@ def chat(target: str = o.TargetArg, max_new_tokens: int = o.MaxNewTokensOption, 
 def report(runs: list[Path] = o.RunsArg, out: Optional[Path] = o.ReportOutOption,
            plot: Optional[Path] = o.PlotOption, json_out: Optional[Path] = o.JsonOutOption) -> None:
     """Compare runs: kind, size, steps, time, loss and accuracy per set (with 95% intervals), as a markdown table."""
-    from qadapt.report import report as make_report
+    from qadapt.actions.report import report as make_report
 
     with _user_errors():
         typer.echo(make_report(runs, out, plot, json_out))

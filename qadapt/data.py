@@ -1,9 +1,9 @@
 """Training data: read, template, tokenize with a loss mask, batch.
 
 Every source becomes records in the LLM-Adapters format — instruction, input, output, answer:
-- `builtin:arithmetic`: generated word problems told one way (qadapt.arithmetic), offline;
-- `builtin:word-problems`: generated everyday word problems of many kinds and phrasings (qadapt.word_problems);
-- `builtin:conversations`: those stories with follow-up questions, as conversations (qadapt.conversation_problems);
+- `builtin:arithmetic`: generated word problems told one way (qadapt.builtin_data.arithmetic), offline;
+- `builtin:word-problems`: generated everyday word problems of many kinds and phrasings (qadapt.builtin_data.word_problems);
+- `builtin:conversations`: those stories with follow-up questions, as conversations (qadapt.builtin_data.conversation_problems);
 - a GSM8K JSONL file (`question`, `answer` ending "#### N"): the rationale without its calculator
   annotations, then "The answer is N.";
 - an LLM-Adapters / Alpaca JSON or JSONL file (`instruction`, `input`, `output`, `answer`);
@@ -24,7 +24,8 @@ from typing import Iterator
 
 import torch
 
-from qadapt import arithmetic, conversation_problems, conversations, word_problems
+from qadapt import conversations
+from qadapt.builtin_data import arithmetic, conversation_problems, word_problems
 from qadapt.chat_templates import alpaca_chat_template, template_name
 from qadapt.console import say
 from qadapt.errors import QadaptError

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from qadapt import arithmetic
+from qadapt.builtin_data import arithmetic
 from qadapt import data as D
 from qadapt.errors import QadaptError
 
@@ -185,7 +185,7 @@ def test_math_data_json_is_made_of_the_test_sets_and_gsm8k_train_is_not(capsys):
 
 
 def test_builtin_word_problems_are_varied_split_and_every_step_is_right():
-    from qadapt import word_problems
+    from qadapt.builtin_data import word_problems
 
     train, test = word_problems.problems("train", 1000), word_problems.problems("test", 200)
     assert train == word_problems.problems("train", 1000)

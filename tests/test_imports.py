@@ -98,14 +98,17 @@ def test_a_task_name_is_written_only_in_the_registry_and_the_recipe_schema():
     assert written == []
 
 
-# The packages a package must not import: imports run from the command line to the actions (training,
-# inference, export) to the tasks to the building blocks, never back.
+# The packages a package must not import: imports run from the command line to the actions (the commands
+# beside training; training, inference, export) to the tasks to the building blocks, never back.
+ACTIONS = ("qadapt.actions", "qadapt.cli")
 NOT_BELOW = {
-    "qadapt.decoding": ("qadapt.tasks", "qadapt.training", "qadapt.inference", "qadapt.export", "qadapt.cli"),
-    "qadapt.tasks": ("qadapt.training", "qadapt.inference", "qadapt.export", "qadapt.cli"),
-    "qadapt.training": ("qadapt.inference", "qadapt.export", "qadapt.cli"),
-    "qadapt.inference": ("qadapt.training", "qadapt.export", "qadapt.cli"),
-    "qadapt.export": ("qadapt.training", "qadapt.cli"),
+    "qadapt.builtin_data": ("qadapt.tasks", "qadapt.training", "qadapt.inference", "qadapt.export", *ACTIONS),
+    "qadapt.decoding": ("qadapt.tasks", "qadapt.training", "qadapt.inference", "qadapt.export", *ACTIONS),
+    "qadapt.tasks": ("qadapt.training", "qadapt.inference", "qadapt.export", *ACTIONS),
+    "qadapt.training": ("qadapt.inference", "qadapt.export", *ACTIONS),
+    "qadapt.inference": ("qadapt.training", "qadapt.export", *ACTIONS),
+    "qadapt.export": ("qadapt.training", *ACTIONS),
+    "qadapt.actions": ("qadapt.cli",),
 }
 
 

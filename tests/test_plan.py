@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qadapt.plan import GIB, advice, format_plan, plan_memory
+from qadapt.training.plan import GIB, advice, format_plan, plan_memory
 from qadapt.recipe import load_recipe, recipe_from_dict
 
 LLAMA2_7B = {  # the published LLaMA-2-7B config
@@ -84,7 +84,7 @@ def test_fsdp_splits_the_70b_base_over_gpus(tmp_path):
 def test_auto_checkpointing_is_off_when_the_run_fits_without_it_and_on_when_it_would_not(llama2_7b_config):
     import torch
 
-    from qadapt.plan import choose_gradient_checkpointing
+    from qadapt.training.plan import choose_gradient_checkpointing
 
     def choice(batch: int, length: int, setting="auto") -> tuple[bool, str]:
         recipe = recipe_from_dict({"model": {"name": llama2_7b_config, "compute_dtype": "fp32"},

@@ -132,7 +132,7 @@ def test_bottleneck_options_are_checked():
 def test_a_shipped_sweep_command_names_runs_that_all_load(path: Path, tmp_path):
     import shlex
 
-    from qadapt.sweep import plan_sweep
+    from qadapt.actions.sweep import plan_sweep
 
     words = shlex.split(path.read_text().splitlines()[0][2:])
     grids = [words[i + 1] for i, word in enumerate(words) if word == "--grid"]

@@ -9,7 +9,7 @@ import pytest
 
 from qadapt.errors import QadaptError
 from qadapt.recipe import recipe_from_dict
-from qadapt.report import markdown_table, report
+from qadapt.actions.report import markdown_table, report
 from qadapt.scores import wilson_interval
 from qadapt.training.train import train
 
@@ -60,7 +60,7 @@ def test_the_paired_test_is_scipy_s_exact_mcnemar(first, second):
 
 
 def test_runs_pair_with_the_base_and_their_peft_twin_problem_by_problem():
-    from qadapt.report import paired_table
+    from qadapt.actions.report import paired_table
 
     def row(name, outcomes, trained=True):
         score = {"score": outcomes.count("1") / len(outcomes), "total": len(outcomes), "outcomes": outcomes}

@@ -15,7 +15,7 @@ from conftest import write_tiny_recipe
 
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.recipe import load_recipe
-from qadapt.sweep import _died, _run_job, expand_grids, run_name, split_values, sweep
+from qadapt.actions.sweep import _died, _run_job, expand_grids, run_name, split_values, sweep
 
 
 def test_grids_expand_to_their_cross_product_first_grid_slowest():

@@ -44,7 +44,7 @@ def test_peer_fidelity_trains_peft_at_the_recipes_budget_and_scores_it_as_a_run(
 
     import yaml
 
-    from qadapt.report import read_run
+    from qadapt.actions.report import read_run
 
     pytest.importorskip("peft")
     recipe = tmp_path / "tiny.yaml"

@@ -74,7 +74,7 @@ def measure(model_name: str, batch: int, length: int, checkpointing: bool) -> di
 
 
 def main() -> None:
-    from qadapt.plan import plan_memory
+    from qadapt.training.plan import plan_memory
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")

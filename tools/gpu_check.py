@@ -116,7 +116,7 @@ def train_overrides(folder: Path, run: Path, profile: dict) -> list[str]:
 
 
 def phase_plan(folder: Path, out: Path, profile: dict) -> dict:
-    from qadapt.plan import plan_memory
+    from qadapt.training.plan import plan_memory
     from qadapt.recipe import load_recipe
 
     overrides = train_overrides(folder, out / "run", profile)

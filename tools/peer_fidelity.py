@@ -45,7 +45,7 @@ def peft_model(recipe, targets: list[str]):
 
     from qadapt.errors import QadaptError
     from qadapt.models import resolve_compute_dtype, resolve_model_path
-    from qadapt.plan import choose_gradient_checkpointing
+    from qadapt.training.plan import choose_gradient_checkpointing
     from qadapt.quant import disable_cpu_weight_repacking
 
     from qadapt.adapters.kinds import adapter_kind
@@ -261,7 +261,7 @@ def main() -> None:
         run_eval(str(out), e.sets, limit=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                  strict=e.strict, out=RunDir(out).eval_dir(), compute_dtype=args.eval_dtype, resume=True)
     if args.results:
-        from qadapt.kept_results import keep_results
+        from qadapt.actions.kept_results import keep_results
 
         print(f"results kept in {keep_results(out, args.results)}")
 

@@ -116,7 +116,7 @@ def fold_adapters(model: nn.Module) -> list[str]:
 def probe_texts(template: str, tokenizer, count: int = 6, answered: bool = True) -> list[str]:
     """Templated prompts with their answers (or without: what a reply is asked for): what the merged model
     is compared on."""
-    from qadapt import arithmetic
+    from qadapt.builtin_data import arithmetic
     from qadapt.data import prompt_text
 
     return [prompt_text(r, template, tokenizer) + (r["output"] if answered else "")

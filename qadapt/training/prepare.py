@@ -14,7 +14,7 @@ from qadapt.base_identity import base_identity
 from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.models import load_base
-from qadapt.plan import choose_gradient_checkpointing
+from qadapt.training.plan import choose_gradient_checkpointing
 from qadapt.quant import prepare_for_kbit_training
 from qadapt.recipe import Recipe
 from qadapt.run_dir import adapter_folder_of

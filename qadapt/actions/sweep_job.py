@@ -1,4 +1,4 @@
-"""One job of a sweep, in a process of its own: `python -m qadapt.sweep_job JOB.json`.
+"""One job of a sweep, in a process of its own: `python -m qadapt.actions.sweep_job JOB.json`.
 
 The job file names the action and its arguments (train a recipe, or score a run or a bare model); the
 process calls the library (qadapt.training.train, qadapt.inference.evaluate) and leaves its outcome in

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from qadapt.arithmetic import problems as _split_problems
-from qadapt.word_problems import GOODS, NAMES
+from qadapt.builtin_data.arithmetic import problems as _split_problems
+from qadapt.builtin_data.word_problems import GOODS, NAMES
 
 SYSTEM_PROMPTS = [
     "You are a patient math tutor. Work through each question step by step and end with 'The answer is N.'",

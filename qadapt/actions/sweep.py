@@ -5,7 +5,7 @@
 The runs are the cross product of the grids (the first grid varies slowest). A value may be a YAML
 mapping that sets several keys of a section at once, `--grid 'adapter={kind: lora},{kind: series,
 placement: mlp}'`, so one sweep can compare settings that are not a product. Each run trains in its
-own process (qadapt.sweep_job: the library's train, resumed when interrupted) into DIR/<name>, named
+own process (qadapt.actions.sweep_job: the library's train, resumed when interrupted) into DIR/<name>, named
 after its grid values, and is then scored on the recipe's eval sets, set by set (qadapt eval's library
 call, fp32 compute by default, so that answers do not depend on the batch). Each job leaves a result
 file; the sweep reads that, never the job's screen (which it shows and keeps in DIR/logs). With `--baseline` the untrained base is scored too, into DIR/base.
@@ -14,7 +14,7 @@ Nothing is lost when a sweep is stopped, killed or moved to another machine: the
 the finished runs and sets, resumes the interrupted run from its last checkpoint, and retries the runs
 that failed. A run that fails is recorded with its one-line error in DIR/sweep.json and the sweep goes
 on. It ends with `qadapt report` over every run in DIR: report.md, report.json and report.png. With
-`--results KEPT` each finished run's result files are also kept in KEPT/<name> (qadapt.kept_results), a
+`--results KEPT` each finished run's result files are also kept in KEPT/<name> (qadapt.actions.kept_results), a
 folder to commit, and a run kept there by the recipe the sweep has now counts as done and joins the report.
 """
 
@@ -37,7 +37,7 @@ import yaml
 
 from qadapt.errors import QadaptError, TrainingStopped
 from qadapt.files import atomic_file
-from qadapt.kept_results import keep_results
+from qadapt.actions.kept_results import keep_results
 from qadapt.recipe import DType, load_recipe, training_differences
 from qadapt.run_dir import RunDir
 from qadapt.scores import set_name
@@ -155,10 +155,10 @@ def sweep(recipe: Path, grids: list[str], overrides: list[str], out: Path, basel
           eval_dtype: str = "fp32", results: Path | None = None) -> str:
     """Train and score every run of the sweep that is not done yet; return the report's table.
 
-    `results`: keep each finished run's result files there (qadapt.kept_results), and count a run whose
+    `results`: keep each finished run's result files there (qadapt.actions.kept_results), and count a run whose
     kept copy is finished and trained by the same recipe as done.
     """
-    from qadapt.report import report
+    from qadapt.actions.report import report
 
     if eval_dtype not in get_args(DType):
         raise QadaptError(f"--eval-dtype {eval_dtype!r} is not one of {', '.join(get_args(DType))}")
@@ -322,7 +322,7 @@ def _score_baseline(recipe, scoring: dict, out: Path) -> None:
 
 
 def _run_job(job: dict, log: Path) -> str | None:
-    """Run one job in its own process (qadapt.sweep_job), its output shown and kept in `log`; None, or the
+    """Run one job in its own process (qadapt.actions.sweep_job), its output shown and kept in `log`; None, or the
     one-line error its result file records.
 
     The job runs in a session of its own, and a Ctrl-C or SIGTERM the sweep gets is passed on to it once,
@@ -332,7 +332,7 @@ def _run_job(job: dict, log: Path) -> str | None:
     job_file, result_file = log.with_suffix(".job.json"), log.with_suffix(".result.json")
     result_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps({**job, "result": str(result_file)}, indent=1) + "\n")
-    code, received = _watch([sys.executable, "-m", "qadapt.sweep_job", str(job_file)], log,
+    code, received = _watch([sys.executable, "-m", "qadapt.actions.sweep_job", str(job_file)], log,
                             header=f"{job['action']} {job.get('target') or job.get('recipe')}")
     result = json.loads(result_file.read_text()) if result_file.is_file() else None
     # Stopped: it saved a checkpoint (130 / 143), or a signal ended it before it could (-2 / -15), or we passed one on.

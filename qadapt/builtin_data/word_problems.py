@@ -1,7 +1,7 @@
 """Built-in everyday word problems (`builtin:word-problems`): varied stories whose arithmetic depends on
 what the words mean, so that a model learns the arithmetic rather than one story's template.
 
-`builtin:arithmetic` (qadapt.arithmetic) tells every problem the same way ("X starts with N. Then ...");
+`builtin:arithmetic` (qadapt.builtin_data.arithmetic) tells every problem the same way ("X starts with N. Then ...");
 a small model trained on it learns to add up the numbers of any story in the order they come. Here
 each kind of problem (price × quantity, change from a payment, rates, sharing out, comparisons,
 "times as many", unit conversions, ...) has several phrasings, the quantities come in different
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from qadapt.arithmetic import problems as _split_problems
+from qadapt.builtin_data.arithmetic import problems as _split_problems
 
 NAMES = ["Aiko", "Bruno", "Chloe", "Dmitri", "Esther", "Farid", "Greta", "Hugo", "Isla", "Jonah", "Keiko",
          "Luis", "Marta", "Nils", "Olu", "Pia", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wes", "Yara"]
