@@ -8,6 +8,7 @@ preparation, and the 8-bit / paged optimizers.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 
@@ -15,9 +16,28 @@ from qadapt.errors import QadaptError
 
 
 def _bitsandbytes():
+    if "bitsandbytes" not in sys.modules:
+        _import_without_compiling_fallbacks()
     import bitsandbytes
 
     return bitsandbytes
+
+
+def _import_without_compiling_fallbacks() -> None:
+    """Import bitsandbytes with torch.compile set aside for the moment of its import.
+
+    bitsandbytes 0.50 wraps four of its device-independent fallback kernels in torch.compile when it is
+    imported, which imports torch's compiler (dynamo and inductor): ~3 s of every qadapt command's start,
+    measured (docs/benchmarks.md). Neither fallback runs here: the CPU and CUDA backends register their own
+    kernels for those ops (dequantizing 4-bit and blockwise, the 32-bit optimizer step), and an odd-shaped
+    4-bit layer that reaches a fallback runs it eagerly, with the same arithmetic.
+    """
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **options: model if model is not None else (lambda function: function)
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        torch.compile = compile_
 
 
 def auto_compute_dtype() -> torch.dtype:

@@ -119,3 +119,18 @@ def test_imports_run_one_way_between_packages():
                     if (name == package or name.startswith(package + ".")) and target.startswith(above))
     assert upward == []
     assert [name for name, targets in graph.items() if "qadapt.cli" in targets] == ["qadapt.__main__"]
+
+
+def test_an_adapter_kind_is_compared_only_in_the_table_of_kinds():
+    """Code asks qadapt.adapters.kinds.KINDS what a kind allows, never `kind == "dora"` (the specs name theirs)."""
+    from qadapt.adapters.kinds import KINDS
+
+    allowed = {PACKAGE / "adapters" / "kinds.py", PACKAGE / "adapters" / "spec.py"}
+    compared = sorted(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                      for path in PACKAGE.rglob("*.py") if path not in allowed
+                      for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Compare)
+                      for side in [node.left, *node.comparators]
+                      if isinstance(side, ast.Constant) and side.value in KINDS
+                      or isinstance(side, (ast.Tuple, ast.List, ast.Set))
+                      and any(isinstance(e, ast.Constant) and e.value in KINDS for e in side.elts))
+    assert compared == []

@@ -88,3 +88,18 @@ def test_decoding_unpacks_the_base_only_when_half_the_free_memory_holds_it(load_
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert unpack_for_decoding(model, free_bytes=1e9)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_bitsandbytes_is_imported_without_starting_torchs_compiler():
+    """qadapt.quant imports bitsandbytes with torch.compile set aside (its import-time wrapping of fallback kernels
+    costs ~3 s per process); torch.compile is restored, and the quantized layers still work."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch; compile_ = torch.compile; from qadapt.quant import _bitsandbytes; bnb = _bitsandbytes(); "
+             "assert torch.compile is compile_; assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor'; "
+             "layer = bnb.nn.Linear4bit(64, 32, quant_type='nf4').to('cpu'); layer.weight = bnb.nn.Params4bit("
+             "torch.randn(32, 64), requires_grad=False, quant_type='nf4').to('cpu'); "
+             "print(tuple(layer(torch.randn(3, 64)).shape))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "(3, 32)", result.stderr[-2000:]

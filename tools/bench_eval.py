@@ -5,10 +5,13 @@ Same model, same GSM8K test problems, one process, one after the other:
               with a 4-bit base unpacked for decoding
   packed      the same, from the packed 4-bit weights (--packed; as `qadapt eval` did before unpacking)
   plain       transformers' generate, greedy, KV cache, batch 16, left padding, same stop strings
+  continuous  transformers' continuous batching (`generate_batch`, paged KV cache, transformers >= 5),
+              greedy; it has no stop strings, so each answer runs to EOS or max_new_tokens and is cut after
   paper       the paper's evaluate.py protocol: one problem at a time, 4 beams, no KV cache
               (slow: run on the first --paper-limit problems only; its rate is per problem)
 
     .venv/bin/python tools/bench_eval.py [--target smollm2-135m|RUN_DIR] [--limit 64] [--paper-limit 2] [--packed]
+        [--continuous]
 
 Prints a markdown table (problems/s and ratios to qadapt) and how many answers equal qadapt's, and
 writes it as JSON next to the predictions when --out is given.
@@ -48,6 +51,20 @@ def plain_generate(model, tokenizer, prompts, max_new_tokens, batch_size, num_be
     return outputs
 
 
+def continuous_generate(model, tokenizer, prompts, max_new_tokens):
+    """transformers' continuous batching, greedy, each answer cut at the first stop string afterwards."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    inputs = [tokenizer(p)["input_ids"] for p in prompts]  # with the special tokens, as qadapt eval tokenizes
+    with torch.no_grad():
+        results = model.generate_batch(inputs, generation_config=config, progress_bar=False)
+    by_prompt = sorted(results.values(), key=lambda r: int(r.request_id.rsplit("_", 1)[-1]))
+    return [cut_at_stop(tokenizer.decode(r.generated_tokens, skip_special_tokens=True), ALPACA_STOPS)
+            for r in by_prompt]
+
+
 def timed(label, fn, problems):
     start = time.perf_counter()
     outputs = fn()
@@ -67,6 +84,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--packed", action="store_true", help="also time decoding from the packed 4-bit weights")
+    parser.add_argument("--continuous", action="store_true", help="also time transformers' continuous batching")
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
+                        help="time transformers' plain batched generate (--no-plain: skip it)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,7 +105,11 @@ def main() -> None:
     if args.packed:
         unpack_for_decoding(model)
     ours, ours_s = timed("qadapt", decode, n)
-    plain, plain_s = timed("plain", lambda: plain_generate(model, tokenizer, prompts, args.max_new_tokens, 16), n)
+    plain, plain_s = (timed("plain", lambda: plain_generate(model, tokenizer, prompts, args.max_new_tokens, 16), n)
+                      if args.plain else ([], 0.0))
+    continuous, continuous_s = (timed("continuous", lambda: continuous_generate(model, tokenizer, prompts,
+                                                                                args.max_new_tokens), n)
+                                if args.continuous else ([], 0.0))
     paper, paper_s = [], 0.0
     if m:  # --paper-limit 0 skips it
         paper, paper_s = timed("paper", lambda: plain_generate(model, tokenizer, prompts[:m], args.max_new_tokens, 1,
@@ -98,8 +122,11 @@ def main() -> None:
         ("qadapt eval", n, ours_s, n, n),
         ("qadapt eval, 4-bit weights packed", n if args.packed else 0, packed_s,
          sum(a == b for a, b in zip(packed, ours)), sum(a == b for a, b in zip(extracted(packed), extracted(ours)))),
-        ("plain generate, batch 16", n, plain_s, sum(a == b for a, b in zip(plain, ours)),
+        ("plain generate, batch 16", n if args.plain else 0, plain_s, sum(a == b for a, b in zip(plain, ours)),
          sum(a == b for a, b in zip(extracted(plain), extracted(ours)))),
+        ("transformers continuous batching (generate_batch)", n if args.continuous else 0, continuous_s,
+         sum(a == b for a, b in zip(continuous, ours)),
+         sum(a == b for a, b in zip(extracted(continuous), extracted(ours)))),
         ("paper protocol (batch 1, 4 beams, no cache)", m, paper_s, sum(a == b for a, b in zip(paper, ours)),
          sum(a == b for a, b in zip(extracted(paper), extracted(ours)))),
     ]
