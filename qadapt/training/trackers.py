@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qadapt.errors import QadaptError
-from qadapt.recipe import TRACKERS, Recipe
+from qadapt.recipe import Recipe
 from qadapt.run_dir import RunDir
 
 PROJECT = "qadapt"  # the W&B project, the MLflow experiment, the TensorBoard subfolder
@@ -77,7 +77,3 @@ def numbers(row: dict) -> dict:
     """What a tracker plots of a metrics row: its numbers (not the step, which is the x axis)."""
     return {key: value for key, value in row.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
-__all__ = ["TRACKERS", "accelerator_options", "flat_parameters", "numbers", "report_to", "require_installed",
-           "start"]
