@@ -27,8 +27,8 @@ def _import_without_compiling_fallbacks() -> None:
     """Import bitsandbytes with torch.compile set aside for the moment of its import.
 
     bitsandbytes 0.50 wraps four of its device-independent fallback kernels in torch.compile when it is
-    imported, which imports torch's compiler (dynamo and inductor): ~3 s of every qadapt command's start,
-    measured (docs/benchmarks.md). Neither fallback runs here: the CPU and CUDA backends register their own
+    imported, which imports torch's compiler (dynamo and inductor): most of every qadapt command's start
+    (measured: docs/benchmarks/startup.md). Neither fallback runs here: the CPU and CUDA backends register their own
     kernels for those ops (dequantizing 4-bit and blockwise, the 32-bit optimizer step), and an odd-shaped
     4-bit layer that reaches a fallback runs it eagerly, with the same arithmetic.
     """

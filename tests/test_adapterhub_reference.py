@@ -4,7 +4,7 @@ The library pins transformers 4.57, so it runs in its own environment (tools/ada
 tools/setup.sh runs): tools/adapterhub_reference.py loads the same tiny LLaMA there, adds the adapter,
 takes the weights qadapt's adapters hold, and writes the logits, the loss and the weights' gradients.
 
-What is compared, and what is not (README, "Step for step with PEFT and LLM-Adapters"):
+What is compared, and what is not (docs/explanation/fidelity.md):
 - Houlsby (`DoubleSeqBnConfig`: after the attention and after the MLP) is qadapt's `series` `both`;
 - after one block with the adapter fed that block's output (`SeqBnConfig(original_ln_before=False)`) is
   `series` `mlp` / `attention`. AdapterHub's default Pfeiffer config feeds a pre-norm model's adapter the

@@ -180,7 +180,7 @@ def test_fsdp_loads_the_base_on_rank_0_alone_and_the_others_get_it_whole(tiny_ll
     """tools/fsdp_loading.py on two gloo ranks, the way FSDP loads with cpu-ram-efficient loading: rank 1 holds
     no weight after loading (its 4-bit layers only their quantization states, sent by rank 0), and once
     every weight is broadcast from rank 0 (what FSDP's sync_module_states does) it computes rank 0's logits
-    exactly. The embedded model's figures (rank 1's loading peak 861 → 187 MB) are in docs/benchmarks.md."""
+    exactly. The embedded model's figures are in docs/benchmarks/distributed.md."""
     out = tmp_path / "fsdp.json"
     result = subprocess.run([sys.executable, str(REPO / "tools" / "fsdp_loading.py"), "--model", str(tiny_llama_dir),
                              "--ways", "rank-0", "--json", str(out), "--scratch", str(tmp_path)],

@@ -1,5 +1,5 @@
-"""A run's GGUF exports run in llama.cpp, against the merged model in transformers: the figures behind the
-README's export table.
+"""A run's GGUF exports run in llama.cpp, against the merged model in transformers: the figures behind
+docs/benchmarks/exports.md.
 
     pip install 'qadapt[llamacpp]'        # builds llama.cpp from source: minutes
     .venv/bin/python tools/check_gguf_llamacpp.py RUN_DIR [--types f16 q8_0 q4_k_m ...] [--tokens 32] [--json out.json]

@@ -65,7 +65,7 @@ def read_run(run_dir: Path) -> dict:
 
 
 def _total(sets: dict, key: str) -> float | None:
-    """The sum of a per-set figure, when every set has it (evaluations before 2026-11-29 did not time sets)."""
+    """The sum of a per-set figure, when every set has it (evaluations from before sets were timed have none)."""
     values = [row.get(key) for row in sets.values()]
     return sum(values) if values and None not in values else None
 

@@ -364,8 +364,9 @@ def _roomy_layer_class():
         """A KV-cache layer that writes each new token into room left at the end of its buffer.
 
         transformers' DynamicLayer concatenates, copying the whole cache at every decoded token (what
-        that cost: docs/benchmarks.md, "Faster decoding"). `keys` / `values` are views of the filled part; assigning them (selecting rows, trimming
-        columns, joining batches) replaces the buffer, and the next token makes room again. Each
+        that cost: docs/benchmarks/decoding.md). `keys` / `values` are views of the filled part; assigning
+        them (selecting rows, trimming columns, joining batches) replaces the buffer, and the next token makes
+        room again. Each
         remembers its own filled width, so assigning one never changes what the other reads.
         """
 

@@ -34,7 +34,7 @@ GGUF_TYPES = PYTHON_TYPES + llamacpp.K_QUANTS
 MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16"}
 # Least top-1 agreement with the merged model on the check prompts, per type: below it the file is
 # refused. A floor catches a broken file (a wrong layout or tokenizer gives another model), not a
-# quality bar: what each type costs is measured in docs/benchmarks.md. The 4- and 5-bit floors are set
+# quality bar: what each type costs is measured in docs/benchmarks/exports.md. The 4- and 5-bit floors are set
 # so that a tiny random model's flat logits pass (0.41 measured for q4_0 in the tests).
 MIN_TOP1_AGREEMENT = {"f16": 0.99, "bf16": 0.98, "q8_0": 0.9, "q6_k": 0.9, "q5_1": 0.5, "q5_0": 0.5,
                       "q5_k_m": 0.5, "q5_k_s": 0.5, "q4_1": 0.3, "q4_0": 0.3, "q4_k_m": 0.3, "q4_k_s": 0.3,

@@ -39,7 +39,8 @@ BASES = ("dequantized", "original")
 MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 MERGE_INFO_FILE = "qadapt_merge.json"
 # Least top-1 agreement between the merged model and the adapter on the same base, per dtype. The fold
-# is exact in fp32; in 16 bits the merged weight is rounded once more than the base (measured: see README).
+# is exact in fp32; in 16 bits the merged weight is rounded once more than the base
+# (measured: docs/benchmarks/exports.md).
 MIN_TOP1_AGREEMENT = {torch.float32: 0.999, torch.bfloat16: 0.95, torch.float16: 0.98}
 
 

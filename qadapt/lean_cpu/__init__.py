@@ -2,7 +2,7 @@
 
 The training loop, the loss and the adapters' forwards read as their equations, and that is what runs
 on a GPU. On a CPU, where a step takes seconds and memory is the host's, these pay (each measured on
-the embedded model in docs/benchmarks.md):
+the embedded model in docs/benchmarks/training.md):
 - heap: memory that loading and training free goes back to the system (glibc), and weights leave the
   mapped checkpoint file;
 - masks: dropout masks cheap to draw (the same drop rate, other random numbers); on request
@@ -71,7 +71,7 @@ def unpack_for_decoding(model, free_bytes: float | None = None) -> bool:
     """Unpack the 4-bit base (same numbers, faster decoding) when that fits in half the free memory.
 
     A 4-bit layer re-derives its full weight from the codes at every forward, and a decoding step is a
-    forward over a few rows, so on a CPU that work rivals the product itself (docs/benchmarks.md,
+    forward over a few rows, so on a CPU that work rivals the product itself (docs/benchmarks/decoding.md,
     "Decoding from unpacked 4-bit weights"). `free_bytes` defaults to the host's free memory. Returns
     whether it unpacked.
     """

@@ -4,7 +4,7 @@
   or the output: one pass over the input saved, forward and backward (with CheapDropout, whose
   `zero_dropped` leaves the rescaling to its caller).
 - B's product is added to the base output in one addmm: the full-width product is never stored on its
-  own (what it saves: docs/benchmarks.md, "fp32 made lean").
+  own (what it saves: docs/benchmarks/training.md).
 The numbers are LoRALinear's up to rounding.
 """
 

@@ -11,7 +11,7 @@
 - What stays in the heap still fragments, and glibc does not return free chunks pinned between live
   ones: `trim_heap` does, before each backward pass and after each optimizer step.
 
-What each saves, measured on the embedded model, is in docs/benchmarks.md ("fp32 made lean").
+What each saves, measured on the embedded model, is in docs/benchmarks/training.md ("What the CPU measures save").
 """
 
 from __future__ import annotations
