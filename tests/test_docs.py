@@ -93,6 +93,25 @@ def test_every_command_in_a_code_block_is_checked():
     assert not problems, "\n".join(problems)
 
 
+def test_every_python_block_compiles_and_imports_what_exists():
+    blocks = [(path, block) for path in DOC_FILES for block in _fenced(path, "python")]
+    assert blocks
+    for path, block in blocks:
+        problem = _check_python_code(block)
+        assert problem is None, f"{path.relative_to(REPO)}: {problem}"
+
+
+def test_every_recipe_shown_in_a_yaml_block_loads():
+    import yaml
+
+    from qadapt.recipe import recipe_from_dict
+
+    recipes = [(path, yaml.safe_load(block)) for path in DOC_FILES for block in _fenced(path, "yaml")]
+    assert recipes
+    for path, raw in recipes:
+        recipe_from_dict(raw, source=str(path.relative_to(REPO)))  # a wrong key raises, naming it
+
+
 def test_a_wrong_option_in_a_doc_command_is_caught():
     assert "--dat" in _check(["qadapt", "eval", "runs/x", "--dat", "a.json"])
     assert "train.lrr" in _check(["qadapt", "train", "recipes/quickstart.yaml", "train.lrr=1"])
@@ -116,6 +135,10 @@ def _bash_blocks(path: Path) -> list[tuple[int, list[str]]]:
     text = path.read_text()
     return [(text[:match.start()].count("\n") + 2, match.group(1).splitlines())
             for match in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M)]
+
+
+def _fenced(path: Path, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), re.S | re.M)
 
 
 def _commands(block: list[str], variables: dict[str, list[str]]) -> list[list[str]]:
