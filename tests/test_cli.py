@@ -95,8 +95,8 @@ def quickstart_cli_run(tmp_path_factory):
     """The quickstart recipe, 8 steps, trained once through the CLI on the real embedded model: (run, output).
     Read-only for the tests that use it."""
     run = tmp_path_factory.mktemp("quickstart") / "run"
-    result = qadapt("train", "recipes/quickstart.yaml", "train.max_steps=8", "train.grad_accum=1", "train.eval_every=0",
-                    "data.val_size=8", f"output_dir={run}")
+    result = qadapt("train", "recipes/quickstart.yaml", "train.max_steps=8", "train.grad_accum=1",
+                    "train.eval_every=0", "data.val_size=8", f"output_dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 
@@ -129,9 +129,9 @@ def test_real_smollm2_trains_every_kind(tmp_path, kind, quant, optimizer):
     test above; parallel shares series' bottleneck and runs on tiny models in every storage)."""
     run = tmp_path / "run"
     result = qadapt("train", "recipes/quickstart.yaml", f"adapter.kind={kind}", f"model.quant={quant}",
-                    "data.path=builtin:arithmetic", "adapter.bottleneck_size=64", "train.max_steps=6", "train.grad_accum=1",
-                    "train.eval_every=0", "data.val_size=8",
-                    f"train.optimizer={optimizer}", f"output_dir={run}")
+                    "data.path=builtin:arithmetic", "adapter.bottleneck_size=64", "train.max_steps=6",
+                    "train.grad_accum=1", "train.eval_every=0", "data.val_size=8", f"train.optimizer={optimizer}",
+                    f"output_dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"with {kind} adapters" in result.stdout
     if optimizer.startswith("paged"):  # said once by qadapt, not by bitsandbytes

@@ -74,7 +74,8 @@ def test_the_site_builds_strictly(tmp_path):
 def test_every_command_in_a_code_block_is_checked():
     problems, checked = [], 0
     for path in DOC_FILES:
-        for line_number, block in _bash_blocks(path):
+        for line_number, code in _fenced_at(path, "bash"):
+            block = code.splitlines()
             where = f"{path.relative_to(REPO)}:{line_number}"
             first = next((line for line in block if line.strip()), "")
             needs = NEEDS.match(first.strip())
@@ -131,14 +132,15 @@ def test_the_docs_carry_no_development_history():
 
 # --- reading the blocks ------------------------------------------------------------------------------------
 
-def _bash_blocks(path: Path) -> list[tuple[int, list[str]]]:
+def _fenced_at(path: Path, language: str) -> list[tuple[int, str]]:
+    """Each code block of `language` in a Markdown file, with the line its code starts on."""
     text = path.read_text()
-    return [(text[:match.start()].count("\n") + 2, match.group(1).splitlines())
-            for match in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M)]
+    return [(text[:match.start()].count("\n") + 2, match.group(1))
+            for match in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M)]
 
 
 def _fenced(path: Path, language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), re.S | re.M)
+    return [code for _, code in _fenced_at(path, language)]
 
 
 def _commands(block: list[str], variables: dict[str, list[str]]) -> list[list[str]]:
@@ -159,7 +161,8 @@ def _commands(block: list[str], variables: dict[str, list[str]]) -> list[list[st
             name, _, value = tokens[0].partition("=")
             variables[name] = shlex.split(value)
             continue
-        expanded = [piece for token in tokens for piece in variables.get(token[1:] if token[:1] == "$" else None, [token])]
+        expanded = [piece for token in tokens
+                    for piece in variables.get(token[1:] if token[:1] == "$" else None, [token])]
         command: list[str] = []
         for token in [*expanded, "&&"]:
             if token in ("&&", ";", "|"):

@@ -366,8 +366,7 @@ def _roomy_layer_class():
         transformers' DynamicLayer concatenates, copying the whole cache at every decoded token (what
         that cost: docs/benchmarks/decoding.md). `keys` / `values` are views of the filled part; assigning
         them (selecting rows, trimming columns, joining batches) replaces the buffer, and the next token makes
-        room again. Each
-        remembers its own filled width, so assigning one never changes what the other reads.
+        room again. Each remembers its own filled width, so assigning one never changes what the other reads.
         """
 
         @property

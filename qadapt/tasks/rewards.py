@@ -23,9 +23,6 @@ from typing import Callable
 from qadapt.errors import QadaptError
 from qadapt.tasks import answers
 
-BUILT_IN = ("correct", "format", "length")
-
-
 @dataclass(frozen=True)
 class Completion:
     """One sampled completion and what its reward may read."""
@@ -53,6 +50,7 @@ def length_cost(completion: Completion, max_new_tokens: int) -> float:
 
 _BUILT_IN: dict[str, Callable[[Completion, int], float]] = {
     "correct": correct, "format": stated_answer, "length": length_cost}
+BUILT_IN = tuple(_BUILT_IN)
 
 
 class Reward:
