@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -23,7 +24,10 @@ DType = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 Template = Literal["alpaca", "llm-adapters", "chat"]
 DataFormat = Literal["auto", "instruction", "messages", "sharegpt", "prompt_completion"]
-Task = Literal["causal-lm", "token-classification"]
+Task = Literal["causal-lm", "token-classification", "grpo"]
+PolicyLossKind = Literal["grpo", "dr_grpo", "dapo"]
+BuiltInReward = Literal["correct", "format", "length"]  # qadapt.tasks.rewards computes each
+USER_REWARD = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module:function
 # The experiment trackers accelerate reports to (qadapt.training.trackers).
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
@@ -166,16 +170,47 @@ class EvalConfig:
 
 
 @dataclass
+class GRPOConfig:
+    group_size: int = 8
+    """task grpo: completions sampled per prompt (G); each one's advantage is its reward against its group's.
+    A step samples train.micro_batch_size × train.grad_accum prompts, a micro-batch holds micro_batch_size × G
+    completions."""
+    loss: PolicyLossKind = "grpo"
+    """task grpo: `grpo` (each completion's mean token loss, advantages divided by the group's reward std),
+    `dr_grpo` (no std scaling; token sums over completions × max_new_tokens: no length bias) or `dapo` (no std
+    scaling; the mean over every token of the step)."""
+    beta: float = 0.0
+    """task grpo: weight of the KL penalty to the reference policy, the same quantized base with the adapters
+    switched off (0: none, and no reference pass)."""
+    rewards: list[str] = field(default_factory=lambda: ["correct"])
+    """task grpo: what a completion earns, summed: `correct` (1 when the answer the evaluation reads is right),
+    `format` (1 when it says "The answer is ..."), `length` (−tokens / max_new_tokens), or a function of yours
+    as `module:function`, called with (prompts, completions, answers) and returning one number per completion."""
+    reward_weights: Optional[list[float]] = None
+    """task grpo: one weight per reward, in order; null: 1 each."""
+    max_new_tokens: int = 256
+    """task grpo: longest sampled completion in tokens."""
+    temperature: float = 1.0
+    """task grpo: sampling temperature (the log-probabilities trained are of the tempered distribution)."""
+    top_p: float = 1.0
+    """task grpo: sample among the most likely tokens whose probabilities sum to top_p (1: all)."""
+    top_k: int = 0
+    """task grpo: sample among the k most likely tokens (0: all)."""
+
+
+@dataclass
 class Recipe:
     task: Task = "causal-lm"
-    """`causal-lm` (instruction tuning a decoder) or `token-classification` (tagging words, e.g. NER,
-    with an encoder such as BERT; the head is trained with the adapters)."""
+    """`causal-lm` (instruction tuning a decoder), `token-classification` (tagging words, e.g. NER, with an
+    encoder such as BERT; the head is trained with the adapters) or `grpo` (a decoder learning from rewards on
+    its own sampled answers to math problems; see the `grpo` keys)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterSpec = field(default_factory=LowRankSpec)
     """Which adapter to train, and where: its `kind` decides which of the keys below apply."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     output_dir: str = "runs/run"
     """Run directory: resolved recipe, adapter, checkpoints, metrics."""
 
@@ -366,6 +401,12 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         if value in args:
             return value, None
         return None, f"{value!r} is not one of {', '.join(map(str, args))}"
+    if origin is list and args == (float,):
+        value = value if isinstance(value, list) else [value]
+        fitted = [_coerce(v, float) for v in value]
+        if any(problem for _, problem in fitted):
+            return None, f"expected a list of numbers, got {value!r}"
+        return [v for v, _ in fitted], None
     if origin is list:
         if isinstance(value, str):
             value = [value]
@@ -419,6 +460,7 @@ def _range_problems(r: Recipe) -> list[str]:
         ("eval.limit", r.eval.limit is None or r.eval.limit >= 1, "must be at least 1, or null"),
         ("eval.batch_size", r.eval.batch_size >= 1, "must be at least 1"),
         ("eval.max_new_tokens", r.eval.max_new_tokens >= 1, "must be at least 1"),
+        *_grpo_problems(r),
     ]
     return [f"{key} {message}" for key, ok, message in checks if not ok]
 
@@ -436,4 +478,27 @@ def _adapter_problems(a: AdapterSpec) -> list[tuple[str, bool, str]]:
          f"apply to lora, dora and placement: linears, not to a {a.kind} adapter with placement: {a.placement}"),
         ("adapter.bottleneck_size", a.bottleneck_size >= 1, "must be at least 1"),
         ("adapter.scale", a.scale == "learned" or a.scale > 0, "must be positive, or learned"),
+    ]
+
+
+def _grpo_problems(r: Recipe) -> list[tuple[str, bool, str]]:
+    g = r.grpo
+    if r.task != "grpo":
+        return [("grpo", g == GRPOConfig(), "applies with task: grpo")]
+    weights = g.reward_weights
+    return [
+        ("grpo.group_size", g.group_size >= 2, "must be at least 2 (advantages compare a completion with its group)"),
+        ("grpo.beta", g.beta >= 0, "must be 0 (no reference) or more"),
+        ("grpo.rewards", len(g.rewards) > 0, "must name at least one reward"),
+        *[("grpo.rewards", name in get_args(BuiltInReward) or USER_REWARD.fullmatch(name) is not None,
+           f"{name!r} is not one of {', '.join(get_args(BuiltInReward))}, nor a function of yours as module:function")
+          for name in g.rewards],
+        ("grpo.rewards", len(set(g.rewards)) == len(g.rewards), "names a reward twice"),
+        ("grpo.reward_weights", weights is None or len(weights) == len(g.rewards),
+         f"must give one weight per reward ({len(g.rewards)}), got {len(weights or [])}"),
+        ("grpo.max_new_tokens", g.max_new_tokens >= 1, "must be at least 1"),
+        ("grpo.temperature", g.temperature > 0, "must be positive"),
+        ("grpo.top_p", 0 < g.top_p <= 1, "must be in (0, 1]"),
+        ("grpo.top_k", g.top_k >= 0, "must be 0 (off) or more"),
+        ("data.packing", not r.data.packing, "does not apply to task: grpo (its rows are sampled, not read)"),
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qadapt.decoding.generation import greedy_generate, sample_generate
+from qadapt.decoding.generation import greedy_generate, sample_completions, sample_generate
 from qadapt.decoding.sampling import Sampling, filtered_probabilities, row_generator, sample_tokens
 from qadapt.errors import QadaptError
 from test_generation import PROMPTS
@@ -79,3 +79,26 @@ def test_the_samples_of_a_prompt_share_one_prefill_and_top_k_1_is_greedy(model, 
     assert sum(prefill_rows) == len(PROMPTS)  # one prefill row per prompt, not per sample
     greedy = greedy_generate(model, smol_tokenizer, PROMPTS, max_new_tokens=12, batch_size=5)
     assert sampled == [[answer] * 3 for answer in greedy]  # the copied cache continues exactly as the original
+
+
+def test_a_completion_keeps_the_token_ids_it_was_sampled_as(model, smol_tokenizer):
+    """What learning from rewards trains on: the ids chosen, ending with the EOS that ended the row, if one did."""
+    sampling = Sampling(temperature=1.0, samples=2, seed=3)
+    completions = sample_completions(model, smol_tokenizer, PROMPTS, sampling, max_new_tokens=10, batch_size=8)
+    assert [[c.text for c in row] for row in completions] == sample_generate(
+        model, smol_tokenizer, PROMPTS, sampling, max_new_tokens=10, batch_size=8)
+    for row in completions:
+        for completion in row:
+            assert len(completion.token_ids) == 10
+            assert smol_tokenizer.decode(completion.token_ids, skip_special_tokens=True) == completion.text
+    # Make the third token the first sample of the first prompt chose an EOS: that row ends there, with it.
+    ended = completions[0][0].token_ids[2]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [ended]
+    try:
+        again = sample_completions(model, smol_tokenizer, PROMPTS[:1], sampling, max_new_tokens=10)
+    finally:
+        model.generation_config.eos_token_id = saved
+    first = again[0][0]
+    assert first.token_ids == completions[0][0].token_ids[:3]
+    assert first.text == smol_tokenizer.decode(first.token_ids[:2], skip_special_tokens=True)

@@ -10,7 +10,7 @@ import importlib
 
 # name -> the module of this package that defines it
 _NAMES = {
-    **dict.fromkeys(["Adapter", "adapter_params", "adapter_state_dict", "count_parameters", "layer_dims",
+    **dict.fromkeys(["Adapter", "adapter_params", "adapter_state_dict", "adapters_off", "count_parameters", "layer_dims",
                      "load_adapter_state_dict", "mark_only_adapters_trainable"], "base"),
     **dict.fromkeys(["attach_adapters", "has_token_classifier"], "attach"),
     **dict.fromkeys(["Bottleneck", "ParallelAdapter", "SeriesAdapter"], "bottleneck"),

@@ -6,6 +6,8 @@ An adapter wraps (or sits beside) a frozen base layer and names its own trainabl
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -39,6 +41,25 @@ def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
         if isinstance(module, Adapter)
         for param_name, param in module.adapter_params().items()
     }
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """`model` computes as its base alone inside the block: every adapter passes its input to the module it
+    wraps. The reference policy of learning from rewards, with no second copy of the base."""
+    adapters = [m for m in model.modules() if isinstance(m, Adapter)]
+    # A forward set on the instance (qadapt.lean_cpu's fused LoRA) is put back afterwards, not dropped.
+    own_forwards = [vars(adapter).get("forward") for adapter in adapters]
+    for adapter in adapters:
+        adapter.forward = adapter.base.forward  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield model
+    finally:
+        for adapter, forward in zip(adapters, own_forwards):
+            if forward is None:
+                del adapter.forward
+            else:
+                adapter.forward = forward
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> None:

@@ -21,6 +21,7 @@ import functools
 import inspect
 import re
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -43,7 +44,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
                               f"{model.config.model_type}'s sequence state (linear attention, short convolutions)")
         return _one_at_a_time(model, tokenizer, prompts, max_new_tokens, stop_strings, add_special_tokens, on_done)
     decoder = _Decoder(model, tokenizer, max_new_tokens, stop_strings, calculator)
-    return _run(decoder, prompts, batch_size, add_special_tokens, on_done)
+    return [c.text for c in _run(decoder, prompts, batch_size, add_special_tokens, on_done)]
 
 
 def regroupable(model) -> bool:
@@ -70,7 +71,15 @@ def _one_at_a_time(model, tokenizer, prompts, max_new_tokens, stop_strings, add_
     return outputs
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded continuation: its text (cut before the first stop string) and the token ids the model chose,
+    ending with the EOS token when one ended it (what a policy gradient trains on)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
 def sample_generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling, max_new_tokens: int = 256,
                     batch_size: int = 16, stop_strings: Sequence[str] = (), add_special_tokens: bool = True,
                     on_done: Callable[[int], None] | None = None,
@@ -81,6 +90,17 @@ def sample_generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling
     key on every call (its index in its data set) and it gets the same samples, whatever else is asked.
     `batch_size` counts rows, one per sample; `on_done` is told of finished samples.
     """
+    completions = sample_completions(model, tokenizer, prompts, sampling, max_new_tokens, batch_size, stop_strings,
+                                     add_special_tokens, on_done, prompt_keys)
+    return [[c.text for c in row] for row in completions]
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: Sequence[str], sampling: Sampling, max_new_tokens: int = 256,
+                       batch_size: int = 16, stop_strings: Sequence[str] = (), add_special_tokens: bool = True,
+                       on_done: Callable[[int], None] | None = None,
+                       prompt_keys: Sequence[int] | None = None) -> list[list[Decoded]]:
+    """As `sample_generate`, with each sample's token ids beside its text."""
     if not regroupable(model):
         raise QadaptError(f"sampling runs in qadapt's batched decoder, which cannot regroup "
                           f"{model.config.model_type}'s sequence state (linear attention, short convolutions); "
@@ -93,8 +113,8 @@ def sample_generate(model, tokenizer, prompts: Sequence[str], sampling: Sampling
 
 
 def _run(decoder: "_Decoder", prompts: Sequence[str], batch_size: int, add_special_tokens: bool,
-         on_done: Callable[[int], None] | None) -> list[str]:
-    """Every row's text, rows numbered prompt × samples + sample: longest prompts first, new ones admitted
+         on_done: Callable[[int], None] | None) -> list[Decoded]:
+    """Every row's completion, rows numbered prompt × samples + sample: longest prompts first, new ones admitted
     once a quarter of the places are free. The batch is no larger than the KV cache fits in memory
     (qadapt.decoding.memory); on an out-of-memory error it is halved, and the prompts in flight start again
     (greedy and seeded samples give the same text again: nothing is lost)."""
@@ -103,7 +123,7 @@ def _run(decoder: "_Decoder", prompts: Sequence[str], batch_size: int, add_speci
     queue = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     batch_size = decode_batch_size(decoder.model, batch_size, max(map(len, ids), default=0) + decoder.max_new_tokens,
                                    measure=decoder.cache_bytes_of_one_token)
-    outputs: list[str] = [""] * (len(ids) * per_prompt)
+    outputs: list[Decoded] = [Decoded("", ())] * (len(ids) * per_prompt)
     done: set[int] = set()
     while queue or decoder.rows:
         free, admitted = batch_size - len(decoder.rows), []
@@ -123,9 +143,10 @@ def _run(decoder: "_Decoder", prompts: Sequence[str], batch_size: int, add_speci
             print(f"out of memory while decoding: {batch_size} rows at a time from now on, "
                   f"{len(again)} prompts started again", file=sys.stderr)
             continue
-        finished = [(row, tokens) for row, tokens in finished if row not in done]
-        for row, tokens in finished:
-            outputs[row] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), decoder.stop_strings)
+        finished = [(row, tokens, end) for row, tokens, end in finished if row not in done]
+        for row, tokens, end in finished:
+            text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), decoder.stop_strings)
+            outputs[row] = Decoded(text, tuple(tokens) + ((end,) if end is not None else ()))
             done.add(row)
         if on_done and finished:
             on_done(len(finished))
@@ -179,7 +200,7 @@ class _Decoder:
         self.generated: dict[int, list[int]] = {}
         self.mask = self.next_tokens = self.next_positions = None
 
-    def admit(self, indices: list[int], prompts: list[list[int]]) -> list[tuple[int, list[int]]]:
+    def admit(self, indices: list[int], prompts: list[list[int]]) -> list[tuple[int, list[int], int | None]]:
         """Prefill new prompts (left-padded among themselves), decode their first token, join the batch."""
         device = self.model.device
         width = max(len(p) for p in prompts)
@@ -214,7 +235,7 @@ class _Decoder:
                 self.cache, (self.rows, self.mask, self.next_tokens, self.next_positions) = cache, joining
         return finished
 
-    def step(self) -> list[tuple[int, list[int]]]:
+    def step(self) -> list[tuple[int, list[int], int | None]]:
         """Decode one more token for every row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         logits = self._forward(self.next_tokens[:, None], self.mask, self.next_positions, self.cache)
@@ -270,8 +291,10 @@ class _Decoder:
                     self.after_result.add(index)
         return next_tokens
 
-    def _record(self, rows: list[int], next_tokens: torch.Tensor) -> tuple[list[tuple[int, list[int]]], list[int]]:
-        """Append each row's new token: (prompt index, tokens) of the rows that ended, positions of the rest."""
+    def _record(self, rows: list[int], next_tokens: torch.Tensor
+                ) -> tuple[list[tuple[int, list[int], int | None]], list[int]]:
+        """Append each row's new token: (row, tokens, the EOS token that ended it or None) of the rows that
+        ended, positions of the rest."""
         finished, keep = [], []
         for position, (index, token) in enumerate(zip(rows, next_tokens.tolist())):
             tokens = self.generated[index]
@@ -279,7 +302,7 @@ class _Decoder:
                 tokens.append(token)
                 self._calculate(index, tokens)
             if token in self.stop_ids or len(tokens) >= self.max_new_tokens or self._stopped(tokens):
-                finished.append((index, self.generated.pop(index)))
+                finished.append((index, self.generated.pop(index), token if token in self.stop_ids else None))
                 self.generators.pop(index, None)
                 self.forced.pop(index, None)
                 self.after_result.discard(index)

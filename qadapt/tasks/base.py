@@ -12,7 +12,7 @@ instead of comparing its name. A task answers:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +55,9 @@ class StepSource:
     tokenizer: object
     accelerator: object  # accelerate's Accelerator: this process's index, the count, the device
     model: torch.nn.Module
+    recipe: object  # the run's qadapt.recipe.Recipe
+    step: int = 0  # the optimizer step about to be taken (0-based); the loop sets it
+    state: dict = field(default_factory=dict)  # what a task keeps from step to step of one run
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Task:
     score_key: str  # the key of the final scores in summary.json: accuracy, entity_f1
     exports: frozenset[str] = frozenset()  # of "merge", "peft", "gguf"
     generates: bool  # answers prompts (qadapt generate / chat) rather than labelling tokens
+    bar_metrics: tuple[str, ...] = ()  # keys of `step_metrics` the progress bar shows beside the loss
 
     # --- the model ---
     def load_tokenizer(self, cfg):
@@ -121,6 +125,10 @@ class Task:
     def loss_targets(self, batch: dict) -> int:
         """How many targets `summed_loss` sums over."""
         raise NotImplementedError
+
+    def step_metrics(self, micro_batches: list[dict]) -> dict:
+        """What the step just trained on tells beside its loss (logged with it in metrics.jsonl)."""
+        return {}
 
     # --- scoring ---
     def evaluate(self, target: str, specs: list[str], options: EvalOptions, out: Path | None,

@@ -86,9 +86,11 @@ def restore(folder: CheckpointFolder, model, optimizer, base: dict, train_rows: 
 
 
 def rows_sha256(rows: list[dict]) -> str:
-    """A hash of the tokenized training rows (ids and loss mask)."""
+    """A hash of the tokenized training rows (ids and loss mask; a problem's gold answer when it has one)."""
     digest = hashlib.sha256()
     for row in rows:
         digest.update(array("q", row["input_ids"]).tobytes())
         digest.update(array("q", row["labels"]).tobytes())
+        if "answer" in row:
+            digest.update(repr(row["answer"]).encode())
     return digest.hexdigest()

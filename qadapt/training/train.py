@@ -192,7 +192,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
     """Optimizer steps from `progress.step` to the last; saves checkpoints, and one more when asked to stop."""
     t, acc = recipe.train, s.accelerator
     order = data_lib.example_order(len(s.train_rows), seed=t.seed, start=progress.examples_seen)
-    source = StepSource(s.train_rows, s.tokenizer, acc, s.model)
+    source = StepSource(s.train_rows, s.tokenizer, acc, s.model, recipe)
     started, elapsed_before = time.perf_counter(), progress.elapsed_s
     cpu_started, cpu_before = time.process_time(), progress.cpu_s
     with tqdm(total=s.max_steps, initial=progress.step, desc="train", unit="step",
@@ -201,6 +201,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             lr = lr_at(step, s.max_steps, t.warmup_steps, t.lr, t.lr_schedule)
             for group in s.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
+            source.step = step
             micro_batches = s.task.step_batches(source, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
             loss = accumulate_gradients(s.model, micro_batches, acc, s.task, s.scaler)
             s.scaler.unscale_(s.optimizer)
@@ -226,11 +227,12 @@ def _record_step(s: Setup, recipe: Recipe, progress: Progress, micro_batches: li
     progress.examples_seen += t.micro_batch_size * t.grad_accum * acc.num_processes
     real, computed = (sum(int(f(b["attention_mask"])) for b in micro_batches) for f in (torch.sum, torch.numel))
     progress.tokens_seen += int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
-    row = {**row, "padding_share": 1 - real / computed}
+    row = {**row, "padding_share": 1 - real / computed, **s.task.step_metrics(micro_batches)}
     progress.losses.append(row["loss"])
     tokens_per_s = progress.tokens_seen / progress.elapsed_s
     bar.update(1)
-    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
+    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}",
+                    **{key: f"{row[key]:.3f}" for key in s.task.bar_metrics})
     done, last = progress.step, progress.step == s.max_steps
     if acc.is_main_process and (done % t.log_every == 0 or last):
         s.metrics.log({"step": done, **row, "tokens": progress.tokens_seen, "tokens_per_s": tokens_per_s,

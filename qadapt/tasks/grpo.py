@@ -1,0 +1,275 @@
+"""The GRPO task: a causal LM that learns from rewards on answers it samples itself (`task: grpo`).
+
+Each optimizer step takes train.micro_batch_size × train.grad_accum problems (per process) from the run's math
+data, in the run's seeded order, and for each:
+1. samples grpo.group_size completions with the adapters on and no gradient (qadapt.decoding: every sample's
+   random stream is seeded by the run's seed, the step and the sample's place in it, so a resumed run samples
+   what the uninterrupted one did);
+2. rewards them (qadapt.tasks.rewards) and compares each reward with its group's (the advantage);
+3. with grpo.beta > 0, scores the sampled tokens under the reference policy: the same quantized base with the
+   adapters switched off, so there is no second model;
+4. trains on the sampled tokens with qadapt.tasks.policy_loss's objective.
+
+A micro-batch holds the micro_batch_size problems' completions. Scoring, merging and export are the causal LM's;
+a run's metrics.jsonl also gets the step's rewards, sample accuracy, completion length, KL and generation time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from qadapt import data as data_lib
+from qadapt.console import say
+from qadapt.errors import QadaptError
+from qadapt.tasks import rewards as rewards_lib
+from qadapt.tasks.base import StepSource, TrainingData, read_sources, to_device
+from qadapt.tasks.causal_lm import LOSS_CHUNK_TOKENS, CausalLM, head_output_transform
+from qadapt.tasks.math_sets import load_eval_set, stop_strings
+from qadapt.tasks.policy_loss import PolicyLoss, group_advantages, policy_loss, uniform_groups
+
+SILENT_STEPS = 20  # steps a reward may give nothing but 0 before the run warns about it
+
+
+class GRPO(CausalLM):
+    name = "grpo"
+    bar_metrics = ("reward",)
+
+    def training_data(self, recipe, tokenizer) -> TrainingData:
+        """The problems, each as its prompt's tokens (nothing of it trained) and its gold answer; the rewards
+        are imported now, so a wrong module or function stops the run before the model loads."""
+        from qadapt.data import prompt_text
+
+        rewards_of(recipe)
+        d = recipe.data
+        eval_sets = {s.name: s.records for s in (load_eval_set(spec) for spec in recipe.eval.sets)}
+        problems = read_sources(d.sources, lambda source: _problems(source, d.split))
+        if eval_sets:
+            kept = data_lib.eval_overlap([p["record"] for p in problems], eval_sets, d.exclude_eval_overlap)
+            kept_ids = {id(record) for record in kept}
+            problems = [p for p in problems if id(p["record"]) in kept_ids]
+        rows, cut = [], 0
+        for problem in problems:
+            prompt = prompt_text(problem["record"], d.template, tokenizer)
+            ids = tokenizer(prompt, add_special_tokens=_text_template(d.template))["input_ids"]
+            if len(ids) > d.cutoff_len:
+                cut += 1
+                continue
+            rows.append({"input_ids": ids, "labels": [data_lib.IGNORE_INDEX] * len(ids), "prompt": prompt,
+                         "answer": problem["gold"], "multiple_choice": problem["multiple_choice"]})
+        if d.max_examples:
+            rows = rows[:d.max_examples]
+        if not rows:
+            raise QadaptError(f"no problems left in {', '.join(d.sources)}: every prompt is longer than data.cutoff_len "
+                              f"{d.cutoff_len}")
+        say(f"data: {len(rows)} problems to sample answers to ({cut} with prompts over data.cutoff_len "
+            f"{d.cutoff_len} left out); {recipe.grpo.group_size} completions each")
+        return TrainingData(rows, [], None, cut=cut)
+
+    def step_batches(self, s: StepSource, size: int, count: int, order, group_by_length: bool = False) -> list[dict]:
+        """Sample, reward and score this process's share of the step's problems; one micro-batch per `size`
+        problems, with all their completions."""
+        acc, g = s.accelerator, s.recipe.grpo
+        share = size * count
+        step_rows = [next(order) for _ in range(share * acc.num_processes)]
+        first = acc.process_index * share
+        mine = step_rows[first:first + share]
+        model = acc.unwrap_model(s.model)
+        started = time.perf_counter()
+        completions = _sample(model, s, [s.train_rows[i]["prompt"] for i in mine], range(first, first + share))
+        generate_s = time.perf_counter() - started
+        rewarded = [rewards_lib.Completion(s.train_rows[i]["prompt"], c.text, len(c.token_ids), s.train_rows[i]["answer"],
+                                           s.train_rows[i]["multiple_choice"])
+                    for i, group in zip(mine, completions) for c in group]
+        totals, each = rewards_lib.total_rewards(rewards_of(s.recipe), rewarded, g.max_new_tokens)
+        rewards = torch.tensor(totals)
+        advantages = group_advantages(rewards, g.group_size, scale_by_std=g.loss == "grpo")
+        _warn_of_silent_rewards(s, each)
+        step = StepRollout(
+            g, rewards=totals, each=each, correct=[rewards_lib.correct(c, g.max_new_tokens) for c in rewarded],
+            lengths=[c.tokens for c in rewarded], uniform_groups=int(uniform_groups(rewards, g.group_size).sum()),
+            generate_s=generate_s)
+        batches = []
+        per_batch = size * g.group_size
+        for k in range(0, share * g.group_size, per_batch):
+            rows = [{"input_ids": s.train_rows[mine[n // g.group_size]]["input_ids"] + list(c.token_ids),
+                     "labels": [data_lib.IGNORE_INDEX] * len(s.train_rows[mine[n // g.group_size]]["input_ids"])
+                     + list(c.token_ids)}
+                    for n, c in enumerate((c for group in completions for c in group)) if k <= n < k + per_batch]
+            batch = to_device(data_lib.collate(rows, s.tokenizer.pad_token_id), acc.device)
+            batch["advantages"] = advantages[k:k + per_batch].to(acc.device)
+            if g.beta:
+                batch["ref_logps"] = _reference_logps(model, batch, g.temperature)
+            batch["rollout"] = step  # not a tensor: the loss adds its KL and clip counts to it
+            batches.append(batch)
+        return batches
+
+    def summed_loss(self, model, batch: dict) -> torch.Tensor:
+        g = batch["rollout"].settings
+        logps = completion_token_logps(model, batch, g.temperature)
+        mask = _completion_mask(batch)
+        # One optimizer pass per rollout: the policy that sampled is the one trained (ratio 1, nothing clipped).
+        result = policy_loss(logps, logps.detach(), batch["advantages"], mask, kind=g.loss, epsilon_low=0.2,
+                             epsilon_high=0.2, beta=g.beta, ref_logps=batch.get("ref_logps"),
+                             max_new_tokens=g.max_new_tokens)
+        if torch.is_grad_enabled():
+            batch["rollout"].add(result)
+        return result.summed
+
+    def loss_targets(self, batch: dict) -> float:
+        """Completions (grpo, dr_grpo) or completion tokens (dapo): what the step's summed loss is divided by."""
+        if batch["rollout"].settings.loss == "dapo":
+            return int(_completion_mask(batch).sum())
+        return batch["input_ids"].shape[0]
+
+    def step_metrics(self, micro_batches: list[dict]) -> dict:
+        return micro_batches[0]["rollout"].metrics() if micro_batches else {}
+
+
+@dataclass
+class StepRollout:
+    """What a step sampled and how it was rewarded, and what its loss found (the KL): the step's metrics."""
+
+    settings: object  # the recipe's grpo section
+    rewards: list[float]  # each completion's total
+    each: dict[str, list[float]]  # each reward's own scores
+    correct: list[float]  # each completion's answer checked (whatever the rewards)
+    lengths: list[int]  # each completion's tokens
+    uniform_groups: int  # groups whose completions all earned the same: nothing to learn from them
+    generate_s: float
+    tokens: int = 0
+    kl_summed: float = 0.0
+
+    def add(self, loss: PolicyLoss) -> None:
+        self.tokens += loss.tokens
+        self.kl_summed += loss.kl_summed
+
+    def metrics(self) -> dict:
+        rewards = torch.tensor(self.rewards)
+        row = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(self.rewards) > 1 else 0.0,
+               **{f"reward_{_metric_name(name)}": sum(scores) / len(scores) for name, scores in self.each.items()},
+               "sample_accuracy": sum(self.correct) / len(self.correct),
+               "completion_tokens": sum(self.lengths) / len(self.lengths),
+               "uniform_groups": self.uniform_groups, "generate_s": self.generate_s}
+        if self.settings.beta and self.tokens:
+            row["kl"] = self.kl_summed / self.tokens
+        return row
+
+
+def rewards_of(recipe) -> list[tuple[rewards_lib.Reward, float]]:
+    """The recipe's rewards with their weights (a function of yours is imported here)."""
+    g = recipe.grpo
+    return list(zip(map(rewards_lib.Reward, g.rewards), g.reward_weights or [1.0] * len(g.rewards)))
+
+
+def completion_token_logps(model, batch: dict, temperature: float) -> torch.Tensor:
+    """log π(token) of every token after the first (batch["labels"][:, 1:]'s places; 0 where nothing is trained),
+    under the tempered distribution the tokens were sampled from, in fp32.
+
+    A model of a known family computes the head only at the completion's places, a chunk at a time, so the
+    (tokens × vocabulary) logits never exist whole; a wrapped one (DDP) runs its plain forward.
+    """
+    from transformers import PreTrainedModel
+
+    from qadapt.adapters import FAMILIES
+
+    targets = batch["labels"][:, 1:]
+    mask = targets != data_lib.IGNORE_INDEX
+    inputs = data_lib.model_inputs(batch)
+    scaling, cap = head_output_transform(model.config)
+    logps = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAMILIES:
+        logits = model(**inputs).logits[:, :-1].float() / temperature
+        return torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    hidden = model.base_model(**inputs)[0][:, :-1][mask]
+    picked = targets[mask]
+    head = model.get_output_embeddings()
+    chunks = []
+    for start in range(0, picked.numel(), LOSS_CHUNK_TOKENS):
+        rows = slice(start, start + LOSS_CHUNK_TOKENS)
+        if torch.is_grad_enabled():
+            chunks.append(checkpoint(_chunk_logps, head, hidden[rows], picked[rows], scaling, cap, temperature,
+                                     use_reentrant=False))
+        else:
+            chunks.append(_chunk_logps(head, hidden[rows], picked[rows], scaling, cap, temperature))
+    return logps.masked_scatter(mask, torch.cat(chunks)) if chunks else logps
+
+
+def _chunk_logps(head, hidden, targets, scaling: float, cap: float | None, temperature: float) -> torch.Tensor:
+    logits = head(hidden)
+    if scaling != 1.0:
+        logits = logits / scaling
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def _reference_logps(model, batch: dict, temperature: float) -> torch.Tensor:
+    from qadapt.adapters import adapters_off
+
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_off(model):
+            return completion_token_logps(model, batch, temperature)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, s: StepSource, prompts: list[str], slots: range):
+    """grpo.group_size completions of each prompt, with the adapters on and dropout off."""
+    from qadapt.decoding.generation import sample_completions
+    from qadapt.decoding.sampling import Sampling
+
+    g, template = s.recipe.grpo, s.recipe.data.template
+    sampling = Sampling(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, samples=g.group_size,
+                        seed=_step_seed(s.recipe.train.seed, s.step))
+    was_training = model.training
+    model.eval()
+    try:
+        return sample_completions(model, s.tokenizer, prompts, sampling, g.max_new_tokens,
+                                  batch_size=len(prompts) * g.group_size,
+                                  stop_strings=stop_strings(template, s.tokenizer),
+                                  add_special_tokens=_text_template(template), prompt_keys=list(slots))
+    finally:
+        model.train(was_training)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """The sampling seed of a step: the run's seed and the step, mixed."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:step {step}".encode(), digest_size=7).digest(), "little")
+
+
+def _completion_mask(batch: dict) -> torch.Tensor:
+    return batch["labels"][:, 1:] != data_lib.IGNORE_INDEX
+
+
+def _problems(source: str, split: str) -> list[dict]:
+    problems = load_eval_set(source, split=split)
+    return [{"record": record, "gold": gold, "multiple_choice": problems.multiple_choice}
+            for record, gold in zip(problems.records, problems.golds)]
+
+
+def _text_template(template: str) -> bool:
+    from qadapt.text_templates import is_text_template
+
+    return is_text_template(template)
+
+
+def _metric_name(reward: str) -> str:
+    return reward.replace(":", "_").replace(".", "_")
+
+
+def _warn_of_silent_rewards(s: StepSource, each: dict[str, list[float]]) -> None:
+    """Say once when a reward has given only 0 for SILENT_STEPS steps in a row: it teaches nothing."""
+    silent = s.state.setdefault("silent_steps", {})
+    for name, scores in each.items():
+        silent[name] = silent.get(name, 0) + 1 if not any(scores) else 0
+        if silent[name] == SILENT_STEPS:
+            say(f"reward {name} has been 0 for every completion of the last {SILENT_STEPS} steps: it gives the "
+                "model nothing to learn from (is the answer format what it reads?)", warning=True)

@@ -1,0 +1,170 @@
+"""GRPO as a task (qadapt.tasks.grpo) through the one training loop, on the real 4-bit path: the sampled tokens'
+log-probabilities, the reference with the adapters off, a run that raises a reward of its own, exact resume,
+and every bad reward configuration refused with one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from qadapt import data as data_lib
+from qadapt.errors import QadaptError
+from qadapt.recipe import recipe_from_dict
+from qadapt.tasks.base import StepSource
+from qadapt.tasks.grpo import SILENT_STEPS, _warn_of_silent_rewards, completion_token_logps
+from qadapt.tasks.policy_loss import completion_logps
+from qadapt.training.train import train
+
+# A reward the tiny random model can earn more of: long words. Its completions differ in it from the first step.
+LONG_WORDS = '''
+def long_words(prompts, completions, answers):
+    return [sum(len(word) for word in text.split()) / max(1, len(text.split())) / 5 for text in completions]
+'''
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    """A module of the user's, importable as `my_rewards`."""
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent(LONG_WORDS) + textwrap.dedent('''
+        def broken(prompts, completions, answers):
+            raise ZeroDivisionError("division by zero")
+
+        def too_few(prompts, completions, answers):
+            return [1.0]
+        '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards"
+
+
+def grpo_recipe(model_dir, output_dir, steps: int = 4, **grpo):
+    return recipe_from_dict(tiny_recipe(
+        model_dir, output_dir, task="grpo", adapter={"rank": 4, "dropout": 0.1},  # dropout: its random state resumes
+        data={"path": "builtin:arithmetic", "max_examples": 16},
+        train={"max_steps": steps, "micro_batch_size": 2, "grad_accum": 2, "lr": 2e-2, "save_every": 2,
+               "keep_checkpoints": 4},
+        grpo={"group_size": 4, "max_new_tokens": 12, "beta": 0.05, "rewards": ["my_rewards:long_words", "correct"],
+              **grpo}))
+
+
+def metric_rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_samples_rewards_and_trains_and_resumes_to_the_same_rewards(tiny_llama_dir, tmp_path, reward_module):
+    run = tmp_path / "run"
+    train(grpo_recipe(tiny_llama_dir, run))
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert row["reward"] == pytest.approx(row["reward_my_rewards_long_words"] + row["reward_correct"])
+        assert row["completion_tokens"] <= 12 and row["generate_s"] > 0 and row["uniform_groups"] <= 4
+        assert row["reward_std"] > 0 and row["loss"] != 0 and row["grad_norm"] > 0
+    assert rows[0]["kl"] == 0 and rows[-1]["kl"] > 0  # the adapter starts as the base, then moves from it
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and (run / "adapter" / "adapter_config.json").is_file()
+
+    # Resume from the step-2 checkpoint: the rollouts, rewards and losses of steps 3 and 4 come out the same.
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    shutil.rmtree(again / "adapter")
+    (again / "summary.json").unlink()
+    assert [p.name for p in (again / "checkpoints").iterdir()] == ["step-000002"]
+    train(grpo_recipe(tiny_llama_dir, again), resume="latest")
+    resumed = metric_rows(again)
+    keys = ("loss", "reward", "reward_std", "sample_accuracy", "completion_tokens", "kl", "grad_norm")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in rows]
+
+
+def test_the_sampled_tokens_log_probabilities_are_the_full_logits(load_tiny, smol_tokenizer):
+    """The head computed only at the completion's places, a chunk at a time, gives the log-probabilities (and
+    gradients) that the full logits give, at a temperature; prompts and completions of unequal length."""
+    from qadapt.adapters import attach_adapters
+    from qadapt.adapters.spec import LowRankSpec
+
+    model = load_tiny("nf4")
+    attach_adapters(model, LowRankSpec(rank=4, dropout=0.0))  # the two passes compared draw no masks
+    generator = torch.Generator().manual_seed(0)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        p.data.normal_(0, 0.02, generator=generator)
+    rows = [{"input_ids": list(range(5, 5 + n + m)), "labels": [data_lib.IGNORE_INDEX] * n + list(range(5 + n, 5 + n + m))}
+            for n, m in [(4, 6), (7, 3), (3, 9)]]
+    batch = data_lib.collate(rows, smol_tokenizer.pad_token_id)
+    mask = batch["labels"][:, 1:] != data_lib.IGNORE_INDEX
+
+    ours = completion_token_logps(model, batch, temperature=0.7)
+    ours.sum().backward()
+    our_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1] / 0.7
+    full = completion_logps(logits, batch["input_ids"][:, 1:]) * mask
+    full.sum().backward()
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+    for ours_grad, p in zip(our_grads, (p for p in model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(ours_grad, p.grad, rtol=1e-4, atol=1e-6)
+    assert (ours[~mask] == 0).all()
+
+
+def test_with_the_adapters_off_the_model_is_its_base(load_tiny):
+    from qadapt.adapters import adapters_off, attach_adapters
+    from qadapt.adapters.spec import BottleneckSpec, LowRankSpec
+    from qadapt.lean_cpu.fused_lora import fuse_lora_forwards
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for spec in (LowRankSpec(rank=4), LowRankSpec(kind="dora", rank=4), BottleneckSpec(kind="parallel", placement="mlp")):
+        model = load_tiny("nf4")
+        with torch.no_grad():
+            base = model.eval()(input_ids=ids).logits
+            attach_adapters(model, spec)
+            fused = fuse_lora_forwards(model)  # a forward of the instance's own, as training on a CPU sets
+            model.eval()  # the adapters' dropout too
+            for p in (p for p in model.parameters() if p.requires_grad):
+                p.add_(0.02)
+            adapted = model(input_ids=ids).logits
+            with adapters_off(model):
+                off = model(input_ids=ids).logits
+            assert torch.equal(off, base) and (adapted - base).abs().max() > 0.01, spec.kind
+            assert torch.equal(model(input_ids=ids).logits, adapted), spec.kind  # on again, the fused forward kept
+            assert sum("forward" in vars(m) for m in model.modules()) == fused
+
+
+@pytest.mark.parametrize("grpo, message", [
+    ({"rewards": ["corect"]}, "grpo.rewards 'corect' is not one of correct, format, length, nor a function of yours "
+                              "as module:function"),
+    ({"rewards": ["correct", "format"], "reward_weights": [1.0]}, "grpo.reward_weights must give one weight per "
+                                                                  "reward (2), got 1"),
+    ({"group_size": 1}, "grpo.group_size must be at least 2"),
+    ({"reward_weights": ["x"]}, "grpo.reward_weights: expected a list of numbers, got ['x']"),
+    ({"loss": "ppo"}, "grpo.loss: 'ppo' is not one of grpo, dr_grpo, dapo"),
+])
+def test_a_bad_reward_configuration_is_refused_when_the_recipe_loads(tiny_llama_dir, tmp_path, grpo, message):
+    with pytest.raises(QadaptError) as refused:
+        recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", grpo=grpo))
+    assert message in str(refused.value)
+    with pytest.raises(QadaptError, match="grpo applies with task: grpo"):
+        recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, grpo={"beta": 0.1}))
+
+
+@pytest.mark.parametrize("reward, message", [
+    ("no_such_module:f", "reward no_such_module:f: cannot import no_such_module: No module named 'no_such_module'"),
+    ("my_rewards:missing", "reward my_rewards:missing: my_rewards has no function missing"),
+    ("my_rewards:broken", "reward my_rewards:broken failed: ZeroDivisionError: division by zero"),
+    ("my_rewards:too_few", "reward my_rewards:too_few must return one number per completion (16), got 1 values"),
+])
+def test_a_reward_that_cannot_run_stops_the_run_with_one_line(tiny_llama_dir, tmp_path, reward_module, reward, message):
+    with pytest.raises(QadaptError) as stopped:
+        train(grpo_recipe(tiny_llama_dir, tmp_path / "run", steps=1, rewards=[reward], beta=0.0))
+    assert str(stopped.value) == message
+
+
+def test_a_reward_that_stays_0_is_warned_about_once(capsys):
+    source = StepSource([], None, None, None, None)
+    for _ in range(SILENT_STEPS + 5):
+        _warn_of_silent_rewards(source, {"correct": [0.0, 0.0], "format": [0.0, 1.0]})
+    warned = capsys.readouterr().err
+    assert warned.count("reward correct has been 0 for every completion of the last 20 steps") == 1
+    assert "reward format" not in warned
