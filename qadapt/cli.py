@@ -166,12 +166,13 @@ def chat(target: str = o.TargetArg, max_new_tokens: int = o.MaxNewTokensOption, 
 
 @app.command()
 def report(runs: list[Path] = o.RunsArg, out: Optional[Path] = o.ReportOutOption,
-           plot: Optional[Path] = o.PlotOption, json_out: Optional[Path] = o.JsonOutOption) -> None:
+           plot: Optional[Path] = o.PlotOption, json_out: Optional[Path] = o.JsonOutOption,
+           against: Optional[list[str]] = o.AgainstOption) -> None:
     """Compare runs: kind, size, steps, time, loss and accuracy per set (with 95% intervals), as a markdown table."""
     from qadapt.actions.report import report as make_report
 
     with _user_errors():
-        typer.echo(make_report(runs, out, plot, json_out))
+        typer.echo(make_report(runs, out, plot, json_out, against or []))
 
 
 @app.command()

@@ -114,6 +114,8 @@ RunsArg = typer.Argument(..., help="Run directories to compare.", show_default=F
 ReportOutOption = typer.Option(None, help="Also write the markdown table to this file.")
 PlotOption = typer.Option(None, help="Draw loss curves and accuracies to this PNG (needs matplotlib).")
 JsonOutOption = typer.Option(None, "--json", help="Also write the figures as JSON to this file.")
+AgainstOption = typer.Option(None, "--against", help="Pair every run with this one, problem by problem (McNemar); "
+                             "a run's name is its folder's. Repeatable.")
 # --- merge, export, import-peft ---
 MergeOutOption = typer.Option(..., help="The Hugging Face folder to write (must not exist yet).", show_default=False)
 MergeDTypeOption = typer.Option("auto", help="Weights dtype: auto (the checkpoint's), bf16, fp16 or fp32.")

@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_recipe
 
 from qadapt import data as data_lib
+from qadapt.actions.report import read_run, report
 from qadapt.errors import QadaptError
 from qadapt.recipe import recipe_from_dict
 from qadapt.tasks.base import StepSource
@@ -67,6 +68,9 @@ def test_a_run_samples_rewards_and_trains_and_resumes_to_the_same_rewards(tiny_l
     assert rows[0]["kl"] == 0 and rows[-1]["kl"] > 0  # the adapter starts as the base, then moves from it
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and (run / "adapter" / "adapter_config.json").is_file()
+    assert read_run(run)["rewards"] == [(r["step"], r["reward"]) for r in rows]
+    report([run], plot_path=tmp_path / "report.png")  # the reward curve beside the loss
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
 
     # Resume from the step-2 checkpoint: the rollouts, rewards and losses of steps 3 and 4 come out the same.
     again = tmp_path / "again"

@@ -71,6 +71,14 @@ def test_runs_pair_with_the_base_and_their_peft_twin_problem_by_problem():
     assert lines[2] == "| lora | base | +9 −0 (p=0.0039) |"
     assert lines[3] == "| peft-lora | base | +8 −0 (p=0.0078) |"
     assert lines[4] == "| lora | peft-lora | +1 −0 (p=1) |"
+    # --against: every run with a run of the user's choosing (a starting point, a rival), each pair once.
+    lines = paired_table(runs, against=["lora"]).splitlines()
+    assert lines[2:6] == ["| lora | base | +9 −0 (p=0.0039) |", "| peft-lora | base | +8 −0 (p=0.0078) |",
+                              "| lora | peft-lora | +1 −0 (p=1) |", "| base | lora | +0 −9 (p=0.0039) |"]
+    assert "| peft-lora | lora | +0 −1 (p=1) |" in lines
+    with pytest.raises(QadaptError, match=r"--against dora: no run of that name in the report \(runs: base, lora, "
+                                          r"peft-lora\)"):
+        paired_table(runs, against=["dora"])
 
 
 def test_wilson_intervals_match_known_values():

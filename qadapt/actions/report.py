@@ -35,7 +35,7 @@ def read_runs(run_dir: Path) -> list[dict]:
     if calculator_scores is None:
         return [run]
     sets = calculator_scores["sets"]
-    return [run, run | {"name": f"{run['name']} + calculator", "losses": [], "eval_losses": [],
+    return [run, run | {"name": f"{run['name']} + calculator", "losses": [], "eval_losses": [], "rewards": [],
                         "scores": {name: _score(row) for name, row in sets.items()},
                         "scoring_s": _total(sets, "seconds"), "scoring_cpu_s": _total(sets, "cpu_s")}]
 
@@ -58,6 +58,7 @@ def read_run(run_dir: Path) -> dict:
         "summary": run.summary if trained else None,
         "losses": [(r["step"], r["loss"]) for r in rows if "loss" in r],
         "eval_losses": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
+        "rewards": [(r["step"], r["reward"]) for r in rows if "reward" in r],  # a run that learned from rewards
         "scores": {name: _score(row) for name, row in sets.items()},
         "scoring_s": _total(sets, "seconds"),
         "scoring_cpu_s": _total(sets, "cpu_s"),
@@ -79,20 +80,26 @@ def _score(row: dict) -> dict:
     return score | ({"outcomes": row["outcomes"]} if "outcomes" in row else {})
 
 
-def pairs(runs: list[dict]) -> list[tuple[str, str]]:
-    """(run, what it is compared with): every trained run against the untrained base (`base`), and a run
-    `X` against its PEFT twin `peft-X` (tools/peer_fidelity.py) when the report has them."""
-    names = {run["name"] for run in runs}
+def pairs(runs: list[dict], against: list[str] = ()) -> list[tuple[str, str]]:
+    """(run, what it is compared with): every trained run against the untrained base (`base`), a run `X`
+    against its PEFT twin `peft-X` (tools/peer_fidelity.py) when the report has them, and every run against
+    each run named in `against` (a starting point, a rival)."""
+    names = [run["name"] for run in runs]
+    unknown = [name for name in against if name not in names]
+    if unknown:
+        raise QadaptError(f"--against {unknown[0]}: no run of that name in the report (runs: {', '.join(names)})")
     found = [(run["name"], "base") for run in runs if run["summary"] is not None and "base" in names]
-    return found + [(name, f"peft-{name}") for name in sorted(names) if f"peft-{name}" in names]
+    found += [(name, f"peft-{name}") for name in sorted(names) if f"peft-{name}" in names]
+    found += [(name, other) for other in against for name in names if name != other]
+    return list(dict.fromkeys(found))
 
 
-def paired(runs: list[dict]) -> list[dict]:
+def paired(runs: list[dict], against: list[str] = ()) -> list[dict]:
     """For each pair and each set both scored on the same problems (per-problem outcomes kept): problems only
     the run got right, only the other got right, and the exact two-sided McNemar p."""
     by_name = {run["name"]: run for run in runs}
     rows = []
-    for name, other in pairs(runs):
+    for name, other in pairs(runs, against):
         for set_name_, score in by_name[name]["scores"].items():
             theirs = by_name[other]["scores"].get(set_name_, {})
             if "outcomes" in score and len(theirs.get("outcomes", "")) == len(score["outcomes"]):
@@ -101,9 +108,9 @@ def paired(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def paired_table(runs: list[dict]) -> str:
+def paired_table(runs: list[dict], against: list[str] = ()) -> str:
     """A markdown table of `paired`: one line per pair, a cell per set, empty when nothing pairs."""
-    rows = paired(runs)
+    rows = paired(runs, against)
     if not rows:
         return ""
     set_names = [n for n in ordered_sets(runs) if any(r["set"] == n for r in rows)]
@@ -171,7 +178,7 @@ def _cell(score: dict, with_total: bool) -> str:
     return text + (f" n={score['total']}" if with_total else "")
 
 
-def report_json(runs: list[dict]) -> dict:
+def report_json(runs: list[dict], against: list[str] = ()) -> dict:
     """The figures behind the table, for scripts: per run its settings, summary and scores."""
     return {"runs": [{
         "name": run["name"],
@@ -181,11 +188,12 @@ def report_json(runs: list[dict]) -> dict:
         "scores": run["scores"],
         "scoring_s": run["scoring_s"],
         "scoring_cpu_s": run["scoring_cpu_s"],
-    } for run in runs], "sets": ordered_sets(runs), "paired": paired(runs)}
+    } for run in runs], "sets": ordered_sets(runs), "paired": paired(runs, against)}
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Training and held-out loss curves on the left, scores per set (with intervals) on the right."""
+    """Training and held-out loss curves on the left, then the mean reward of runs that learned from rewards,
+    then scores per set (with intervals)."""
     try:
         import matplotlib
 
@@ -194,7 +202,9 @@ def plot(runs: list[dict], path: Path) -> None:
     except ImportError:
         raise QadaptError("a plot needs matplotlib: pip install 'qadapt[plot]'") from None
     set_names = ordered_sets(runs)
-    fig, axes = plt.subplots(1, 2 if set_names else 1, figsize=(12 if set_names else 6.5, 4.5), squeeze=False)
+    rewarded = [run for run in runs if run.get("rewards")]
+    panels = 1 + bool(rewarded) + bool(set_names)
+    fig, axes = plt.subplots(1, panels, figsize=(0.5 + 6 * panels, 4.5), squeeze=False)
     loss_ax = axes[0][0]
     for run in runs:
         if not run["losses"]:
@@ -205,8 +215,15 @@ def plot(runs: list[dict], path: Path) -> None:
             loss_ax.plot(*zip(*run["eval_losses"]), "o--", color=line.get_color(), label=f"{run['name']} held-out")
     loss_ax.set(xlabel="step", ylabel="loss", title="loss")
     loss_ax.legend(fontsize="small")
+    if rewarded:
+        reward_ax = axes[0][1]
+        for run in rewarded:
+            steps, rewards = zip(*run["rewards"])
+            reward_ax.plot(steps, _running_mean(rewards, 8), label=f"{run['name']} (mean of 8 steps)")
+        reward_ax.set(xlabel="step", ylabel="mean reward of the step's completions", title="reward")
+        reward_ax.legend(fontsize="small")
     if set_names:
-        acc_ax, width = axes[0][1], 0.8 / len(runs)
+        acc_ax, width = axes[0][-1], 0.8 / len(runs)
         for i, run in enumerate(runs):
             xs = [j + i * width for j in range(len(set_names))]
             scores = [run["scores"].get(n, {"score": 0}) for n in set_names]
@@ -228,15 +245,16 @@ def _running_mean(values: tuple[float, ...], window: int) -> list[float]:
 
 
 def report(run_dirs: list[Path], out: Path | None = None, plot_path: Path | None = None,
-           json_path: Path | None = None) -> str:
+           json_path: Path | None = None, against: list[str] = ()) -> str:
+    """The table (and paired comparisons) of `run_dirs`; `against` names runs every other run is paired with."""
     if not run_dirs:
         raise QadaptError("name at least one run directory")
     runs = [row for d in run_dirs for row in read_runs(Path(d))]
     table = markdown_table(runs)
-    comparisons = paired_table(runs)
+    comparisons = paired_table(runs, against)
     if comparisons:
         table += "\n\n" + comparisons
-    for path, text in [(out, table + "\n"), (json_path, json.dumps(report_json(runs), indent=2) + "\n")]:
+    for path, text in [(out, table + "\n"), (json_path, json.dumps(report_json(runs, against), indent=2) + "\n")]:
         if path:
             with atomic_file(Path(path)) as tmp:
                 tmp.write_text(text)

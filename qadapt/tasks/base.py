@@ -118,6 +118,10 @@ class Task:
                           acc.device)
                 for k in range(0, share, size)]
 
+    def micro_batch_shape(self, recipe) -> tuple[int, int]:
+        """(rows, tokens per row) of the largest micro-batch a recipe trains on: what memory is planned for."""
+        return recipe.train.micro_batch_size, recipe.data.cutoff_len
+
     def summed_loss(self, model, batch: dict) -> torch.Tensor:
         """The loss summed over the batch's targets, in fp32."""
         raise NotImplementedError

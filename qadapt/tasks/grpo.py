@@ -108,6 +108,11 @@ class GRPO(CausalLM):
             batches.append(batch)
         return batches
 
+    def micro_batch_shape(self, recipe) -> tuple[int, int]:
+        """Every completion of micro_batch_size problems: a prompt (up to data.cutoff_len) and its answer."""
+        g = recipe.grpo
+        return recipe.train.micro_batch_size * g.group_size, recipe.data.cutoff_len + g.max_new_tokens
+
     def summed_loss(self, model, batch: dict) -> torch.Tensor:
         g = batch["rollout"].settings
         logps = completion_token_logps(model, batch, g.temperature)

@@ -77,11 +77,12 @@ def plan_memory(recipe: Recipe, gpu_memory_gib: float = 24.0, compute_dtype_byte
     attach_adapters(model, recipe.adapter)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    tokens = recipe.train.micro_batch_size * recipe.data.cutoff_len
+    rows, length = task.micro_batch_shape(recipe)
+    tokens = rows * length
     config = model.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
     vocab = head.out_features  # the width of the logits: the vocabulary, or the labels
-    per_layer = saved_bytes_per_layer(model, recipe.train.micro_batch_size, recipe.data.cutoff_len, dtype_bytes)
+    per_layer = saved_bytes_per_layer(model, rows, length, dtype_bytes)
     if recipe.train.gradient_checkpointing is not False:  # auto is planned as the safe choice
         activations = layers * tokens * hidden * dtype_bytes + per_layer
     else:
