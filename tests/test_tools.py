@@ -114,3 +114,22 @@ def test_bench_sampling_times_both_decoders_on_the_same_prompts(tiny_llama_dir, 
     assert [row["samples"] for row in figures["rows"]] == [6, 6]
     assert set(figures["qadapt_over_plain"]) == {"samples_per_s", "tokens_per_s"}
     assert figures["machine"]["cpu"]
+
+
+def test_bench_grpo_trains_both_sides_on_the_same_problems_and_records_the_ratios(tiny_llama_dir, tmp_path):
+    import json
+    import subprocess
+
+    pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[test]'")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_grpo.py"), "--model", str(tiny_llama_dir),
+                             "--steps", "2", "--problems", "2", "--grad-accum", "1", "--group-size", "2",
+                             "--max-new-tokens", "6", "--json", str(tmp_path / "grpo.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "grpo.json").read_text())
+    for side in ("qadapt", "trl"):
+        assert [len(rewards) for rewards in figures[side]["rewards"]] == [2], side
+        assert figures[side]["step_s"] > 0 and figures[side]["generated_tokens_per_s"] > 0, side
+        assert 0 < figures[side]["mean_answer_tokens"] <= 6 and figures[side]["peak_memory_mb"] > 100, side
+    assert {"step_time_ratio", "generation_throughput_ratio", "peak_memory_ratio"} <= set(figures)
+    assert figures["machine"]["cpu"]
