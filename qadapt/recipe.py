@@ -484,7 +484,9 @@ def _adapter_problems(a: AdapterSpec) -> list[tuple[str, bool, str]]:
 def _grpo_problems(r: Recipe) -> list[tuple[str, bool, str]]:
     g = r.grpo
     if r.task != "grpo":
-        return [("grpo", g == GRPOConfig(), "applies with task: grpo")]
+        default = GRPOConfig()
+        return [(f"grpo.{f.name}", getattr(g, f.name) == getattr(default, f.name), "applies with task: grpo")
+                for f in fields(g)]
     weights = g.reward_weights
     return [
         ("grpo.group_size", g.group_size >= 2, "must be at least 2 (advantages compare a completion with its group)"),

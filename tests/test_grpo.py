@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import textwrap
 
 import pytest
@@ -30,8 +31,9 @@ def long_words(prompts, completions, answers):
 
 @pytest.fixture
 def reward_module(tmp_path, monkeypatch):
-    """A module of the user's, importable as `my_rewards`."""
-    (tmp_path / "my_rewards.py").write_text(textwrap.dedent(LONG_WORDS) + textwrap.dedent('''
+    """A module of the user's, importable as `grpo_rewards` (imported afresh: another test's is not it)."""
+    monkeypatch.delitem(sys.modules, "grpo_rewards", raising=False)
+    (tmp_path / "grpo_rewards.py").write_text(textwrap.dedent(LONG_WORDS) + textwrap.dedent('''
         def broken(prompts, completions, answers):
             raise ZeroDivisionError("division by zero")
 
@@ -39,7 +41,7 @@ def reward_module(tmp_path, monkeypatch):
             return [1.0]
         '''))
     monkeypatch.syspath_prepend(str(tmp_path))
-    return "my_rewards"
+    return "grpo_rewards"
 
 
 def grpo_recipe(model_dir, output_dir, steps: int = 4, **grpo):
@@ -48,7 +50,7 @@ def grpo_recipe(model_dir, output_dir, steps: int = 4, **grpo):
         data={"path": "builtin:arithmetic", "max_examples": 16},
         train={"max_steps": steps, "micro_batch_size": 2, "grad_accum": 2, "lr": 2e-2, "save_every": 2,
                "keep_checkpoints": 4},
-        grpo={"group_size": 4, "max_new_tokens": 12, "beta": 0.05, "rewards": ["my_rewards:long_words", "correct"],
+        grpo={"group_size": 4, "max_new_tokens": 12, "beta": 0.05, "rewards": ["grpo_rewards:long_words", "correct"],
               **grpo}))
 
 
@@ -62,8 +64,9 @@ def test_a_run_samples_rewards_and_trains_and_resumes_to_the_same_rewards(tiny_l
     rows = metric_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
-        assert row["reward"] == pytest.approx(row["reward_my_rewards_long_words"] + row["reward_correct"])
-        assert row["completion_tokens"] <= 12 and row["generate_s"] > 0 and row["uniform_groups"] <= 4
+        assert row["reward"] == pytest.approx(row["reward_grpo_rewards_long_words"] + row["reward_correct"])
+        assert row["completion_tokens"] <= row["completion_tokens_max"] <= 12 and 0 <= row["truncated_share"] <= 1
+        assert row["generate_s"] > 0 and row["uniform_groups"] <= 4
         assert row["reward_std"] > 0 and row["loss"] != 0 and row["grad_norm"] > 0
     assert rows[0]["kl"] == 0 and rows[-1]["kl"] > 0  # the adapter starts as the base, then moves from it
     summary = json.loads((run / "summary.json").read_text())
@@ -149,15 +152,15 @@ def test_a_bad_reward_configuration_is_refused_when_the_recipe_loads(tiny_llama_
     with pytest.raises(QadaptError) as refused:
         recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", grpo=grpo))
     assert message in str(refused.value)
-    with pytest.raises(QadaptError, match="grpo applies with task: grpo"):
+    with pytest.raises(QadaptError, match="grpo.beta applies with task: grpo"):
         recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, grpo={"beta": 0.1}))
 
 
 @pytest.mark.parametrize("reward, message", [
     ("no_such_module:f", "reward no_such_module:f: cannot import no_such_module: No module named 'no_such_module'"),
-    ("my_rewards:missing", "reward my_rewards:missing: my_rewards has no function missing"),
-    ("my_rewards:broken", "reward my_rewards:broken failed: ZeroDivisionError: division by zero"),
-    ("my_rewards:too_few", "reward my_rewards:too_few must return one number per completion (16), got 1 values"),
+    ("grpo_rewards:missing", "reward grpo_rewards:missing: grpo_rewards has no function missing"),
+    ("grpo_rewards:broken", "reward grpo_rewards:broken failed: ZeroDivisionError: division by zero"),
+    ("grpo_rewards:too_few", "reward grpo_rewards:too_few must return one number per completion (16), got 1 values"),
 ])
 def test_a_reward_that_cannot_run_stops_the_run_with_one_line(tiny_llama_dir, tmp_path, reward_module, reward, message):
     with pytest.raises(QadaptError) as stopped:

@@ -3,6 +3,8 @@ function is called with the batch, and every way a reward can go wrong is one cl
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from qadapt.errors import QadaptError
@@ -38,6 +40,7 @@ def test_rewards_are_weighted_and_summed_and_each_is_kept():
 
 
 def test_a_function_of_yours_gets_the_batch(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # imported afresh, from tmp_path
     (tmp_path / "my_rewards.py").write_text(
         "def short_and_right(prompts, completions, answers):\n"
         "    return [float(str(int(a)) in c) - len(c) / 100 for p, c, a in zip(prompts, completions, answers)]\n"

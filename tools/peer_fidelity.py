@@ -125,7 +125,7 @@ def step_batches(rows: list[dict], tokenizer, order, recipe, model) -> list[dict
 
     t = recipe.train
     one_process = SimpleNamespace(num_processes=1, process_index=0, device=model.device)
-    drawn = StepSource(rows, tokenizer, one_process, model)
+    drawn = StepSource(rows, tokenizer, one_process, model, recipe)
     return task_named(recipe.task).step_batches(drawn, t.micro_batch_size, t.grad_accum, order, t.group_by_length)
 
 

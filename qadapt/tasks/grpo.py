@@ -159,6 +159,9 @@ class StepRollout:
                **{f"reward_{_metric_name(name)}": sum(scores) / len(scores) for name, scores in self.each.items()},
                "sample_accuracy": sum(self.correct) / len(self.correct),
                "completion_tokens": sum(self.lengths) / len(self.lengths),
+               # The longest answer sets how long a step samples; those cut at max_new_tokens never ended.
+               "completion_tokens_max": max(self.lengths),
+               "truncated_share": sum(n >= self.settings.max_new_tokens for n in self.lengths) / len(self.lengths),
                "uniform_groups": self.uniform_groups, "generate_s": self.generate_s}
         if self.settings.beta and self.tokens:
             row["kl"] = self.kl_summed / self.tokens
