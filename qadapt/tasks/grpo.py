@@ -93,18 +93,16 @@ class GRPO(CausalLM):
             g, rewards=totals, each=each, correct=[rewards_lib.correct(c, g.max_new_tokens) for c in rewarded],
             lengths=[c.tokens for c in rewarded], uniform_groups=int(uniform_groups(rewards, g.group_size).sum()),
             generate_s=generate_s)
+        answers = [(s.train_rows[i]["input_ids"], c.token_ids) for i, group in zip(mine, completions) for c in group]
         batches = []
         per_batch = size * g.group_size
-        for k in range(0, share * g.group_size, per_batch):
-            rows = [{"input_ids": s.train_rows[mine[n // g.group_size]]["input_ids"] + list(c.token_ids),
-                     "labels": [data_lib.IGNORE_INDEX] * len(s.train_rows[mine[n // g.group_size]]["input_ids"])
-                     + list(c.token_ids)}
-                    for n, c in enumerate((c for group in completions for c in group)) if k <= n < k + per_batch]
+        for k in range(0, len(answers), per_batch):
+            rows = [_answer_row(prompt_ids, answer_ids) for prompt_ids, answer_ids in answers[k:k + per_batch]]
             batch = to_device(data_lib.collate(rows, s.tokenizer.pad_token_id), acc.device)
             batch["advantages"] = advantages[k:k + per_batch].to(acc.device)
             if g.beta:
                 batch["ref_logps"] = _reference_logps(model, batch, g.temperature)
-            batch["rollout"] = step  # not a tensor: the loss adds its KL and clip counts to it
+            batch["rollout"] = step  # not a tensor: the loss adds its KL to it
             batches.append(batch)
         return batches
 
@@ -125,7 +123,7 @@ class GRPO(CausalLM):
             batch["rollout"].add(result)
         return result.summed
 
-    def loss_targets(self, batch: dict) -> float:
+    def loss_targets(self, batch: dict) -> int:
         """Completions (grpo, dr_grpo) or completion tokens (dapo): what the step's summed loss is divided by."""
         if batch["rollout"].settings.loss == "dapo":
             return int(_completion_mask(batch).sum())
@@ -251,6 +249,12 @@ def _sample(model, s: StepSource, prompts: list[str], slots: range):
 def _step_seed(seed: int, step: int) -> int:
     """The sampling seed of a step: the run's seed and the step, mixed."""
     return int.from_bytes(hashlib.blake2b(f"{seed}:step {step}".encode(), digest_size=7).digest(), "little")
+
+
+def _answer_row(prompt_ids: list[int], answer_ids: tuple[int, ...]) -> dict:
+    """A prompt and a sampled answer as one row; the loss reads the answer's tokens alone."""
+    return {"input_ids": prompt_ids + list(answer_ids),
+            "labels": [data_lib.IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)}
 
 
 def _completion_mask(batch: dict) -> torch.Tensor:
