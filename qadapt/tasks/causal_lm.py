@@ -206,12 +206,19 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor, scaling: float = 1.0,
                 cap: float | None = None) -> torch.Tensor:
+    logits = head_logits(head, hidden, scaling, cap)
+    return F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+
+
+def head_logits(head, hidden: torch.Tensor, scaling: float = 1.0, cap: float | None = None) -> torch.Tensor:
+    """The logits a family's forward returns for `hidden`: the head's output, divided and soft-capped as
+    `head_output_transform` says."""
     logits = head(hidden)
     if scaling != 1.0:
         logits = logits / scaling
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits.float(), labels, ignore_index=data_lib.IGNORE_INDEX, reduction="sum")
+    return logits
 
 
 def target_tokens(batch: dict) -> int:

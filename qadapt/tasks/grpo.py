@@ -28,9 +28,10 @@ from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.tasks import rewards as rewards_lib
 from qadapt.tasks.base import StepSource, TrainingData, read_sources, to_device
-from qadapt.tasks.causal_lm import LOSS_CHUNK_TOKENS, CausalLM, head_output_transform
+from qadapt.tasks.causal_lm import LOSS_CHUNK_TOKENS, CausalLM, head_logits, head_output_transform
 from qadapt.tasks.math_sets import load_eval_set, stop_strings
 from qadapt.tasks.policy_loss import PolicyLoss, group_advantages, policy_loss, uniform_groups
+from qadapt.text_templates import is_text_template
 
 SILENT_STEPS = 20  # steps a reward may give nothing but 0 before the run warns about it
 
@@ -55,7 +56,7 @@ class GRPO(CausalLM):
         rows, cut = [], 0
         for problem in problems:
             prompt = prompt_text(problem["record"], d.template, tokenizer)
-            ids = tokenizer(prompt, add_special_tokens=_text_template(d.template))["input_ids"]
+            ids = tokenizer(prompt, add_special_tokens=is_text_template(d.template))["input_ids"]
             if len(ids) > d.cutoff_len:
                 cut += 1
                 continue
@@ -85,12 +86,15 @@ class GRPO(CausalLM):
         rewarded = [rewards_lib.Completion(s.train_rows[i]["prompt"], c.text, len(c.token_ids), s.train_rows[i]["answer"],
                                            s.train_rows[i]["multiple_choice"])
                     for i, group in zip(mine, completions) for c in group]
-        totals, each = rewards_lib.total_rewards(rewards_of(s.recipe), rewarded, g.max_new_tokens)
+        if "rewards" not in s.state:  # imported once a run (training_data checked them before the model loaded)
+            s.state["rewards"] = rewards_of(s.recipe)
+        totals, each = rewards_lib.total_rewards(s.state["rewards"], rewarded, g.max_new_tokens)
         rewards = torch.tensor(totals)
         advantages = group_advantages(rewards, g.group_size, scale_by_std=g.loss == "grpo")
         _warn_of_silent_rewards(s, each)
         step = StepRollout(
-            g, rewards=totals, each=each, correct=[rewards_lib.correct(c, g.max_new_tokens) for c in rewarded],
+            g, rewards=totals, each=each,
+            correct=each.get("correct") or [rewards_lib.correct(c, g.max_new_tokens) for c in rewarded],
             lengths=[c.tokens for c in rewarded], uniform_groups=int(uniform_groups(rewards, g.group_size).sum()),
             generate_s=generate_s)
         answers = [(s.train_rows[i]["input_ids"], c.token_ids) for i, group in zip(mine, completions) for c in group]
@@ -206,11 +210,7 @@ def completion_token_logps(model, batch: dict, temperature: float) -> torch.Tens
 
 
 def _chunk_logps(head, hidden, targets, scaling: float, cap: float | None, temperature: float) -> torch.Tensor:
-    logits = head(hidden)
-    if scaling != 1.0:
-        logits = logits / scaling
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
+    logits = head_logits(head, hidden, scaling, cap)
     return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -241,7 +241,7 @@ def _sample(model, s: StepSource, prompts: list[str], slots: range):
         return sample_completions(model, s.tokenizer, prompts, sampling, g.max_new_tokens,
                                   batch_size=len(prompts) * g.group_size,
                                   stop_strings=stop_strings(template, s.tokenizer),
-                                  add_special_tokens=_text_template(template), prompt_keys=list(slots))
+                                  add_special_tokens=is_text_template(template), prompt_keys=list(slots))
     finally:
         model.train(was_training)
 
@@ -265,12 +265,6 @@ def _problems(source: str, split: str) -> list[dict]:
     problems = load_eval_set(source, split=split)
     return [{"record": record, "gold": gold, "multiple_choice": problems.multiple_choice}
             for record, gold in zip(problems.records, problems.golds)]
-
-
-def _text_template(template: str) -> bool:
-    from qadapt.text_templates import is_text_template
-
-    return is_text_template(template)
 
 
 def _metric_name(reward: str) -> str:
