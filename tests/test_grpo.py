@@ -156,6 +156,45 @@ def test_a_bad_reward_configuration_is_refused_when_the_recipe_loads(tiny_llama_
         recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, grpo={"beta": 0.1}))
 
 
+def test_the_recipe_takes_reward_weights_and_refuses_what_cannot_apply(tiny_llama_dir, tmp_path):
+    grpo = {"rewards": ["correct", "format"], "reward_weights": [1, "0.5"]}  # YAML may read 0.5 as text
+    assert recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", grpo=grpo)).grpo.reward_weights == [1.0, 0.5]
+    with pytest.raises(QadaptError, match="grpo.rewards names a reward twice"):
+        recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", grpo={"rewards": ["correct", "correct"]}))
+    with pytest.raises(QadaptError, match=r"data.packing does not apply to task: grpo \(its rows are sampled"):
+        recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", data={"packing": True}))
+
+
+def test_a_step_is_planned_as_every_answer_of_its_problems(tiny_llama_dir, tmp_path):
+    """qadapt plan counts a GRPO micro-batch as G answers per problem, each a prompt and max_new_tokens."""
+    from qadapt.tasks import task_named
+    from qadapt.training.plan import plan_memory
+
+    grpo = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", data={"cutoff_len": 64},
+                                        grpo={"group_size": 4, "max_new_tokens": 32}))
+    assert task_named("grpo").micro_batch_shape(grpo) == (2 * 4, 64 + 32)
+    sft = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, data={"cutoff_len": 64}))
+    assert plan_memory(grpo).parts["activations"] > 4 * plan_memory(sft).parts["activations"]
+
+
+def test_problems_in_the_eval_sets_are_left_out_when_asked_and_an_empty_set_says_why(tiny_llama_dir, tmp_path,
+                                                                                      smol_tokenizer):
+    from qadapt.tasks import task_named
+
+    problems = tmp_path / "problems.json"
+    problems.write_text(json.dumps([{"instruction": f"What is {n} plus 2?", "input": "", "output": "", "answer": str(n + 2)}
+                                    for n in range(3)]))
+    recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", eval={"sets": [f"{problems}@2"]},
+                                          data={"path": str(problems), "exclude_eval_overlap": True, "max_examples": None}))
+    rows = task_named("grpo").training_data(recipe, smol_tokenizer).train_rows
+    assert [row["answer"] for row in rows] == [4.0]  # the first two are scored at the end: not trained on
+    recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", eval={"sets": [str(problems)]},
+                                          data={"path": str(problems), "exclude_eval_overlap": True}))
+    with pytest.raises(QadaptError, match=r"no problems left to train on in .*problems.json: of 3, 0 have prompts "
+                                          r"over data.cutoff_len 256 and 3 are in eval.sets"):
+        task_named("grpo").training_data(recipe, smol_tokenizer)
+
+
 @pytest.mark.parametrize("reward, message", [
     ("no_such_module:f", "reward no_such_module:f: cannot import no_such_module: No module named 'no_such_module'"),
     ("grpo_rewards:missing", "reward grpo_rewards:missing: grpo_rewards has no function missing"),
@@ -175,3 +214,11 @@ def test_a_reward_that_stays_0_is_warned_about_once(capsys):
     warned = capsys.readouterr().err
     assert warned.count("reward correct has been 0 for every completion of the last 20 steps") == 1
     assert "reward format" not in warned
+
+
+def test_a_changed_gold_answer_is_changed_training_data_on_resume():
+    from qadapt.training.resume import rows_sha256
+
+    row = {"input_ids": [5, 6, 7], "labels": [-100, -100, -100], "answer": 12.0}
+    assert rows_sha256([row]) != rows_sha256([{**row, "answer": 13.0}])
+    assert rows_sha256([row]) == rows_sha256([dict(row)])

@@ -49,6 +49,7 @@ class GRPO(CausalLM):
         d = recipe.data
         eval_sets = {s.name: s.records for s in (load_eval_set(spec) for spec in recipe.eval.sets)}
         problems = read_sources(d.sources, lambda source: _problems(source, d.split))
+        read = len(problems)
         if eval_sets:
             kept = data_lib.eval_overlap([p["record"] for p in problems], eval_sets, d.exclude_eval_overlap)
             kept_ids = {id(record) for record in kept}
@@ -65,8 +66,9 @@ class GRPO(CausalLM):
         if d.max_examples:
             rows = rows[:d.max_examples]
         if not rows:
-            raise QadaptError(f"no problems left in {', '.join(d.sources)}: every prompt is longer than data.cutoff_len "
-                              f"{d.cutoff_len}")
+            raise QadaptError(f"no problems left to train on in {', '.join(d.sources)}: of {read}, {cut} have prompts "
+                              f"over data.cutoff_len {d.cutoff_len} and {read - len(problems)} are in eval.sets "
+                              "(data.exclude_eval_overlap)")
         say(f"data: {len(rows)} problems to sample answers to ({cut} with prompts over data.cutoff_len "
             f"{d.cutoff_len} left out); {recipe.grpo.group_size} completions each")
         return TrainingData(rows, [], None, cut=cut)
