@@ -20,7 +20,6 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -329,13 +328,25 @@ def split_held_out(rows: list, size: int, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def example_order(count: int, seed: int, start: int = 0) -> Iterator[int]:
+class ExampleOrder:
     """Indices into the data, epoch after epoch, each epoch a fresh seeded permutation.
 
-    `start` skips that many examples, so a resumed run continues the same order where it stopped.
+    `start` skips that many examples, so a resumed run continues the same order where it stopped; `position`
+    counts what has been drawn, which is where a checkpoint's run stands (a task may draw more or fewer
+    examples than one step's batch).
     """
-    epoch, position = divmod(start, count)
-    while True:
-        permutation = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        yield from permutation[position:]
-        epoch, position = epoch + 1, 0
+
+    def __init__(self, count: int, seed: int, start: int = 0):
+        self.count, self.seed, self.position = count, seed, start
+        self._epoch, self._permutation = -1, []
+
+    def __iter__(self) -> "ExampleOrder":
+        return self
+
+    def __next__(self) -> int:
+        epoch, index = divmod(self.position, self.count)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._permutation = epoch, torch.randperm(self.count, generator=generator).tolist()
+        self.position += 1
+        return self._permutation[index]

@@ -196,6 +196,24 @@ class GRPOConfig:
     """task grpo: sample among the most likely tokens whose probabilities sum to top_p (1: all)."""
     top_k: int = 0
     """task grpo: sample among the k most likely tokens (0: all)."""
+    iterations: int = 1
+    """task grpo: optimizer steps per rollout (μ): a step that samples is followed by iterations − 1 more on
+    the same completions, whose importance ratio to the sampling policy is clipped (grpo.epsilon)."""
+    epsilon: float = 0.2
+    """task grpo: the clip below (and, without epsilon_high, above) an importance ratio of 1; matters only
+    when iterations > 1."""
+    epsilon_high: Optional[float] = None
+    """task grpo: the clip above a ratio of 1 (DAPO's clip-higher: 0.28); null: epsilon."""
+    sampling_rounds: Optional[int] = None
+    """task grpo: DAPO's dynamic sampling: groups whose completions all earned one reward teach nothing, so a
+    step samples fresh problems in their place, up to this many rounds in all, then trains on the groups that
+    differ (topped up with uniform ones if still short). null: 3 with loss dapo, else 1 (no refill)."""
+
+    def rounds(self) -> int:
+        """Sampling rounds a step may take."""
+        if self.sampling_rounds is not None:
+            return self.sampling_rounds
+        return 3 if self.loss == "dapo" else 1
 
 
 @dataclass
@@ -502,5 +520,9 @@ def _grpo_problems(r: Recipe) -> list[tuple[str, bool, str]]:
         ("grpo.temperature", g.temperature > 0, "must be positive"),
         ("grpo.top_p", 0 < g.top_p <= 1, "must be in (0, 1]"),
         ("grpo.top_k", g.top_k >= 0, "must be 0 (off) or more"),
+        ("grpo.iterations", g.iterations >= 1, "must be at least 1"),
+        ("grpo.epsilon", 0 < g.epsilon < 1, "must be in (0, 1)"),
+        ("grpo.epsilon_high", g.epsilon_high is None or g.epsilon_high > 0, "must be positive, or null"),
+        ("grpo.sampling_rounds", g.sampling_rounds is None or g.sampling_rounds >= 1, "must be at least 1, or null"),
         ("data.packing", not r.data.packing, "does not apply to task: grpo (its rows are sampled, not read)"),
     ]

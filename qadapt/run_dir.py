@@ -133,6 +133,7 @@ class CheckpointFolder:
 
     OPTIMIZER = "optimizer.pt"  # tensors and numbers only, read with weights_only=True
     RNG = "rng_state.pt"  # one entry per process
+    TASK_STATE = "task_state.pt"  # one entry per process: what the task carries from step to step (optional)
     RECIPE = "recipe.yaml"
     STATE = "trainer_state.json"
     FILES = (OPTIMIZER, RNG, RECIPE, AdapterFolder.WEIGHTS, AdapterFolder.CONFIG)
@@ -148,7 +149,8 @@ class CheckpointFolder:
         return AdapterFolder(self.path)
 
     def write(self, model, recipe: Recipe, wrapped: list[str], base: dict, optimizer_state: dict,
-              rng_states: list[dict], progress: dict, weights: dict | None = None) -> None:
+              rng_states: list[dict], progress: dict, weights: dict | None = None,
+              task_states: list[dict] | None = None) -> None:
         """Write the whole checkpoint atomically; a full disk leaves nothing behind."""
         import torch
 
@@ -156,6 +158,8 @@ class CheckpointFolder:
             AdapterFolder(tmp).write(model, recipe, wrapped, base, weights)
             torch.save(optimizer_state, tmp / self.OPTIMIZER)
             torch.save(rng_states, tmp / self.RNG)
+            if task_states and any(task_states):
+                torch.save(task_states, tmp / self.TASK_STATE)
             save_recipe(recipe, tmp / self.RECIPE)
             files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
             (tmp / self.STATE).write_text(json.dumps({**progress, "files": files}, indent=1))
@@ -194,7 +198,7 @@ class CheckpointFolder:
         return recipe_from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))
 
     def tensors(self, name: str):
-        """optimizer.pt or rng_state.pt: tensors, numbers and containers. Anything else (pickled code) is
+        """optimizer.pt, rng_state.pt or task_state.pt: tensors, numbers and containers. Anything else (pickled code) is
         refused, not run."""
         import pickle
 

@@ -120,12 +120,13 @@ def test_collate_pads_right_and_masks_padding():
 
 
 def test_example_order_is_seeded_epoch_permutations_and_resumable():
-    stream = D.example_order(5, seed=3)
+    stream = D.ExampleOrder(5, seed=3)
     first = [next(stream) for _ in range(15)]
     assert all(sorted(first[i:i + 5]) == list(range(5)) for i in (0, 5, 10))
     assert first[:5] != first[5:10]
-    resumed = D.example_order(5, seed=3, start=7)
+    resumed = D.ExampleOrder(5, seed=3, start=7)
     assert [next(resumed) for _ in range(8)] == first[7:]
+    assert stream.position == 15 and resumed.position == 15
 
 
 def test_held_out_slice_is_disjoint_and_sized():

@@ -39,16 +39,20 @@ def reward_module(tmp_path, monkeypatch):
 
         def too_few(prompts, completions, answers):
             return [1.0]
+
+        def some_prompts(prompts, completions, answers):  # 0 for every answer of a third of the problems or so
+            scores = long_words(prompts, completions, answers)
+            return [score if len(prompt) % 3 else 0.0 for prompt, score in zip(prompts, scores)]
         '''))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "grpo_rewards"
 
 
-def grpo_recipe(model_dir, output_dir, steps: int = 4, **grpo):
+def grpo_recipe(model_dir, output_dir, steps: int = 4, save_every: int = 2, **grpo):
     return recipe_from_dict(tiny_recipe(
         model_dir, output_dir, task="grpo", adapter={"rank": 4, "dropout": 0.1},  # dropout: its random state resumes
         data={"path": "builtin:arithmetic", "max_examples": 16},
-        train={"max_steps": steps, "micro_batch_size": 2, "grad_accum": 2, "lr": 2e-2, "save_every": 2,
+        train={"max_steps": steps, "micro_batch_size": 2, "grad_accum": 2, "lr": 2e-2, "save_every": save_every,
                "keep_checkpoints": 4},
         grpo={"group_size": 4, "max_new_tokens": 12, "beta": 0.05, "rewards": ["grpo_rewards:long_words", "correct"],
               **grpo}))
@@ -85,6 +89,41 @@ def test_a_run_samples_rewards_and_trains_and_resumes_to_the_same_rewards(tiny_l
     resumed = metric_rows(again)
     keys = ("loss", "reward", "reward_std", "sample_accuracy", "completion_tokens", "kl", "grad_norm")
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in rows]
+
+
+def test_passes_over_one_rollout_and_refilled_groups_resume_exactly(tiny_llama_dir, tmp_path, reward_module):
+    """grpo.iterations 2: every other step trains on the last rollout again, its ratios to the sampling policy
+    clipped; sampling_rounds 2: groups whose answers all earned one reward are replaced by fresh problems'. A
+    checkpoint between a rollout's passes keeps the rollout, so the resumed run's last step is the same."""
+    def recipe(out):
+        return grpo_recipe(tiny_llama_dir, out, save_every=3, rewards=["grpo_rewards:some_prompts"], iterations=2,
+                           sampling_rounds=2, epsilon=0.05)
+
+    run = tmp_path / "run"
+    train(recipe(run))
+    rows = metric_rows(run)
+    assert [r["pass"] for r in rows] == [1, 2, 1, 2]
+    for first, second in (rows[0:2], rows[2:4]):
+        assert second["reward"] == first["reward"] and second["groups_sampled"] == first["groups_sampled"]
+        assert first["generate_s"] > 0 and second["generate_s"] == 0
+        assert first["clip_ratio"] == 0  # the policy that sampled is the one trained: every ratio is 1
+    assert rows[0]["kl"] == 0 and rows[1]["clip_ratio"] > 0 and rows[1]["loss"] != rows[0]["loss"]  # the policy moved since it sampled
+    # Round 1 left uniform groups, so a second round sampled 4 more problems; the trained ones mostly differ.
+    assert [r["groups_sampled"] for r in rows[::2]] == [8, 8] and all(r["uniform_groups"] < 4 for r in rows)
+    checkpoint = run / "checkpoints" / "step-000003"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["examples_seen"] == 16
+    assert (checkpoint / "task_state.pt").is_file()
+
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    shutil.rmtree(again / "adapter")
+    (again / "summary.json").unlink()
+    for older in (again / "checkpoints").iterdir():
+        if older.name != "step-000003":
+            shutil.rmtree(older)
+    train(recipe(again), resume="latest")
+    keys = ("loss", "reward", "clip_ratio", "kl", "grad_norm", "pass")
+    assert [{k: r[k] for k in keys} for r in metric_rows(again)] == [{k: r[k] for k in keys} for r in rows]
 
 
 def test_the_sampled_tokens_log_probabilities_are_the_full_logits(load_tiny, smol_tokenizer):
@@ -147,6 +186,9 @@ def test_with_the_adapters_off_the_model_is_its_base(load_tiny):
     ({"group_size": 1}, "grpo.group_size must be at least 2"),
     ({"reward_weights": ["x"]}, "grpo.reward_weights: expected a list of numbers, got ['x']"),
     ({"loss": "ppo"}, "grpo.loss: 'ppo' is not one of grpo, dr_grpo, dapo"),
+    ({"iterations": 0}, "grpo.iterations must be at least 1"),
+    ({"epsilon": 1.5}, "grpo.epsilon must be in (0, 1)"),
+    ({"sampling_rounds": 0}, "grpo.sampling_rounds must be at least 1, or null"),
 ])
 def test_a_bad_reward_configuration_is_refused_when_the_recipe_loads(tiny_llama_dir, tmp_path, grpo, message):
     with pytest.raises(QadaptError) as refused:

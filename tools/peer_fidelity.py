@@ -173,7 +173,7 @@ def train_peft(recipe, work: Path) -> dict:
         optimizer.load_state_dict(torch.load(work / CHECKPOINT / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(work / CHECKPOINT / "scheduler.pt", weights_only=True))
         print(f"peft: continuing from step {state['step']}")
-    order = data_lib.example_order(len(rows), seed=t.seed, start=state["step"] * examples_per_step)
+    order = data_lib.ExampleOrder(len(rows), seed=t.seed, start=state["step"] * examples_per_step)
     model.train()
     started = time.perf_counter() - state["wall_s"]
     for step in range(state["step"], max_steps):

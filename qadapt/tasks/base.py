@@ -134,6 +134,15 @@ class Task:
         """What the step just trained on tells beside its loss (logged with it in metrics.jsonl)."""
         return {}
 
+    def checkpoint_state(self, s: StepSource) -> dict:
+        """What of `s.state` this process's checkpoint keeps, so that a resumed run takes the uninterrupted
+        run's next steps: CPU tensors, numbers, strings and containers of them. Nothing by default."""
+        return {}
+
+    def restore_state(self, s: StepSource, saved: dict) -> None:
+        """Put back into `s.state` what `checkpoint_state` kept (an empty dict from a checkpoint without it)."""
+        s.state.update(saved)
+
     # --- scoring ---
     def evaluate(self, target: str, specs: list[str], options: EvalOptions, out: Path | None,
                  load: Callable[[], LoadedModel]) -> dict:

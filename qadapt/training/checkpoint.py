@@ -38,14 +38,16 @@ class Progress:
 
 def save_checkpoint(run: RunDir, model, optimizer_state: dict, progress: Progress, recipe: Recipe,
                     wrapped: list[str], base: dict, rng_states: list[dict],
-                    weights: dict | None = None) -> CheckpointFolder:
+                    weights: dict | None = None, task_states: list[dict] | None = None) -> CheckpointFolder:
     """Write the checkpoint of `progress.step` (qadapt.run_dir.CheckpointFolder); a full disk leaves nothing.
 
     `weights`: the adapter's weights when the model does not hold them whole (FSDP), else taken from it.
+    `task_states`: each process's Task.checkpoint_state.
     """
     folder = run.checkpoint(progress.step)
     try:
-        folder.write(model, recipe, wrapped, base, optimizer_state, rng_states, dataclasses.asdict(progress), weights)
+        folder.write(model, recipe, wrapped, base, optimizer_state, rng_states, dataclasses.asdict(progress), weights,
+                     task_states)
     except QadaptError as error:  # only now look for the last good one: that hashes its files
         latest = run.latest_checkpoint(warn=False)
         raise QadaptError(f"{error}; the last complete checkpoint is {latest or 'none'}") from None

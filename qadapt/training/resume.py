@@ -85,6 +85,15 @@ def restore(folder: CheckpointFolder, model, optimizer, base: dict, train_rows: 
     return progress
 
 
+def saved_task_state(folder: CheckpointFolder | None, accelerator) -> dict:
+    """This process's Task.checkpoint_state from `folder` (empty when it kept none, or was written before
+    checkpoints kept one)."""
+    if folder is None or not (folder.path / folder.TASK_STATE).is_file():
+        return {}
+    states = folder.tensors(folder.TASK_STATE)
+    return states[accelerator.process_index] if accelerator.process_index < len(states) else {}
+
+
 def rows_sha256(rows: list[dict]) -> str:
     """A hash of the tokenized training rows (ids and loss mask; a problem's gold answer when it has one)."""
     digest = hashlib.sha256()

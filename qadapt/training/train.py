@@ -30,7 +30,7 @@ from qadapt.models import resolve_compute_dtype
 from qadapt.quant import optimizer_class, unpaged_here
 from qadapt.recipe import Recipe
 from qadapt.training.prepare import prepare_model
-from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_sha256
+from qadapt.training.resume import check_recipe, find_checkpoint, restore, rows_sha256, saved_task_state
 from qadapt.run_dir import CheckpointFolder, MetricsLog, RunDir
 from qadapt.training.stop_signals import EXIT_CODES, StopSignals
 from qadapt.tasks import EvalOptions, LoadedModel, StepSource, Task, TrainingData, task_named
@@ -183,16 +183,21 @@ def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool 
         if s.val_rows:  # the base's held-out loss, for comparison
             progress.eval_loss_before = progress.eval_loss = _log_eval(s, recipe, 0)
     with StopSignals() as stop:
-        run_steps(s, recipe, progress, stop, resume_command)
+        run_steps(s, recipe, progress, stop, resume_command, saved_task_state(checkpoint, s.accelerator))
     summary = finish(s, recipe, progress, score)
     return TrainResult(summary, s.accelerator.unwrap_model(s.model))
 
 
-def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, resume_command: str) -> None:
-    """Optimizer steps from `progress.step` to the last; saves checkpoints, and one more when asked to stop."""
+def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, resume_command: str,
+              task_state: dict | None = None) -> None:
+    """Optimizer steps from `progress.step` to the last; saves checkpoints, and one more when asked to stop.
+
+    `task_state`: what the task kept in the checkpoint resumed from (Task.checkpoint_state).
+    """
     t, acc = recipe.train, s.accelerator
-    order = data_lib.example_order(len(s.train_rows), seed=t.seed, start=progress.examples_seen)
+    order = data_lib.ExampleOrder(len(s.train_rows), seed=t.seed, start=progress.examples_seen)
     source = StepSource(s.train_rows, s.tokenizer, acc, s.model, recipe)
+    s.task.restore_state(source, task_state or {})
     started, elapsed_before = time.perf_counter(), progress.elapsed_s
     cpu_started, cpu_before = time.process_time(), progress.cpu_s
     with tqdm(total=s.max_steps, initial=progress.step, desc="train", unit="step",
@@ -215,16 +220,16 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
             row = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
             if s.scaler.is_enabled():
                 row["loss_scale"] = s.scaler.get_scale()
+            progress.examples_seen = order.position
             _record_step(s, recipe, progress, micro_batches, row, bar)
             if progress.step < s.max_steps:
-                _checkpoint_or_stop(s, recipe, progress, stop.requested(acc), resume_command)
+                _checkpoint_or_stop(s, recipe, progress, source, stop.requested(acc), resume_command)
 
 
 def _record_step(s: Setup, recipe: Recipe, progress: Progress, micro_batches: list[dict], row: dict, bar) -> None:
     """Advance `progress` by the step just taken; log it, and measure the held-out loss when due."""
     t, acc = recipe.train, s.accelerator
     progress.step += 1
-    progress.examples_seen += t.micro_batch_size * t.grad_accum * acc.num_processes
     real, computed = (sum(int(f(b["attention_mask"])) for b in micro_batches) for f in (torch.sum, torch.numel))
     progress.tokens_seen += int(acc.reduce(torch.tensor(real, device=acc.device), "sum"))
     row = {**row, "padding_share": 1 - real / computed, **s.task.step_metrics(micro_batches)}
@@ -241,12 +246,12 @@ def _record_step(s: Setup, recipe: Recipe, progress: Progress, micro_batches: li
         progress.eval_loss = _log_eval(s, recipe, done, bar.write)
 
 
-def _checkpoint_or_stop(s: Setup, recipe: Recipe, progress: Progress, signal_name: str | None,
+def _checkpoint_or_stop(s: Setup, recipe: Recipe, progress: Progress, source: StepSource, signal_name: str | None,
                         resume_command: str) -> None:
     """Save a checkpoint when one is due or a signal asked to stop; then stop if asked."""
     due = recipe.train.save_every and progress.step % recipe.train.save_every == 0
     if due or signal_name:
-        folder = _save_checkpoint(s, recipe, progress)
+        folder = _save_checkpoint(s, recipe, progress, s.task.checkpoint_state(source))
     if signal_name:
         raise TrainingStopped(f"stopped by {signal_name} after step {progress.step} of {s.max_steps}; checkpoint: "
                               f"{folder}\nresume with: {resume_command}", EXIT_CODES[signal_name])
@@ -265,18 +270,20 @@ def _refuse_divergence(s: Setup, recipe: Recipe, step: int, loss: float, grad_no
     )
 
 
-def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress) -> CheckpointFolder:
-    """A full checkpoint at `progress.step` (every process contributes its random state), then pruning."""
+def _save_checkpoint(s: Setup, recipe: Recipe, progress: Progress, task_state: dict) -> CheckpointFolder:
+    """A full checkpoint at `progress.step` (every process contributes its random state and its task's
+    state), then pruning."""
     from accelerate.utils import gather_object
 
     acc = s.accelerator
     progress.loss_scale_state = s.scaler.state_dict() or None
     rng_states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    task_states = gather_object([task_state]) if acc.num_processes > 1 else [task_state]
     weights, optimizer_state = distributed.adapter_weights(s.model), distributed.optimizer_state(s.model, s.optimizer)
     folder = s.run.checkpoint(progress.step)
     if acc.is_main_process:
         save_checkpoint(s.run, acc.unwrap_model(s.model), optimizer_state, progress, recipe, s.wrapped, s.base,
-                        rng_states, weights)
+                        rng_states, weights, task_states)
         s.run.prune_checkpoints(recipe.train.keep_checkpoints)
     acc.wait_for_everyone()
     return folder
