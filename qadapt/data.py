@@ -7,6 +7,7 @@ Every source becomes records in the LLM-Adapters format — instruction, input, 
 - a GSM8K JSONL file (`question`, `answer` ending "#### N"): the rationale without its calculator
   annotations, then "The answer is N.";
 - an LLM-Adapters / Alpaca JSON or JSONL file (`instruction`, `input`, `output`, `answer`);
+- problems alone (`prompt`, `answer`: no solution, for scoring and learning from rewards);
 - a datasets-hub id, `name` or `name:config` (e.g. `openai/gsm8k:main`), in either format.
 A file of conversations (OpenAI `messages`, ShareGPT `conversations`, `prompt` / `completion`) becomes
 records {"messages": [...]} instead (qadapt.conversations), rendered by the chat template with the loss on
@@ -141,9 +142,14 @@ def _to_record(row) -> tuple[dict | None, str | None]:
                           "or a number")
         return {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"],
                 "answer": str(answer)}, None
+    if isinstance(row, dict) and "prompt" in row and "answer" in row:  # a problem without a solution (TRL's prompt)
+        answer = row["answer"]
+        if not (_is_text(row["prompt"]) and isinstance(answer, (str, int, float)) and not isinstance(answer, bool)):
+            return None, "fields prompt and answer must be text (answer may be a number)"
+        return {"instruction": row["prompt"], "input": "", "output": "", "answer": str(answer)}, None
     keys = sorted(map(str, row)) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
-    return None, (f"the example has fields {keys}; expected GSM8K (question, answer) or "
-                  "LLM-Adapters (instruction, input, output, answer)")
+    return None, (f"the example has fields {keys}; expected GSM8K (question, answer), LLM-Adapters (instruction, "
+                  "input, output, answer) or a problem alone (prompt, answer)")
 
 
 def _is_text(value) -> bool:

@@ -43,6 +43,8 @@ def test_shared_gsm8k_and_math_sets_load():
     ("odd.jsonl", '{"text": "hello"}\n', r"odd\.jsonl:1: the example has fields \['text'\]; expected GSM8K"),
     ("typed.json", '[{"question": "a", "answer": "#### 1"}, {"question": 5, "answer": "#### 1"}]',
      r"typed\.json:2: GSM8K fields question and answer must be text \(data.bad_rows=skip drops such rows\)"),
+    ("problems.jsonl", '{"prompt": "What is 2 plus 2?", "answer": 4}\n{"prompt": "", "answer": 1}\n',
+     r"problems\.jsonl:2: fields prompt and answer must be text \(answer may be a number\)"),
     ("wrapped.json", '{"data": []}', r"wrapped\.json: expected a list of examples, got a JSON dict"),
     ("empty.jsonl", "\n", r"no examples in .*empty\.jsonl"),
 ])

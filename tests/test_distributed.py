@@ -37,11 +37,13 @@ def launch(processes: int, recipe: Path, *args: str) -> str:
     return result.stdout
 
 
-def write_recipe(folder: Path, model: str, compute_dtype: str, data: dict | None = None, **train) -> Path:
+def write_recipe(folder: Path, model: str, compute_dtype: str, data: dict | None = None, task: str = "causal-lm",
+                 grpo: dict | None = None, **train) -> Path:
     return write_tiny_recipe(folder / "recipe.yaml", model, model={"compute_dtype": compute_dtype},
                              adapter={"alpha": 8, "dropout": 0.0},  # each process draws its own dropout masks
                              data={"max_examples": 64, "val_size": 4, "cutoff_len": 96, **(data or {})},
-                             train={"lr": 1e-2, "warmup_steps": 1, **train})
+                             train={"lr": 1e-2, "warmup_steps": 1, **train}, task=task,
+                             **({"grpo": grpo} if grpo else {}))
 
 
 def losses(run: Path) -> list[float]:
@@ -50,13 +52,14 @@ def losses(run: Path) -> list[float]:
 
 
 def compare_one_and_two_processes(tmp_path: Path, model: str, compute_dtype: str, steps: int, micro: int,
-                                  data: dict | None = None, **train) -> tuple:
+                                  data: dict | None = None, task: str = "causal-lm", grpo: dict | None = None,
+                                  **train) -> tuple:
     """Losses and adapters of one process (micro x 4) and of two (micro x 2 each): the same global batch."""
-    one = write_recipe(tmp_path, model, compute_dtype, data, max_steps=steps, micro_batch_size=micro, grad_accum=4,
-                       **train)
+    one = write_recipe(tmp_path, model, compute_dtype, data, task, grpo, max_steps=steps, micro_batch_size=micro,
+                       grad_accum=4, **train)
     launch(1, one, f"output_dir={tmp_path / 'one'}")
-    two = write_recipe(tmp_path, model, compute_dtype, data, max_steps=steps, micro_batch_size=micro, grad_accum=2,
-                       **train)
+    two = write_recipe(tmp_path, model, compute_dtype, data, task, grpo, max_steps=steps, micro_batch_size=micro,
+                       grad_accum=2, **train)
     output = launch(2, two, f"output_dir={tmp_path / 'two'}")
     assert f"steps: {steps} of {4 * micro} examples (2 processes)" in output
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -111,6 +114,27 @@ def test_two_processes_match_one_on_the_embedded_model_in_nf4(tmp_path):
     assert adapter_one.keys() == adapter_two.keys() and off < total * 1e-3
     worst = max(float((adapter_two[n] - adapter_one[n]).norm() / adapter_one[n].norm()) for n in adapter_one)
     assert worst < 1e-2  # measured over 3 steps: 3.6e-3, in the least-trained matrix
+
+
+@pytest.mark.slow
+def test_two_processes_sample_and_train_grpo_as_one(tiny_llama_dir, tmp_path):
+    """task grpo: each process samples its share of the step's problems (each answer from its own seeded
+    stream), the loss is normalised over both; two steps over one rollout (grpo.iterations 2) give the one
+    process's losses and adapter."""
+    # A reward the tiny random model's answers differ in (it never ends one, so `length` would be one value),
+    # in the runs' working folder: `python -m` puts it on the path of every process.
+    (tmp_path / "word_rewards.py").write_text(
+        "def long_words(prompts, completions, answers):\n"
+        "    return [sum(map(len, text.split())) / max(1, len(text.split())) for text in completions]\n")
+    grpo = {"group_size": 4, "max_new_tokens": 10, "rewards": ["word_rewards:long_words", "correct"], "iterations": 2,
+            "beta": 0.05}
+    one, two, (adapter_one, adapter_two) = compare_one_and_two_processes(
+        tmp_path, str(tiny_llama_dir), "fp32", 2, micro=1, task="grpo", grpo=grpo, warmup_steps=0,
+        data={"path": "builtin:arithmetic", "max_examples": 16, "val_size": 0})
+    assert len(one) == len(two) == 2 and one[1] != one[0]
+    assert two == pytest.approx(one, rel=1e-5, abs=1e-7)
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=ADAM_ATOL)
 
 
 GLOO_TRANSPORT_FLAKE = "Received data size doesn't match expected size"

@@ -224,8 +224,8 @@ def test_problems_in_the_eval_sets_are_left_out_when_asked_and_an_empty_set_says
     from qadapt.tasks import task_named
 
     problems = tmp_path / "problems.json"
-    problems.write_text(json.dumps([{"instruction": f"What is {n} plus 2?", "input": "", "output": "", "answer": str(n + 2)}
-                                    for n in range(3)]))
+    # Problems alone, in TRL's prompt-only form with an answer: no solution to imitate, only one to check.
+    problems.write_text(json.dumps([{"prompt": f"What is {n} plus 2?", "answer": n + 2} for n in range(3)]))
     recipe = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path, task="grpo", eval={"sets": [f"{problems}@2"]},
                                           data={"path": str(problems), "exclude_eval_overlap": True, "max_examples": None}))
     rows = task_named("grpo").training_data(recipe, smol_tokenizer).train_rows

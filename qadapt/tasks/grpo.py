@@ -260,11 +260,11 @@ def completion_token_logps(model, batch: dict, temperature: float) -> torch.Tens
     targets = batch["labels"][:, 1:]
     mask = targets != data_lib.IGNORE_INDEX
     inputs = data_lib.model_inputs(batch)
+    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAMILIES:
+        logits = model(**inputs).logits[:, :-1].float() / temperature  # the model's own head, scaled and capped
+        return torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
     scaling, cap = head_output_transform(model.config)
     logps = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAMILIES:
-        logits = model(**inputs).logits[:, :-1].float() / temperature
-        return torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
     hidden = model.base_model(**inputs)[0][:, :-1][mask]
     picked = targets[mask]
     head = model.get_output_embeddings()
