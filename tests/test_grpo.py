@@ -18,7 +18,8 @@ from qadapt.actions.report import read_run, report
 from qadapt.errors import QadaptError
 from qadapt.recipe import recipe_from_dict
 from qadapt.tasks.base import StepSource
-from qadapt.tasks.grpo import SILENT_STEPS, _warn_of_silent_rewards, completion_token_logps
+from qadapt.tasks.grpo import SILENT_STEPS, _warn_of_silent_rewards
+from qadapt.tasks.token_logps import completion_token_logps
 from qadapt.tasks.policy_loss import completion_logps
 from qadapt.training.train import train
 

@@ -26,16 +26,16 @@ import time
 from dataclasses import dataclass, fields
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from qadapt import data as data_lib
 from qadapt.console import say
 from qadapt.errors import QadaptError
 from qadapt.tasks import rewards as rewards_lib
 from qadapt.tasks.base import StepSource, TrainingData, read_sources, to_device
-from qadapt.tasks.causal_lm import LOSS_CHUNK_TOKENS, CausalLM, head_logits, head_output_transform
+from qadapt.tasks.causal_lm import CausalLM
 from qadapt.tasks.math_sets import load_eval_set, stop_strings
 from qadapt.tasks.policy_loss import PolicyLoss, group_advantages, policy_loss
+from qadapt.tasks.token_logps import completion_token_logps
 from qadapt.text_templates import is_text_template
 
 SILENT_STEPS = 20  # steps a reward may give nothing but 0 before the run warns about it
@@ -244,44 +244,6 @@ def rewards_of(recipe) -> list[tuple[rewards_lib.Reward, float]]:
     """The recipe's rewards with their weights (a function of yours is imported here)."""
     g = recipe.grpo
     return list(zip(map(rewards_lib.Reward, g.rewards), g.reward_weights or [1.0] * len(g.rewards)))
-
-
-def completion_token_logps(model, batch: dict, temperature: float) -> torch.Tensor:
-    """log π(token) of every token after the first (batch["labels"][:, 1:]'s places; 0 where nothing is trained),
-    under the tempered distribution the tokens were sampled from, in fp32.
-
-    A model of a known family computes the head only at the completion's places, a chunk at a time, so the
-    (tokens × vocabulary) logits never exist whole; a wrapped one (DDP) runs its plain forward.
-    """
-    from transformers import PreTrainedModel
-
-    from qadapt.adapters import FAMILIES
-
-    targets = batch["labels"][:, 1:]
-    mask = targets != data_lib.IGNORE_INDEX
-    inputs = data_lib.model_inputs(batch)
-    if not isinstance(model, PreTrainedModel) or model.config.model_type not in FAMILIES:
-        logits = model(**inputs).logits[:, :-1].float() / temperature  # the model's own head, scaled and capped
-        return torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
-    scaling, cap = head_output_transform(model.config)
-    logps = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    hidden = model.base_model(**inputs)[0][:, :-1][mask]
-    picked = targets[mask]
-    head = model.get_output_embeddings()
-    chunks = []
-    for start in range(0, picked.numel(), LOSS_CHUNK_TOKENS):
-        rows = slice(start, start + LOSS_CHUNK_TOKENS)
-        if torch.is_grad_enabled():
-            chunks.append(checkpoint(_chunk_logps, head, hidden[rows], picked[rows], scaling, cap, temperature,
-                                     use_reentrant=False))
-        else:
-            chunks.append(_chunk_logps(head, hidden[rows], picked[rows], scaling, cap, temperature))
-    return logps.masked_scatter(mask, torch.cat(chunks)) if chunks else logps
-
-
-def _chunk_logps(head, hidden, targets, scaling: float, cap: float | None, temperature: float) -> torch.Tensor:
-    logits = head_logits(head, hidden, scaling, cap)
-    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
