@@ -11,7 +11,8 @@ Every source becomes records in the LLM-Adapters format — instruction, input, 
 - a datasets-hub id, `name` or `name:config` (e.g. `openai/gsm8k:main`), in either format.
 A file of conversations (OpenAI `messages`, ShareGPT `conversations`, `prompt` / `completion`) becomes
 records {"messages": [...]} instead (qadapt.conversations), rendered by the chat template with the loss on
-the assistant's turns.
+the assistant's turns. A file of preference pairs (`chosen`, `rejected`) becomes records {"chosen": record,
+"rejected": record} (qadapt.preference_pairs).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from qadapt import conversations
+from qadapt import conversations, preference_pairs
 from qadapt.builtin_data import arithmetic, conversation_problems, word_problems
 from qadapt.chat_templates import alpaca_chat_template, template_name
 from qadapt.console import say
@@ -65,14 +66,14 @@ def load_examples(path: str, split: str = "train", bad_rows: str = "fail", form:
     if not rows:
         raise QadaptError(f"no examples in {source}")
     if form == "auto":
-        form = next((conversations.row_format(row) or "instruction" for _, row, problem in rows if not problem),
-                    "instruction")
-    read = _to_record if form == "instruction" else lambda row: conversations.to_conversation(row, form)
+        form = next((row_format(row) for _, row, problem in rows if not problem), "instruction")
+    readers = {"instruction": _to_record, "pairs": preference_pairs.to_pair}
+    read = readers.get(form) or (lambda row: conversations.to_conversation(row, form))
     records, bad = [], []
     for line, row, problem in rows:
         record, problem = (None, problem) if problem else read(row)
-        if record is not None and "messages" in record:
-            record["where"] = f"{source}:{line}"  # named if the chat template cannot render it
+        if record is not None and ("messages" in record or form == "pairs"):
+            record["where"] = f"{source}:{line}"  # named if the chat template cannot render it, or a side is cut
         if problem and bad_rows == "fail":
             raise QadaptError(f"{source}:{line}: {problem} (data.bad_rows=skip drops such rows)")
         if problem:
@@ -85,6 +86,13 @@ def load_examples(path: str, split: str = "train", bad_rows: str = "fail", form:
     if not records:
         raise QadaptError(f"no usable examples in {source}: all {len(rows)} rows are malformed")
     return records
+
+
+def row_format(row) -> str:
+    """The format a row is written in (qadapt.recipe.DataFormat, less auto)."""
+    if preference_pairs.is_pair_row(row):
+        return "pairs"
+    return conversations.row_format(row) or "instruction"
 
 
 def _read_file(file: Path) -> list[tuple[int, object, str | None]]:
@@ -225,6 +233,7 @@ class TokenizedData:
     rows: list[dict]  # input_ids and labels, lists of ints
     truncated: int  # examples cut at cutoff_len
     dropped: int  # examples whose response did not fit at all
+    kept: list[int] = field(default_factory=list)  # each row's index in the records given
 
 
 def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, train_on_inputs: bool,
@@ -277,7 +286,7 @@ def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, tra
         if unrendered:
             shown = "; ".join(unrendered[:3]) + ("; ..." if len(unrendered) > 3 else "")
             say(f"data: skipped {len(unrendered)} conversations the chat template {name} cannot render ({shown})")
-    rows, truncated, dropped = [], 0, 0
+    rows, truncated, dropped, kept = [], 0, 0, []
     for i in range(len(records)):
         if i not in examples:
             continue
@@ -291,7 +300,8 @@ def tokenize(records: list[dict], tokenizer, template: str, cutoff_len: int, tra
             dropped += 1
             continue
         rows.append({"input_ids": input_ids, "labels": labels})
-    return TokenizedData(rows, truncated, dropped)
+        kept.append(i)
+    return TokenizedData(rows, truncated, dropped, kept)
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -23,9 +23,10 @@ Quant = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 Template = Literal["alpaca", "llm-adapters", "chat"]
-DataFormat = Literal["auto", "instruction", "messages", "sharegpt", "prompt_completion"]
-Task = Literal["causal-lm", "token-classification", "grpo"]
+DataFormat = Literal["auto", "instruction", "messages", "sharegpt", "prompt_completion", "pairs"]
+Task = Literal["causal-lm", "token-classification", "grpo", "preference"]
 PolicyLossKind = Literal["grpo", "dr_grpo", "dapo"]
+PreferenceLossKind = Literal["dpo", "ipo", "orpo", "simpo"]
 BuiltInReward = Literal["correct", "format", "length"]  # qadapt.tasks.rewards computes each
 USER_REWARD = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module:function
 # The experiment trackers accelerate reports to (qadapt.training.trackers).
@@ -71,7 +72,8 @@ class DataConfig:
     format: DataFormat = "auto"
     """The rows' format: `auto` reads it off each file's first row; `instruction` (LLM-Adapters / Alpaca, or
     GSM8K), or a conversation: `messages` (OpenAI roles), `sharegpt` (`conversations` with `from` / `value`),
-    `prompt_completion` (strings or message lists)."""
+    `prompt_completion` (strings or message lists), or preference `pairs` (`chosen`, `rejected`, and a `prompt`
+    or a shared beginning; task preference)."""
     train_on: Literal["assistant", "last"] = "assistant"
     """Of a conversation, the loss goes on every assistant turn and its end-of-turn marks, or on the last one."""
     packing: bool = False
@@ -217,11 +219,28 @@ class GRPOConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    loss: PreferenceLossKind = "dpo"
+    """task preference: `dpo` (the chosen answer's log-probability ratio to the reference's, against the
+    rejected one's), `ipo` (the same per token, squared toward 1/(2β)), `orpo` (no reference: the chosen
+    answer's own loss plus an odds-ratio term) or `simpo` (no reference: mean log-probabilities per token,
+    with a target margin)."""
+    beta: float = 0.1
+    """task preference: how strongly the pair's margin is pushed (dpo, ipo: the KL strength toward the
+    reference; orpo: the odds-ratio term's weight; simpo: the reward scale, 2 to 10 in its paper)."""
+    label_smoothing: float = 0.0
+    """task preference: with dpo and simpo, the share of pairs taken as possibly flipped (conservative DPO)."""
+    simpo_gamma: float = 0.5
+    """task preference: with simpo, the target reward margin γ."""
+
+
+@dataclass
 class Recipe:
     task: Task = "causal-lm"
     """`causal-lm` (instruction tuning a decoder), `token-classification` (tagging words, e.g. NER, with an
-    encoder such as BERT; the head is trained with the adapters) or `grpo` (a decoder learning from rewards on
-    its own sampled answers to math problems; see the `grpo` keys)."""
+    encoder such as BERT; the head is trained with the adapters), `grpo` (a decoder learning from rewards on
+    its own sampled answers to math problems; see the `grpo` keys) or `preference` (a decoder learning from
+    pairs of a preferred and a rejected answer; see the `preference` keys)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterSpec = field(default_factory=LowRankSpec)
     """Which adapter to train, and where: its `kind` decides which of the keys below apply."""
@@ -229,6 +248,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     output_dir: str = "runs/run"
     """Run directory: resolved recipe, adapter, checkpoints, metrics."""
 
@@ -479,6 +499,7 @@ def _range_problems(r: Recipe) -> list[str]:
         ("eval.batch_size", r.eval.batch_size >= 1, "must be at least 1"),
         ("eval.max_new_tokens", r.eval.max_new_tokens >= 1, "must be at least 1"),
         *_grpo_problems(r),
+        *_preference_problems(r),
     ]
     return [f"{key} {message}" for key, ok, message in checks if not ok]
 
@@ -496,6 +517,23 @@ def _adapter_problems(a: AdapterSpec) -> list[tuple[str, bool, str]]:
          f"apply to lora, dora and placement: linears, not to a {a.kind} adapter with placement: {a.placement}"),
         ("adapter.bottleneck_size", a.bottleneck_size >= 1, "must be at least 1"),
         ("adapter.scale", a.scale == "learned" or a.scale > 0, "must be positive, or learned"),
+    ]
+
+
+def _preference_problems(r: Recipe) -> list[tuple[str, bool, str]]:
+    p = r.preference
+    if r.task != "preference":
+        default = PreferenceConfig()
+        return [(f"preference.{f.name}", getattr(p, f.name) == getattr(default, f.name), "applies with task: preference")
+                for f in fields(p)]
+    return [
+        ("preference.beta", p.beta > 0, "must be positive"),
+        ("preference.label_smoothing", 0 <= p.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("preference.label_smoothing", p.label_smoothing == 0 or p.loss in ("dpo", "simpo"),
+         f"applies with loss dpo or simpo, not {p.loss}"),
+        ("data.packing", not r.data.packing, "does not apply to task: preference (each pair's sides are scored whole)"),
+        ("data.train_on_inputs", not r.data.train_on_inputs,
+         "does not apply to task: preference (the pair's answers are compared, not its prompt)"),
     ]
 
 

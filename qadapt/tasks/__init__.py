@@ -11,9 +11,10 @@ from qadapt.errors import QadaptError
 from qadapt.tasks.base import EvalOptions, LoadedModel, StepSource, Task, TrainingData
 from qadapt.tasks.causal_lm import CausalLM
 from qadapt.tasks.grpo import GRPO
+from qadapt.tasks.preference import Preference
 from qadapt.tasks.token_classification import TokenClassification
 
-TASKS: dict[str, Task] = {task.name: task for task in (CausalLM(), TokenClassification(), GRPO())}
+TASKS: dict[str, Task] = {task.name: task for task in (CausalLM(), TokenClassification(), GRPO(), Preference())}
 # A bare model, and an adapter saved before adapters recorded their task, answer prompts.
 DEFAULT_TASK = TASKS[CausalLM.name]
 

@@ -114,9 +114,13 @@ class Task:
         mine = step_rows[acc.process_index * share:(acc.process_index + 1) * share]
         if group_by_length:  # longest first, so the first micro-batch shows the step's peak memory at once
             mine.sort(key=lambda i: len(s.train_rows[i]["input_ids"]), reverse=True)
-        return [to_device(data_lib.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id),
+        return [to_device(self.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id),
                           acc.device)
                 for k in range(0, share, size)]
+
+    def collate(self, rows: list[dict], pad_id: int) -> dict:
+        """A micro-batch of training rows, padded (a task whose rows hold more than one sequence lays them out)."""
+        return data_lib.collate(rows, pad_id)
 
     def micro_batch_shape(self, recipe) -> tuple[int, int]:
         """(rows, tokens per row) of the largest micro-batch a recipe trains on: what memory is planned for."""

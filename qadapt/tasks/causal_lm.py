@@ -95,6 +95,9 @@ def instruction_rows(recipe, tokenizer, eval_records: dict[str, list[dict]]) -> 
     dropped with data.exclude_eval_overlap)."""
     d = recipe.data
     records = read_sources(d.sources, lambda source: data_lib.load_examples(source, d.split, d.bad_rows, d.format))
+    pair = next((r for r in records if "chosen" in r), None)
+    if pair is not None:
+        raise QadaptError(f"{pair['where']} is a preference pair (chosen, rejected): train pairs with task: preference")
     if eval_records:
         records = data_lib.eval_overlap(records, eval_records, d.exclude_eval_overlap)
     if d.multiple_choice:

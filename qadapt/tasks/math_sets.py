@@ -42,6 +42,9 @@ def load_eval_set(spec: str, limit: int | None = None, split: str = "test") -> E
     if first is not None:
         limit = first if limit is None else min(limit, first)
     records = load_examples(path, split=split)[:limit]
+    if any("chosen" in r for r in records):
+        raise QadaptError(f"{spec} is a set of preference pairs, not of problems with an answer; score on single "
+                          "questions (builtin:word-problems, a GSM8K or LLM-Adapters file)")
     if any("messages" in r for r in records):
         raise QadaptError(f"{spec} is a set of conversations, not of problems with an answer; score on single "
                           "questions (builtin:word-problems, a GSM8K or LLM-Adapters file)")

@@ -95,11 +95,15 @@ def saved_task_state(folder: CheckpointFolder | None, accelerator) -> dict:
 
 
 def rows_sha256(rows: list[dict]) -> str:
-    """A hash of the tokenized training rows (ids and loss mask; a problem's gold answer when it has one)."""
+    """A hash of the tokenized training rows (ids and loss mask, a pair's rejected side too; a problem's gold
+    answer when it has one)."""
     digest = hashlib.sha256()
     for row in rows:
         digest.update(array("q", row["input_ids"]).tobytes())
         digest.update(array("q", row["labels"]).tobytes())
+        for side in ("rejected_input_ids", "rejected_labels"):  # a preference pair's other answer
+            if side in row:
+                digest.update(array("q", row[side]).tobytes())
         if "answer" in row:
             digest.update(repr(row["answer"]).encode())
     return digest.hexdigest()

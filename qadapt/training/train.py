@@ -196,7 +196,7 @@ def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, r
     """
     t, acc = recipe.train, s.accelerator
     order = data_lib.ExampleOrder(len(s.train_rows), seed=t.seed, start=progress.examples_seen)
-    source = StepSource(s.train_rows, s.tokenizer, acc, s.model, recipe)
+    source = StepSource(s.train_rows, s.tokenizer, acc, s.model, recipe, step=progress.step)
     s.task.restore_state(source, task_state or {})
     started, elapsed_before = time.perf_counter(), progress.elapsed_s
     cpu_started, cpu_before = time.process_time(), progress.cpu_s

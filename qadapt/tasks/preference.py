@@ -1,0 +1,179 @@
+"""The preference task: a causal LM that learns from pairs of answers to one prompt, one preferred (chosen) and
+one not (rejected) (`task: preference`).
+
+A pair's two sides are read and tokenized as the supervised path reads its records (qadapt.preference_pairs,
+qadapt.data: the prompt template or the chat template, the loss mask on the answer), and a micro-batch holds
+micro_batch_size pairs: their chosen sides, then their rejected sides. The loss (qadapt.tasks.preference_loss)
+weighs each side's summed log-probability.
+
+DPO and IPO compare with a reference: the model as training starts, so the base itself for a fresh adapter
+(whose first output is the base's) and base + the starting adapter with `adapter.start_from`, the usual
+SFT → DPO path. Its log-probabilities of every pair are computed once, before the first step, with one model in
+memory, and kept in every checkpoint (Task.checkpoint_state): a resumed run does not recompute them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qadapt import data as data_lib
+from qadapt.console import say
+from qadapt.errors import QadaptError
+from qadapt.tasks.base import StepSource, TrainingData, read_sources, to_device
+from qadapt.tasks.causal_lm import CausalLM
+from qadapt.tasks.preference_loss import NEEDS_REFERENCE, PairScores, PreferenceLoss, preference_loss
+from qadapt.tasks.token_logps import completion_token_logps
+
+
+class Preference(CausalLM):
+    name = "preference"
+    bar_metrics = ("margin", "reward_accuracy")
+
+    def training_data(self, recipe, tokenizer) -> TrainingData:
+        d = recipe.data
+        pairs = read_sources(d.sources, lambda source: _pairs(source, d.split, d.bad_rows))
+        sides = {}
+        for side in ("chosen", "rejected"):
+            records = [{**pair[side], "where": pair["where"]} for pair in pairs]
+            sides[side] = data_lib.tokenize(records, tokenizer, d.template, d.cutoff_len, False, d.train_on, d.bad_rows)
+        rows_of = {side: dict(zip(t.kept, t.rows)) for side, t in sides.items()}
+        rows, cut = [], []
+        for index, pair in enumerate(pairs):
+            missing = [side for side in ("chosen", "rejected") if index not in rows_of[side]]
+            if missing and d.bad_rows == "fail":
+                raise QadaptError(f"{pair['where']}: the {missing[0]} answer has no token left within data.cutoff_len "
+                                  f"{d.cutoff_len} (data.bad_rows=skip drops such pairs)")
+            if missing:
+                cut.append(pair["where"])
+                continue
+            chosen, rejected = rows_of["chosen"][index], rows_of["rejected"][index]
+            rows.append({"input_ids": chosen["input_ids"], "labels": chosen["labels"],
+                         "rejected_input_ids": rejected["input_ids"], "rejected_labels": rejected["labels"]})
+        if cut:
+            say(f"data: skipped {len(cut)} pairs with a side cut to nothing at data.cutoff_len {d.cutoff_len} "
+                f"({', '.join(cut[:3])}{', ...' if len(cut) > 3 else ''})")
+        if d.max_examples:
+            rows = rows[:d.max_examples]
+        if not rows:
+            raise QadaptError(f"no preference pairs left to train on in {', '.join(d.sources)}")
+        truncated = sides["chosen"].truncated + sides["rejected"].truncated
+        say(f"data: {len(rows)} preference pairs ({truncated} answers cut at {d.cutoff_len} tokens)")
+        return TrainingData(rows, [], None, cut=truncated, dropped=len(cut))
+
+    def collate(self, rows: list[dict], pad_id: int) -> dict:
+        return _pair_batch(rows, pad_id)
+
+    def micro_batch_shape(self, recipe) -> tuple[int, int]:
+        """Both sides of micro_batch_size pairs."""
+        return 2 * recipe.train.micro_batch_size, recipe.data.cutoff_len
+
+    def summed_loss(self, model, batch: dict) -> torch.Tensor:
+        from qadapt.recipe import PreferenceConfig
+
+        settings = batch.get("settings") or PreferenceConfig()
+        result = preference_loss(_pair_scores(model, batch), kind=settings.loss, beta=settings.beta,
+                                 label_smoothing=settings.label_smoothing, simpo_gamma=settings.simpo_gamma)
+        if torch.is_grad_enabled():
+            batch["result"] = result  # not a tensor: the step's metrics read it
+        return result.summed
+
+    def loss_targets(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def step_batches(self, s: StepSource, size: int, count: int, order, group_by_length: bool = False) -> list[dict]:
+        batches = super().step_batches(s, size, count, order, group_by_length)
+        for batch in batches:
+            batch["settings"] = s.recipe.preference  # not a tensor: the loss reads it
+        return batches
+
+    def step_metrics(self, micro_batches: list[dict]) -> dict:
+        results: list[PreferenceLoss] = [b["result"] for b in micro_batches if "result" in b]
+        if not results:
+            return {}
+        chosen = torch.cat([r.chosen_rewards for r in results])
+        rejected = torch.cat([r.rejected_rewards for r in results])
+        return {"reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
+                "margin": float((chosen - rejected).mean()), "reward_accuracy": float((chosen > rejected).float().mean())}
+
+    def checkpoint_state(self, s: StepSource) -> dict:
+        """The reference's log-probabilities of every pair (DPO, IPO), so a resumed run does not recompute them
+        with a model that has moved."""
+        return dict(s.state.get("reference") or {})
+
+    def restore_state(self, s: StepSource, saved: dict) -> None:
+        """The reference's log-probabilities: from the checkpoint, or (a fresh run) computed now, before any step."""
+        if s.recipe.preference.loss not in NEEDS_REFERENCE:
+            s.state["reference"] = None
+            return
+        if "chosen" not in saved and s.step > 0:
+            raise QadaptError("the checkpoint resumed from keeps no reference log-probabilities, and the model has "
+                              "moved since training started: start the run again (--overwrite)")
+        reference = saved if "chosen" in saved else _reference_logps(s)
+        if len(reference["chosen"]) != len(s.train_rows):
+            raise QadaptError(f"the checkpoint's reference log-probabilities cover {len(reference['chosen'])} pairs, "
+                              f"the data has {len(s.train_rows)}")
+        for row, chosen, rejected in zip(s.train_rows, reference["chosen"].tolist(), reference["rejected"].tolist()):
+            row["ref_chosen"], row["ref_rejected"] = chosen, rejected
+        s.state["reference"] = reference
+
+
+def _pair_batch(rows: list[dict], pad_id: int) -> dict:
+    """The pairs' chosen sides, then their rejected sides, padded as one batch (and the reference's sums)."""
+    sides = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows] + [
+        {"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
+    batch = data_lib.collate(sides, pad_id)
+    if "ref_chosen" in rows[0]:
+        batch["ref_logps"] = torch.tensor([r["ref_chosen"] for r in rows] + [r["ref_rejected"] for r in rows],
+                                          dtype=torch.float64)
+    return batch
+
+
+@dataclass
+class _Sums:
+    logps: torch.Tensor  # each sequence's summed log-probability of its trained tokens
+    tokens: torch.Tensor  # and how many they are
+
+
+def _sequence_sums(model, batch: dict) -> _Sums:
+    logps = completion_token_logps(model, batch)
+    mask = batch["labels"][:, 1:] != data_lib.IGNORE_INDEX
+    return _Sums(logps.sum(dim=1), mask.sum(dim=1).to(logps.dtype))
+
+
+def _pair_scores(model, batch: dict) -> PairScores:
+    sums = _sequence_sums(model, batch)
+    pairs = batch["input_ids"].shape[0] // 2
+    ref = batch.get("ref_logps")
+    return PairScores(sums.logps[:pairs], sums.logps[pairs:], sums.tokens[:pairs], sums.tokens[pairs:],
+                      ref_chosen=None if ref is None else ref[:pairs].float(),
+                      ref_rejected=None if ref is None else ref[pairs:].float())
+
+
+@torch.no_grad()
+def _reference_logps(s: StepSource) -> dict:
+    """Every pair's summed log-probabilities under the model as it is now (before the first step), dropout off."""
+    model = s.accelerator.unwrap_model(s.model)
+    size = s.recipe.train.micro_batch_size
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        for start in range(0, len(s.train_rows), size):
+            rows = s.train_rows[start:start + size]
+            batch = to_device(_pair_batch(rows, s.tokenizer.pad_token_id), s.accelerator.device)
+            sums = _sequence_sums(model, batch).logps.double().cpu()
+            chosen.append(sums[:len(rows)])
+            rejected.append(sums[len(rows):])
+    finally:
+        model.train(was_training)
+    say(f"reference: log-probabilities of {len(s.train_rows)} pairs under the model as training starts")
+    return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+
+
+def _pairs(source: str, split: str, bad_rows: str) -> list[dict]:
+    if source.startswith("builtin:"):
+        raise QadaptError(f"{source} holds problems, not preference pairs; make pairs with qadapt rationales, or "
+                          "give a file of {prompt, chosen, rejected} rows")
+    return data_lib.load_examples(source, split, bad_rows, "pairs")

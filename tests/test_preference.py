@@ -1,0 +1,85 @@
+"""Preference pairs as a task (qadapt.tasks.preference) through the one training loop, on the real 4-bit path:
+DPO against the model as it started, resumed exactly without recomputing the reference; ORPO without one; and
+bad pairs named with their file and line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from qadapt.errors import QadaptError
+from qadapt.recipe import recipe_from_dict
+from qadapt.training.train import train
+
+
+def pairs_file(folder, count: int = 12):
+    path = folder / "pairs.jsonl"
+    rows = [{"prompt": f"What is {n} plus {n + 3}?", "chosen": f"{n} + {n + 3} = {2 * n + 3}. The answer is {2 * n + 3}.",
+             "rejected": f"The answer is {2 * n + 4}."} for n in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def preference_recipe(model_dir, output_dir, data, steps: int = 4, **preference):
+    return recipe_from_dict(tiny_recipe(
+        model_dir, output_dir, task="preference", adapter={"rank": 4, "dropout": 0.0},
+        data={"path": str(data), "max_examples": None},
+        train={"max_steps": steps, "micro_batch_size": 2, "grad_accum": 2, "lr": 5e-3, "save_every": 2,
+               "warmup_steps": 0, "keep_checkpoints": 4},
+        preference=preference))
+
+
+def metric_rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_learns_the_pairs_and_resumes_without_recomputing_the_reference(tiny_llama_dir, tmp_path, capsys):
+    data = pairs_file(tmp_path)
+    run = tmp_path / "run"
+    train(preference_recipe(tiny_llama_dir, run, data, beta=0.5))
+    rows = metric_rows(run)
+    assert capsys.readouterr().out.count("reference: log-probabilities of 12 pairs") == 1
+    # The reference is the model as it started: at step 1 every implicit reward is 0, and the loss is log 2.
+    assert rows[0]["reward_chosen"] == rows[0]["reward_rejected"] == 0 and rows[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert all(r["margin"] > 0 and r["reward_accuracy"] == 1 for r in rows[1:]) and rows[-1]["loss"] < 0.3
+    checkpoint = run / "checkpoints" / "step-000002"
+    saved = torch.load(checkpoint / "task_state.pt", weights_only=True)[0]
+    assert saved["chosen"].shape == (12,)
+
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    shutil.rmtree(again / "adapter")
+    (again / "summary.json").unlink()
+    shutil.rmtree(again / "checkpoints" / "step-000004", ignore_errors=True)
+    train(preference_recipe(tiny_llama_dir, again, data, beta=0.5), resume="latest")
+    assert "reference: log-probabilities" not in capsys.readouterr().out  # read from the checkpoint
+    keys = ("loss", "reward_chosen", "reward_rejected", "margin", "reward_accuracy", "grad_norm")
+    assert [{k: r[k] for k in keys} for r in metric_rows(again)] == [{k: r[k] for k in keys} for r in rows]
+
+
+def test_orpo_needs_no_reference_and_trains_the_chosen_answer(tiny_llama_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(preference_recipe(tiny_llama_dir, run, pairs_file(tmp_path), steps=3, loss="orpo"))
+    rows = metric_rows(run)
+    assert "reference:" not in capsys.readouterr().out
+    assert rows[0]["reward_chosen"] != 0 and rows[-1]["loss"] < rows[0]["loss"]
+    assert not (run / "checkpoints" / "step-000002" / "task_state.pt").exists()
+
+
+def test_bad_pairs_are_named_with_file_and_line_or_skipped(tiny_llama_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n")
+    with pytest.raises(QadaptError, match=r"bad\.jsonl:2: chosen and rejected are the same answer"):
+        train(preference_recipe(tiny_llama_dir, tmp_path / "run", data))
+    with pytest.raises(QadaptError, match="builtin:arithmetic holds problems, not preference pairs"):
+        train(preference_recipe(tiny_llama_dir, tmp_path / "run", "builtin:arithmetic"))
+    sft = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path / "sft", data={"path": str(pairs_file(tmp_path))}))
+    with pytest.raises(QadaptError, match=r"pairs\.jsonl:1 is a preference pair .*train pairs with task: preference"):
+        train(sft)
+    with pytest.raises(QadaptError, match="preference.label_smoothing applies with loss dpo or simpo, not ipo"):
+        preference_recipe(tiny_llama_dir, tmp_path / "run", data, loss="ipo", label_smoothing=0.1)
