@@ -138,15 +138,17 @@ def rationales(teacher: str = o.TeacherOption, data: list[str] = o.ProblemsOptio
                quant: str = o.QuantOption, template: Optional[str] = o.TemplateOption,
                model: Optional[str] = o.EndpointModelOption, api_key_env: Optional[str] = o.ApiKeyEnvOption,
                concurrency: int = o.ConcurrencyOption, timeout: float = o.TimeoutOption,
-               system: Optional[str] = o.SystemOption) -> None:
-    """Training data from a teacher: K sampled solutions per problem, kept when the answer is right."""
+               system: Optional[str] = o.SystemOption, pairs: bool = o.PairsOption) -> None:
+    """Training data from a teacher: K sampled solutions per problem, kept when the answer is right (or, with
+    --pairs, a right and a wrong one as a preference pair)."""
     from qadapt.decoding.sampling import Sampling
     from qadapt.inference.rationales import EndpointOptions, run_rationales
 
     with _user_errors():
         run_rationales(teacher, data, out, Sampling(temperature, top_p, top_k, samples, seed), split=split,
                        limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, quant=quant,
-                       template=template, endpoint=EndpointOptions(model, api_key_env, concurrency, timeout, system))
+                       template=template, endpoint=EndpointOptions(model, api_key_env, concurrency, timeout, system),
+                       pairs=pairs)
 
 
 @app.command()

@@ -109,6 +109,8 @@ ConcurrencyOption = typer.Option(4, help="An endpoint: requests in flight at onc
 TimeoutOption = typer.Option(120.0, help="An endpoint: seconds to wait for one answer (retried).")
 SystemOption = typer.Option(None, help="An endpoint: the system prompt (default: solve step by step and end with "
                             "'The answer is N.'; '' for none).")
+PairsOption = typer.Option(False, "--pairs", help="Write preference pairs instead (JSONL: prompt, chosen, "
+                          "rejected): per problem, a right sample and a wrong one, for task: preference.")
 # --- report ---
 RunsArg = typer.Argument(..., help="Run directories to compare.", show_default=False)
 ReportOutOption = typer.Option(None, help="Also write the markdown table to this file.")

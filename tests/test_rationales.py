@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import qadapt
+from qadapt.data import load_examples
 from qadapt.decoding.sampling import Sampling
 from qadapt.errors import QadaptError
 from qadapt.inference.rationales import EndpointOptions, Problem, distinct, is_right, read_problems, run_rationales
@@ -91,6 +92,21 @@ def test_rationales_from_a_model_are_right_resume_after_a_kill_and_train(tmp_pat
     assert json.loads(stopped.with_suffix(".stats.json").read_text())["asked_this_call"] == len(SUMS) - asked_first
     assert samples_by_key(stopped) == samples_by_key(whole)
     assert json.loads(stopped.read_text()) == kept
+
+    # The same samples as preference pairs (--out with the same stem: nothing is asked again).
+    pairs_out = tmp_path / "stopped.jsonl"
+    paired = qadapt("rationales", *args, "--out", str(pairs_out), "--pairs")
+    assert paired.returncode == 0, paired.stderr[-2000:]
+    pairs_stats = json.loads(pairs_out.with_suffix(".stats.json").read_text())
+    assert pairs_stats["asked_this_call"] == 0 and f"{pairs_stats['pairs']} preference pairs" in paired.stdout
+    pairs = load_examples(str(pairs_out))
+    lines = [json.loads(line) for line in stopped.with_suffix(".samples.jsonl").read_text().splitlines()[1:]]
+    mixed = sum(any(line["right"]) and not all(line["right"]) for line in lines)  # a right and a wrong answer
+    assert len(pairs) == pairs_stats["pairs"] == mixed >= 1
+    problems = {problem.record["instruction"]: problem for problem in read_problems([str(data)])}
+    for pair in pairs:
+        problem = problems[pair["chosen"]["instruction"]]
+        assert is_right(pair["chosen"]["output"], problem) and not is_right(pair["rejected"]["output"], problem)
 
     changed = qadapt("rationales", *args[:-2], "--seed", "6", "--out", str(stopped))
     assert changed.returncode == 2 and "made with other settings (seed: 5 then, 6 now)" in changed.stderr

@@ -12,6 +12,10 @@ training format, sampled by qadapt's decoder) or an OpenAI-compatible endpoint (
 finished chunk of problems is appended to OUT.samples.jsonl (with the settings on its first line), so a
 run that is stopped resumes where it was: problems already there are not asked again. OUT and
 OUT.stats.json are written whole at the end, atomically.
+
+With `pairs`, OUT gets preference pairs instead (JSON Lines of prompt, chosen, rejected, answer): for each
+problem with a right and a wrong sample, its first right one and its first wrong one, for `task: preference`.
+Preference data for any task whose answers can be checked, with no human labels.
 """
 
 from __future__ import annotations
@@ -127,8 +131,10 @@ def distinct(texts: list[str]) -> list[str]:
     return kept
 
 
-def make_rationales(teacher, problems: list[Problem], out: Path, settings: dict, on_done=None) -> dict:
-    """Ask `teacher` for every problem not in OUT.samples.jsonl yet, then write OUT and its stats."""
+def make_rationales(teacher, problems: list[Problem], out: Path, settings: dict, on_done=None,
+                    pairs: bool = False) -> dict:
+    """Ask `teacher` for every problem not in OUT.samples.jsonl yet, then write OUT (rationales, or `pairs`)
+    and its stats."""
     samples_file = out.with_suffix(".samples.jsonl")
     done = _read_samples(samples_file, settings)
     todo = [p for p in problems if p.key not in done]
@@ -147,11 +153,29 @@ def make_rationales(teacher, problems: list[Problem], out: Path, settings: dict,
     rows, stats = _kept_rows_and_stats(problems, done)
     stats |= {"settings": settings, "seconds_this_call": round(time.perf_counter() - started, 1),
               "asked_this_call": len(todo)}
+    if pairs:
+        rows = preference_pairs(problems, done)
+        stats["pairs"] = len(rows)
     with atomic_file(out) as tmp:
-        tmp.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows) if pairs
+                       else json.dumps(rows, indent=1, ensure_ascii=False))
     with atomic_file(out.with_suffix(".stats.json")) as tmp:
         tmp.write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def preference_pairs(problems: list[Problem], done: dict) -> list[dict]:
+    """Per problem with both, its first right sample (chosen) and its first wrong one (rejected)."""
+    rows = []
+    for problem in problems:
+        line = done[problem.key]
+        right = [t for t, ok in zip(line["samples"], line["right"]) if ok]
+        wrong = [t for t, ok in zip(line["samples"], line["right"]) if not ok and t.strip()]
+        if right and wrong:
+            record = problem.record
+            prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+            rows.append({"prompt": prompt, "chosen": right[0], "rejected": wrong[0], "answer": record["answer"]})
+    return rows
 
 
 def _kept_rows_and_stats(problems: list[Problem], done: dict) -> tuple[list[dict], dict]:
@@ -238,7 +262,8 @@ class EndpointOptions:
 
 def run_rationales(teacher: str, specs: list[str], out: Path, sampling: Sampling, *, split: str = "train",
                    limit: int | None = None, max_new_tokens: int = 256, batch_size: int = 64, quant: str = "nf4",
-                   template: str | None = None, endpoint: EndpointOptions = EndpointOptions()) -> dict:
+                   template: str | None = None, endpoint: EndpointOptions = EndpointOptions(),
+                   pairs: bool = False) -> dict:
     """`qadapt rationales`: the teacher (a target `qadapt eval` takes, or an http(s) endpoint) solves every
     problem of `specs` K times; the right, distinct solutions go to `out`."""
     from tqdm import tqdm
@@ -270,8 +295,9 @@ def run_rationales(teacher: str, specs: list[str], out: Path, sampling: Sampling
         name = teacher
     settings = sampling_settings(sampling, name, max_new_tokens, extra)
     with tqdm(total=len(problems), desc="rationales", unit="problem") as bar:
-        stats = make_rationales(solver, problems, Path(out), settings, on_done=bar.update)
+        stats = make_rationales(solver, problems, Path(out), settings, on_done=bar.update, pairs=pairs)
     print(f"{stats['problems']} problems, {stats['solved_at_least_once']} solved at least once "
           f"(pass@{sampling.samples} {stats['pass@k']:.1%}, pass@1 {stats['pass@1']:.1%}); "
-          f"{stats['rationales_kept']} rationales kept ({stats['duplicates_dropped']} repeats dropped): {out}")
+          + (f"{stats['pairs']} preference pairs (a right and a wrong answer): {out}" if pairs else
+             f"{stats['rationales_kept']} rationales kept ({stats['duplicates_dropped']} repeats dropped): {out}"))
     return stats
