@@ -83,3 +83,13 @@ def test_bad_pairs_are_named_with_file_and_line_or_skipped(tiny_llama_dir, tmp_p
         train(sft)
     with pytest.raises(QadaptError, match="preference.label_smoothing applies with loss dpo or simpo, not ipo"):
         preference_recipe(tiny_llama_dir, tmp_path / "run", data, loss="ipo", label_smoothing=0.1)
+
+
+def test_qadapt_data_shows_both_sides_of_a_pair_with_their_trained_answers(tiny_llama_dir, tmp_path):
+    from qadapt.actions.show_data import show_data
+
+    shown = show_data(preference_recipe(tiny_llama_dir, tmp_path / "run", pairs_file(tmp_path)), 1)
+    chosen, rejected = shown.split("--- example 1: rejected ---\n")
+    assert chosen.startswith("--- example 1: chosen ---\n") and "What is 0 plus 3?" in chosen and "What is 0 plus 3?" in rejected
+    assert "[[0 + 3 = 3. The answer is 3.<|im_end|>]]" in chosen and "[[The answer is 4.<|im_end|>]]" in rejected
+    assert "--- 12 training examples (0 held out)" in shown

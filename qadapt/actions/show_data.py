@@ -33,19 +33,32 @@ def data_view(recipe: Recipe, show: int) -> dict:
     tokenizer = task.run_tokenizer(recipe)
     data = task.training_data(recipe, tokenizer)
     rows = data.train_rows
+    sides = [row for row in rows] + [_rejected(row) for row in rows if "rejected_input_ids" in row]
     counts = {
         "examples": len(rows), "held_out": len(data.val_rows),
-        "tokens": sum(len(r["input_ids"]) for r in rows),
-        "trained_tokens": sum(label != IGNORE_INDEX for r in rows for label in r["labels"]),
+        "tokens": sum(len(r["input_ids"]) for r in sides),
+        "trained_tokens": sum(label != IGNORE_INDEX for r in sides for label in r["labels"]),
         "cut": data.cut, "dropped": data.dropped,
     }
-    return {"examples": [{"segments": segments(row, tokenizer)} for row in rows[:show]], "counts": counts}
+    return {"examples": [_example(row, tokenizer) for row in rows[:show]], "counts": counts}
 
 
-def segments(row: dict, tokenizer) -> list[dict]:
-    """The row's tokens in runs of the same trained flag, each run decoded."""
+def _example(row: dict, tokenizer) -> dict:
+    """A row's segments; a preference pair's chosen side, and its rejected side beside it."""
+    example = {"segments": segments(row["input_ids"], row["labels"], tokenizer)}
+    if "rejected_input_ids" in row:
+        example["rejected_segments"] = segments(row["rejected_input_ids"], row["rejected_labels"], tokenizer)
+    return example
+
+
+def _rejected(row: dict) -> dict:
+    return {"input_ids": row["rejected_input_ids"], "labels": row["rejected_labels"]}
+
+
+def segments(input_ids: list[int], labels: list[int], tokenizer) -> list[dict]:
+    """The tokens in runs of the same trained flag, each run decoded."""
     runs: list[tuple[bool, list[int]]] = []
-    for token, label in zip(row["input_ids"], row["labels"]):
+    for token, label in zip(input_ids, labels):
         trained = label != IGNORE_INDEX
         if runs and runs[-1][0] == trained:
             runs[-1][1].append(token)
@@ -57,9 +70,15 @@ def segments(row: dict, tokenizer) -> list[dict]:
 def format_view(view: dict, colour: bool) -> str:
     start, end = COLOUR if colour else BRACKETS
     blocks = []
+    def marked_text(parts: list[dict]) -> str:
+        return "".join(f"{start}{s['text']}{end}" if s["trained"] else s["text"] for s in parts)
+
     for number, example in enumerate(view["examples"], 1):
-        text = "".join(f"{start}{s['text']}{end}" if s["trained"] else s["text"] for s in example["segments"])
-        blocks.append(f"--- example {number} ---\n{text}")
+        if "rejected_segments" in example:  # a preference pair
+            blocks.append(f"--- example {number}: chosen ---\n{marked_text(example['segments'])}")
+            blocks.append(f"--- example {number}: rejected ---\n{marked_text(example['rejected_segments'])}")
+        else:
+            blocks.append(f"--- example {number} ---\n{marked_text(example['segments'])}")
     c = view["counts"]
     marked = "green" if colour else f"{start}...{end}"
     blocks.append(f"--- {c['examples']:,} training examples ({c['held_out']:,} held out), {c['tokens']:,} tokens, "
