@@ -57,6 +57,11 @@ def test_dpo_learns_the_pairs_and_resumes_without_recomputing_the_reference(tiny
     shutil.rmtree(again / "checkpoints" / "step-000004", ignore_errors=True)
     train(preference_recipe(tiny_llama_dir, again, data, beta=0.5), resume="latest")
     assert "reference: log-probabilities" not in capsys.readouterr().out  # read from the checkpoint
+    from qadapt.actions.report import read_run, report
+
+    assert read_run(run)["margins"] == [(r["step"], r["margin"]) for r in rows]
+    report([run], plot_path=tmp_path / "report.png")  # the margin curve beside the loss
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
     keys = ("loss", "reward_chosen", "reward_rejected", "margin", "reward_accuracy", "grad_norm")
     assert [{k: r[k] for k in keys} for r in metric_rows(again)] == [{k: r[k] for k in keys} for r in rows]
 

@@ -35,7 +35,7 @@ def read_runs(run_dir: Path) -> list[dict]:
     if calculator_scores is None:
         return [run]
     sets = calculator_scores["sets"]
-    return [run, run | {"name": f"{run['name']} + calculator", "losses": [], "eval_losses": [], "rewards": [],
+    return [run, run | {"name": f"{run['name']} + calculator", "losses": [], "eval_losses": [], "rewards": [], "margins": [],
                         "scores": {name: _score(row) for name, row in sets.items()},
                         "scoring_s": _total(sets, "seconds"), "scoring_cpu_s": _total(sets, "cpu_s")}]
 
@@ -59,6 +59,7 @@ def read_run(run_dir: Path) -> dict:
         "losses": [(r["step"], r["loss"]) for r in rows if "loss" in r],
         "eval_losses": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
         "rewards": [(r["step"], r["reward"]) for r in rows if "reward" in r],  # a run that learned from rewards
+        "margins": [(r["step"], r["margin"]) for r in rows if "margin" in r],  # one that learned from pairs
         "scores": {name: _score(row) for name, row in sets.items()},
         "scoring_s": _total(sets, "seconds"),
         "scoring_cpu_s": _total(sets, "cpu_s"),
@@ -191,9 +192,14 @@ def report_json(runs: list[dict], against: list[str] = ()) -> dict:
     } for run in runs], "sets": ordered_sets(runs), "paired": paired(runs, against)}
 
 
+# Curves beside the loss, for the runs that log them: (key in read_run, y label, title).
+CURVES = (("rewards", "mean reward of the step's completions", "reward"),
+          ("margins", "chosen − rejected implicit reward", "preference margin"))
+
+
 def plot(runs: list[dict], path: Path) -> None:
-    """Training and held-out loss curves on the left, then the mean reward of runs that learned from rewards,
-    then scores per set (with intervals)."""
+    """Training and held-out loss curves on the left, then the mean reward of runs that learned from rewards
+    and the margin of runs that learned from pairs, then scores per set (with intervals)."""
     try:
         import matplotlib
 
@@ -202,8 +208,8 @@ def plot(runs: list[dict], path: Path) -> None:
     except ImportError:
         raise QadaptError("a plot needs matplotlib: pip install 'qadapt[plot]'") from None
     set_names = ordered_sets(runs)
-    rewarded = [run for run in runs if run.get("rewards")]
-    panels = 1 + bool(rewarded) + bool(set_names)
+    curves = [(key, ylabel, title) for key, ylabel, title in CURVES if any(run.get(key) for run in runs)]
+    panels = 1 + len(curves) + bool(set_names)
     fig, axes = plt.subplots(1, panels, figsize=(0.5 + 6 * panels, 4.5), squeeze=False)
     loss_ax = axes[0][0]
     for run in runs:
@@ -215,13 +221,13 @@ def plot(runs: list[dict], path: Path) -> None:
             loss_ax.plot(*zip(*run["eval_losses"]), "o--", color=line.get_color(), label=f"{run['name']} held-out")
     loss_ax.set(xlabel="step", ylabel="loss", title="loss")
     loss_ax.legend(fontsize="small")
-    if rewarded:
-        reward_ax = axes[0][1]
-        for run in rewarded:
-            steps, rewards = zip(*run["rewards"])
-            reward_ax.plot(steps, _running_mean(rewards, 8), label=f"{run['name']} (mean of 8 steps)")
-        reward_ax.set(xlabel="step", ylabel="mean reward of the step's completions", title="reward")
-        reward_ax.legend(fontsize="small")
+    for ax, (key, ylabel, title) in zip(axes[0][1:], curves):
+        for run in runs:
+            if run.get(key):
+                steps, values = zip(*run[key])
+                ax.plot(steps, _running_mean(values, 8), label=f"{run['name']} (mean of 8 steps)")
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize="small")
     if set_names:
         acc_ax, width = axes[0][-1], 0.8 / len(runs)
         for i, run in enumerate(runs):
