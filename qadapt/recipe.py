@@ -520,12 +520,18 @@ def _adapter_problems(a: AdapterSpec) -> list[tuple[str, bool, str]]:
     ]
 
 
+def _untouched_section(r: Recipe, task: str) -> list[tuple[str, bool, str]]:
+    """A task's own section (named as the task) keeps its defaults in a recipe of another task."""
+    section = getattr(r, task)
+    default = type(section)()
+    return [(f"{task}.{f.name}", getattr(section, f.name) == getattr(default, f.name), f"applies with task: {task}")
+            for f in fields(section)]
+
+
 def _preference_problems(r: Recipe) -> list[tuple[str, bool, str]]:
     p = r.preference
     if r.task != "preference":
-        default = PreferenceConfig()
-        return [(f"preference.{f.name}", getattr(p, f.name) == getattr(default, f.name), "applies with task: preference")
-                for f in fields(p)]
+        return _untouched_section(r, "preference")
     return [
         ("preference.beta", p.beta > 0, "must be positive"),
         ("preference.label_smoothing", 0 <= p.label_smoothing < 0.5, "must be in [0, 0.5)"),
@@ -540,9 +546,7 @@ def _preference_problems(r: Recipe) -> list[tuple[str, bool, str]]:
 def _grpo_problems(r: Recipe) -> list[tuple[str, bool, str]]:
     g = r.grpo
     if r.task != "grpo":
-        default = GRPOConfig()
-        return [(f"grpo.{f.name}", getattr(g, f.name) == getattr(default, f.name), "applies with task: grpo")
-                for f in fields(g)]
+        return _untouched_section(r, "grpo")
     weights = g.reward_weights
     return [
         ("grpo.group_size", g.group_size >= 2, "must be at least 2 (advantages compare a completion with its group)"),
