@@ -98,3 +98,16 @@ def test_qadapt_data_shows_both_sides_of_a_pair_with_their_trained_answers(tiny_
     assert chosen.startswith("--- example 1: chosen ---\n") and "What is 0 plus 3?" in chosen and "What is 0 plus 3?" in rejected
     assert "[[0 + 3 = 3. The answer is 3.<|im_end|>]]" in chosen and "[[The answer is 4.<|im_end|>]]" in rejected
     assert "--- 12 training examples (0 held out)" in shown
+
+
+def test_conversational_pairs_train_through_the_chat_template(tiny_llama_dir, tmp_path):
+    data = tmp_path / "chat-pairs.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"What is {n} plus 1?"}],
+             "chosen": [{"role": "assistant", "content": f"The answer is {n + 1}."}],
+             "rejected": [{"role": "assistant", "content": f"The answer is {n + 2}."}]} for n in range(8)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = preference_recipe(tiny_llama_dir, tmp_path / "run", data, steps=2)
+    recipe.data.template = "chat"
+    train(recipe)
+    first = metric_rows(tmp_path / "run")[0]
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-4) and first["margin"] == 0
