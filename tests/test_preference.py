@@ -83,6 +83,14 @@ def test_bad_pairs_are_named_with_file_and_line_or_skipped(tiny_llama_dir, tmp_p
         train(preference_recipe(tiny_llama_dir, tmp_path / "run", data))
     with pytest.raises(QadaptError, match="builtin:arithmetic holds problems, not preference pairs"):
         train(preference_recipe(tiny_llama_dir, tmp_path / "run", "builtin:arithmetic"))
+    short = preference_recipe(tiny_llama_dir, tmp_path / "run", pairs_file(tmp_path))
+    short.data.cutoff_len = 8  # the prompt alone is longer: neither answer keeps a token
+    with pytest.raises(QadaptError, match=r"pairs\.jsonl:1: the chosen answer has no token left within "
+                                          r"data.cutoff_len 8 \(data.bad_rows=skip drops such pairs\)"):
+        train(short)
+    short.data.bad_rows = "skip"
+    with pytest.raises(QadaptError, match="no preference pairs left to train on"):
+        train(short)
     sft = recipe_from_dict(tiny_recipe(tiny_llama_dir, tmp_path / "sft", data={"path": str(pairs_file(tmp_path))}))
     with pytest.raises(QadaptError, match=r"pairs\.jsonl:1 is a preference pair .*train pairs with task: preference"):
         train(sft)
