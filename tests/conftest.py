@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,6 +113,15 @@ def write_tiny_recipe(path: Path, model_dir: Path | str, output_dir: Path | None
     import yaml
 
     path.write_text(yaml.safe_dump(tiny_recipe(model_dir, output_dir, **sections)))
+    return path
+
+
+def write_pairs_file(folder: Path, count: int = 12) -> Path:
+    """`count` preference pairs of sums ({prompt, chosen, rejected}, JSONL): the chosen answer works it out."""
+    path = folder / "pairs.jsonl"
+    rows = [{"prompt": f"What is {n} plus {n + 3}?", "chosen": f"{n} + {n + 3} = {2 * n + 3}. The answer is {2 * n + 3}.",
+             "rejected": f"The answer is {2 * n + 4}."} for n in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_tiny_recipe
+from conftest import REPO, write_pairs_file, write_tiny_recipe
 from safetensors.torch import load_file
 
 from qadapt.run_dir import RunDir
@@ -46,9 +47,12 @@ def write_recipe(folder: Path, model: str, compute_dtype: str, data: dict | None
                              **({"grpo": grpo} if grpo else {}))
 
 
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
+    return [row["loss"] for row in metric_rows(run) if "loss" in row]
 
 
 def compare_one_and_two_processes(tmp_path: Path, model: str, compute_dtype: str, steps: int, micro: int,
@@ -133,6 +137,21 @@ def test_two_processes_sample_and_train_grpo_as_one(tiny_llama_dir, tmp_path):
         data={"path": "builtin:arithmetic", "max_examples": 16, "val_size": 0})
     assert len(one) == len(two) == 2 and one[1] != one[0]
     assert two == pytest.approx(one, rel=1e-5, abs=1e-7)
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=ADAM_ATOL)
+
+
+@pytest.mark.slow
+def test_two_processes_train_preference_pairs_as_one(tiny_llama_dir, tmp_path):
+    """task preference: each process scores the reference of every pair before step 1 and trains on its share of
+    the step's pairs; the held-out DPO loss and the adapters equal one process's."""
+    data = {"path": str(write_pairs_file(tmp_path, count=20)), "max_examples": None, "val_size": 4}
+    one, two, (adapter_one, adapter_two) = compare_one_and_two_processes(
+        tmp_path, str(tiny_llama_dir), "fp32", 2, micro=1, task="preference", data=data, warmup_steps=0)
+    assert len(one) == len(two) == 2 and one[0] == pytest.approx(math.log(2), abs=1e-6) and one[1] != one[0]
+    assert two == pytest.approx(one, rel=1e-5, abs=1e-7)
+    held_out = [[row["eval_loss"] for row in metric_rows(tmp_path / run) if "eval_loss" in row] for run in ("one", "two")]
+    assert len(held_out[0]) == 2 and held_out[1] == pytest.approx(held_out[0], rel=1e-5)
     for name in adapter_one:
         torch.testing.assert_close(adapter_two[name], adapter_one[name], rtol=1e-4, atol=ADAM_ATOL)
 

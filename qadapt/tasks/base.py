@@ -57,6 +57,7 @@ class StepSource:
     model: torch.nn.Module
     recipe: object  # the run's qadapt.recipe.Recipe
     step: int = 0  # the optimizer step about to be taken (0-based); the loop sets it
+    val_rows: list[dict] = field(default_factory=list)  # held out for the eval loss
     state: dict = field(default_factory=dict)  # what a task keeps from step to step of one run
 
 
@@ -114,13 +115,19 @@ class Task:
         mine = step_rows[acc.process_index * share:(acc.process_index + 1) * share]
         if group_by_length:  # longest first, so the first micro-batch shows the step's peak memory at once
             mine.sort(key=lambda i: len(s.train_rows[i]["input_ids"]), reverse=True)
-        return [to_device(self.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id),
-                          acc.device)
+        settings = self.loss_settings(s.recipe)
+        return [{**to_device(self.collate([s.train_rows[i] for i in mine[k:k + size]], s.tokenizer.pad_token_id),
+                             acc.device), **settings}
                 for k in range(0, share, size)]
 
     def collate(self, rows: list[dict], pad_id: int) -> dict:
         """A micro-batch of training rows, padded (a task whose rows hold more than one sequence lays them out)."""
         return data_lib.collate(rows, pad_id)
+
+    def loss_settings(self, recipe) -> dict:
+        """What `summed_loss` reads from the recipe beside a batch's tensors (put in every training and held-out
+        batch). Nothing by default."""
+        return {}
 
     def micro_batch_shape(self, recipe) -> tuple[int, int]:
         """(rows, tokens per row) of the largest micro-batch a recipe trains on: what memory is planned for."""

@@ -21,7 +21,7 @@ import torch
 from qadapt import data as data_lib
 from qadapt.console import say
 from qadapt.errors import QadaptError
-from qadapt.tasks.base import StepSource, TrainingData, read_sources, to_device
+from qadapt.tasks.base import StepSource, TrainingData, read_sources, split_rows, to_device
 from qadapt.tasks.causal_lm import CausalLM
 from qadapt.tasks.preference_loss import NEEDS_REFERENCE, PairScores, PreferenceLoss, preference_loss
 from qadapt.tasks.token_logps import completion_token_logps
@@ -54,13 +54,11 @@ class Preference(CausalLM):
         if cut:
             say(f"data: skipped {len(cut)} pairs with a side cut to nothing at data.cutoff_len {d.cutoff_len} "
                 f"({', '.join(cut[:3])}{', ...' if len(cut) > 3 else ''})")
-        if d.max_examples:
-            rows = rows[:d.max_examples]
         if not rows:
             raise QadaptError(f"no preference pairs left to train on in {', '.join(d.sources)}")
         truncated = sides["chosen"].truncated + sides["rejected"].truncated
-        say(f"data: {len(rows)} preference pairs ({truncated} answers cut at {d.cutoff_len} tokens)")
-        return TrainingData(rows, [], None, cut=truncated, dropped=len(cut))
+        return split_rows(recipe, rows, None, f"preference pairs: {truncated} answers cut at {d.cutoff_len} tokens",
+                          (truncated, len(cut)))
 
     def collate(self, rows: list[dict], pad_id: int) -> dict:
         return _pair_batch(rows, pad_id)
@@ -69,10 +67,11 @@ class Preference(CausalLM):
         """Both sides of micro_batch_size pairs."""
         return 2 * recipe.train.micro_batch_size, recipe.data.cutoff_len
 
-    def summed_loss(self, model, batch: dict) -> torch.Tensor:
-        from qadapt.recipe import PreferenceConfig
+    def loss_settings(self, recipe) -> dict:
+        return {"settings": recipe.preference}
 
-        settings = batch.get("settings") or PreferenceConfig()
+    def summed_loss(self, model, batch: dict) -> torch.Tensor:
+        settings = batch["settings"]
         result = preference_loss(_pair_scores(model, batch), kind=settings.loss, beta=settings.beta,
                                  label_smoothing=settings.label_smoothing, simpo_gamma=settings.simpo_gamma)
         if torch.is_grad_enabled():
@@ -81,12 +80,6 @@ class Preference(CausalLM):
 
     def loss_targets(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2
-
-    def step_batches(self, s: StepSource, size: int, count: int, order, group_by_length: bool = False) -> list[dict]:
-        batches = super().step_batches(s, size, count, order, group_by_length)
-        for batch in batches:
-            batch["settings"] = s.recipe.preference  # not a tensor: the loss reads it
-        return batches
 
     def step_metrics(self, micro_batches: list[dict]) -> dict:
         results: list[PreferenceLoss] = [b["result"] for b in micro_batches if "result" in b]
@@ -98,8 +91,8 @@ class Preference(CausalLM):
                 "margin": float((chosen - rejected).mean()), "reward_accuracy": float((chosen > rejected).float().mean())}
 
     def checkpoint_state(self, s: StepSource) -> dict:
-        """The reference's log-probabilities of every pair (DPO, IPO), so a resumed run does not recompute them
-        with a model that has moved."""
+        """The reference's log-probabilities of every pair (DPO, IPO), training and held out, so a resumed run
+        does not recompute them with a model that has moved."""
         return dict(s.state.get("reference") or {})
 
     def restore_state(self, s: StepSource, saved: dict) -> None:
@@ -111,11 +104,14 @@ class Preference(CausalLM):
             raise QadaptError("the checkpoint resumed from keeps no reference log-probabilities, and the model has "
                               "moved since training started: start the run again (--overwrite)")
         reference = saved if "chosen" in saved else _reference_logps(s)
-        if len(reference["chosen"]) != len(s.train_rows):
-            raise QadaptError(f"the checkpoint's reference log-probabilities cover {len(reference['chosen'])} pairs, "
-                              f"the data has {len(s.train_rows)}")
-        for row, chosen, rejected in zip(s.train_rows, reference["chosen"].tolist(), reference["rejected"].tolist()):
-            row["ref_chosen"], row["ref_rejected"] = chosen, rejected
+        for prefix, rows in (("", s.train_rows), ("val_", s.val_rows)):
+            none = torch.zeros(0, dtype=torch.float64)  # a checkpoint written before held-out pairs had none
+            chosen, rejected = reference.get(prefix + "chosen", none), reference.get(prefix + "rejected", none)
+            if len(chosen) != len(rows):
+                raise QadaptError(f"the checkpoint's reference log-probabilities cover {len(chosen)} "
+                                  f"{'held-out ' if prefix else ''}pairs, the data has {len(rows)}")
+            for row, chosen_logp, rejected_logp in zip(rows, chosen.tolist(), rejected.tolist()):
+                row["ref_chosen"], row["ref_rejected"] = chosen_logp, rejected_logp
         s.state["reference"] = reference
 
 
@@ -153,23 +149,28 @@ def _pair_scores(model, batch: dict) -> PairScores:
 
 @torch.no_grad()
 def _reference_logps(s: StepSource) -> dict:
-    """Every pair's summed log-probabilities under the model as it is now (before the first step), dropout off."""
+    """Every pair's summed log-probabilities under the model as it is now (before the first step), dropout off:
+    `chosen` and `rejected` for the training pairs, `val_chosen` and `val_rejected` for the held-out ones."""
     model = s.accelerator.unwrap_model(s.model)
     size = s.recipe.train.micro_batch_size
     was_training = model.training
     model.eval()
-    chosen, rejected = [], []
+    reference = {}
     try:
-        for start in range(0, len(s.train_rows), size):
-            rows = s.train_rows[start:start + size]
-            batch = to_device(_pair_batch(rows, s.tokenizer.pad_token_id), s.accelerator.device)
-            sums = _sequence_sums(model, batch).logps.double().cpu()
-            chosen.append(sums[:len(rows)])
-            rejected.append(sums[len(rows):])
+        for prefix, pairs in (("", s.train_rows), ("val_", s.val_rows)):
+            chosen, rejected = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
+            for start in range(0, len(pairs), size):
+                rows = pairs[start:start + size]
+                batch = to_device(_pair_batch(rows, s.tokenizer.pad_token_id), s.accelerator.device)
+                sums = _sequence_sums(model, batch).logps.double().cpu()
+                chosen.append(sums[:len(rows)])
+                rejected.append(sums[len(rows):])
+            reference[prefix + "chosen"], reference[prefix + "rejected"] = torch.cat(chosen), torch.cat(rejected)
     finally:
         model.train(was_training)
-    say(f"reference: log-probabilities of {len(s.train_rows)} pairs under the model as training starts")
-    return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+    held_out = f" and {len(s.val_rows)} held out" if s.val_rows else ""
+    say(f"reference: log-probabilities of {len(s.train_rows)} pairs{held_out} under the model as training starts")
+    return reference
 
 
 def _pairs(source: str, split: str, bad_rows: str) -> list[dict]:

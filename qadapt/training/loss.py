@@ -13,7 +13,6 @@ from contextlib import nullcontext
 
 import torch
 
-from qadapt import data as data_lib
 from qadapt.tasks import DEFAULT_TASK, Task
 from qadapt.tasks.base import to_device
 
@@ -41,13 +40,15 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator, task: Ta
 
 @torch.no_grad()
 def eval_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, device,
-              task: Task = DEFAULT_TASK) -> float:
-    """Mean token loss on held-out rows; the model is left in the mode it came in."""
+              task: Task = DEFAULT_TASK, recipe=None) -> float:
+    """Mean loss per target on held-out rows (laid out and weighed as `task` trains: `recipe`'s settings); the
+    model is left in the mode it came in."""
     was_training = model.training
     model.eval()
+    settings = task.loss_settings(recipe) if recipe is not None else {}
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(rows), micro_batch_size):
-        batch = to_device(data_lib.collate(rows[start:start + micro_batch_size], pad_id), device)
+        batch = {**to_device(task.collate(rows[start:start + micro_batch_size], pad_id), device), **settings}
         loss_sum += task.summed_loss(model, batch).item()
         tokens += task.loss_targets(batch)
     model.train(was_training)

@@ -180,24 +180,26 @@ def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool 
             s.scaler.load_state_dict(progress.loss_scale_state)
     else:
         progress = Progress(data_sha256=rows_sha256(s.train_rows), num_processes=s.accelerator.num_processes)
-        if s.val_rows:  # the base's held-out loss, for comparison
-            progress.eval_loss_before = progress.eval_loss = _log_eval(s, recipe, 0)
+    # The task's state first: a held-out loss may read it (a preference run's reference log-probabilities).
+    source = StepSource(s.train_rows, s.tokenizer, s.accelerator, s.model, recipe, step=progress.step,
+                        val_rows=s.val_rows)
+    s.task.restore_state(source, saved_task_state(checkpoint, s.accelerator))
+    if not checkpoint and s.val_rows:  # the starting model's held-out loss, for comparison
+        progress.eval_loss_before = progress.eval_loss = _log_eval(s, recipe, 0)
     with StopSignals() as stop:
-        run_steps(s, recipe, progress, stop, resume_command, saved_task_state(checkpoint, s.accelerator))
+        run_steps(s, recipe, progress, stop, resume_command, source)
     summary = finish(s, recipe, progress, score)
     return TrainResult(summary, s.accelerator.unwrap_model(s.model))
 
 
 def run_steps(s: Setup, recipe: Recipe, progress: Progress, stop: StopSignals, resume_command: str,
-              task_state: dict | None = None) -> None:
+              source: StepSource) -> None:
     """Optimizer steps from `progress.step` to the last; saves checkpoints, and one more when asked to stop.
 
-    `task_state`: what the task kept in the checkpoint resumed from (Task.checkpoint_state).
+    `source`: what the task draws each step's batches from, its state restored.
     """
     t, acc = recipe.train, s.accelerator
     order = data_lib.ExampleOrder(len(s.train_rows), seed=t.seed, start=progress.examples_seen)
-    source = StepSource(s.train_rows, s.tokenizer, acc, s.model, recipe, step=progress.step)
-    s.task.restore_state(source, task_state or {})
     started, elapsed_before = time.perf_counter(), progress.elapsed_s
     cpu_started, cpu_before = time.process_time(), progress.cpu_s
     with tqdm(total=s.max_steps, initial=progress.step, desc="train", unit="step",
@@ -363,7 +365,7 @@ def _final_scores(s: Setup, recipe: Recipe) -> dict[str, float]:
 
 def _log_eval(s: Setup, recipe: Recipe, step: int, write=print) -> float:
     val = eval_loss(s.model, s.val_rows, recipe.train.micro_batch_size, s.tokenizer.pad_token_id, s.accelerator.device,
-                    s.task)
+                    s.task, recipe)
     if s.accelerator.is_main_process:
         write(f"step {step}: eval loss {val:.4f}")
         s.metrics.log({"step": step, "eval_loss": val})
