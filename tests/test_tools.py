@@ -133,3 +133,25 @@ def test_bench_grpo_trains_both_sides_on_the_same_problems_and_records_the_ratio
         assert 0 < figures[side]["mean_answer_tokens"] <= 6 and figures[side]["peak_memory_mb"] > 100, side
     assert {"step_time_ratio", "generation_throughput_ratio", "peak_memory_ratio"} <= set(figures)
     assert figures["machine"]["cpu"]
+
+
+def test_bench_dpo_trains_both_sides_on_the_same_pairs_and_their_losses_agree(tiny_llama_dir, tmp_path):
+    import json
+    import math
+    import subprocess
+
+    pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[test]'")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_dpo.py"), "--model", str(tiny_llama_dir),
+                             "--compute-dtype", "fp32", "--steps", "3", "--pairs-per-step", "4", "--lr", "1e-2",
+                             "--gradient-checkpointing", "off", "--json", str(tmp_path / "dpo.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "dpo.json").read_text())
+    for side in ("qadapt", "trl"):
+        losses = figures[side]["losses"]
+        assert len(losses) == 3 and losses[0] == pytest.approx(math.log(2), abs=1e-4), side
+        assert figures[side]["step_s"] > 0 and figures[side]["peak_memory_mb"] > 100, side
+    # From the same adapter on the same pairs, step 1's update moves both alike: the later losses agree too.
+    assert figures["qadapt"]["losses"][2] != figures["qadapt"]["losses"][0]
+    assert figures["largest_loss_difference"] < 1e-3
+    assert {"step_time_ratio", "peak_memory_ratio"} <= set(figures) and figures["machine"]["cpu"]

@@ -157,7 +157,7 @@ def train_peft(recipe, work: Path) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     rows = prepare_data(recipe, tokenizer).train_rows
     model = peft_model(recipe, default_targets(recipe))
-    _load_peft_state(model, peft_state(initial))
+    load_peft_state(model, peft_state(initial))
     torch.manual_seed(t.seed)  # dropout
     optimizer = peft_optimizer(model, recipe)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -201,7 +201,7 @@ def train_peft(recipe, work: Path) -> dict:
             "trainer": "peft + bitsandbytes", "started_from": "qadapt's initial adapter"}
 
 
-def _load_peft_state(model, state: dict[str, torch.Tensor]) -> None:
+def load_peft_state(model, state: dict[str, torch.Tensor]) -> None:
     """Load weights under PEFT's saved names; every adapter weight of the model must be among them."""
     from peft import set_peft_model_state_dict
 
