@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qadapt.tasks.policy_loss import completion_logps, group_advantages, policy_loss, uniform_groups
+from qadapt.tasks.policy_loss import completion_logps, group_advantages, policy_loss
 
 
 def test_advantages_are_each_reward_against_its_group():
@@ -18,7 +18,6 @@ def test_advantages_are_each_reward_against_its_group():
     a = 0.5 / (std + 1e-4)
     assert scaled.tolist() == pytest.approx([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0])
     assert group_advantages(rewards, 4, scale_by_std=False).tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]
-    assert uniform_groups(rewards, 4).tolist() == [False, True]
     with pytest.raises(ValueError, match="7 rewards do not split into groups of 4"):
         group_advantages(rewards[:7], 4, scale_by_std=True)
 

@@ -48,12 +48,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool)
     return advantages.reshape(-1)
 
 
-def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """True for each group whose completions all got the same reward: it has no advantage to learn from."""
-    groups = rewards.view(-1, group_size)
-    return (groups == groups[:, :1]).all(dim=1)
-
-
 @dataclass
 class PolicyLoss:
     """A micro-batch's loss as `summed / count`, and what the step logs about it."""
