@@ -142,16 +142,16 @@ def test_bench_dpo_trains_both_sides_on_the_same_pairs_and_their_losses_agree(ti
 
     pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[test]'")
     result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_dpo.py"), "--model", str(tiny_llama_dir),
-                             "--compute-dtype", "fp32", "--steps", "3", "--pairs-per-step", "4", "--lr", "1e-2",
+                             "--compute-dtype", "fp32", "--steps", "2", "--pairs-per-step", "2", "--grad-accum", "1", "--lr", "1e-2",
                              "--gradient-checkpointing", "off", "--json", str(tmp_path / "dpo.json")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "dpo.json").read_text())
     for side in ("qadapt", "trl"):
         losses = figures[side]["losses"]
-        assert len(losses) == 3 and losses[0] == pytest.approx(math.log(2), abs=1e-4), side
+        assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-4), side
         assert figures[side]["step_s"] > 0 and figures[side]["peak_memory_mb"] > 100, side
-    # From the same adapter on the same pairs, step 1's update moves both alike: the later losses agree too.
-    assert figures["qadapt"]["losses"][2] != figures["qadapt"]["losses"][0]
+    # From the same adapter on the same pairs, step 1's update moves both alike: step 2's losses agree too.
+    assert figures["qadapt"]["losses"][1] < figures["qadapt"]["losses"][0] - 1e-3
     assert figures["largest_loss_difference"] < 1e-3
     assert {"step_time_ratio", "peak_memory_ratio"} <= set(figures) and figures["machine"]["cpu"]
