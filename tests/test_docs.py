@@ -233,6 +233,10 @@ def _check_tool(script: str, args: list[str]) -> str | None:
     if not path.is_file():
         return f"{script} does not exist"
     source = path.read_text()
+    # Flags a tool shares with others are declared in the sibling module it imports them from (peer_bench).
+    for sibling in re.findall(r"^(?:from|import) (\w+)", source, flags=re.M):
+        if (path.parent / f"{sibling}.py").is_file():
+            source += (path.parent / f"{sibling}.py").read_text()
 
     def declared(option: str) -> bool:
         negated = option.startswith("--no-") and "BooleanOptionalAction" in source

@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from peer_bench import TARGETS, add_common_arguments, alternate, peak_memory_mb, resolve_auto_dtype
 
 from qadapt.machine import describe, one_line
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def problems(count: int) -> list[dict]:
@@ -130,22 +125,6 @@ def trl_worker(args) -> dict:
             "rewards": [row["reward"] for row in logged]}
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
-def run_side(side: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", side] + [
-        f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-        if key not in ("worker", "json", "rounds") and value is not None]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if result.returncode != 0:
-        raise RuntimeError(f"{side} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def summarise(results: list[dict]) -> dict:
     """Medians over every process's steps after its first; the peak memory of the largest process."""
     def after_first(key):
@@ -162,9 +141,7 @@ def summarise(results: list[dict]) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
-    parser.add_argument("--rank", type=int, default=16)
+    add_common_arguments(parser, ("qadapt", "trl"))
     parser.add_argument("--problems", type=int, default=4, help="problems per optimizer step")
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (both sides)")
     parser.add_argument("--group-size", type=int, default=8, help="answers per problem (G)")
@@ -174,16 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"])
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per process (the first is not timed)")
-    parser.add_argument("--rounds", type=int, default=1, help="processes per side, alternated")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--worker", choices=["qadapt", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.problems % args.grad_accum:
         parser.error(f"--problems {args.problems} must split into --grad-accum {args.grad_accum} micro-batches")
-    if args.compute_dtype == "auto":
-        from qadapt.models import resolve_compute_dtype
-
-        args.compute_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_compute_dtype("auto"), "fp32")
+    resolve_auto_dtype(args)
     return args
 
 
@@ -194,11 +165,7 @@ def main() -> None:
         result = (qadapt_worker if args.worker == "qadapt" else trl_worker)(args)
         print(json.dumps({**result, "completions": args.problems * args.group_size, "peak_memory_mb": peak_memory_mb()}))
         return
-    runs: dict[str, list[dict]] = {"qadapt": [], "trl": []}
-    for round_index in range(args.rounds):
-        for side in (("qadapt", "trl") if round_index % 2 == 0 else ("trl", "qadapt")):
-            runs[side].append(run_side(side, args))
-            print(f"round {round_index + 1}: {side} done", file=sys.stderr)
+    runs = alternate(__file__, ("qadapt", "trl"), args)
     sides = {side: summarise(results) for side, results in runs.items()}
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "json")}, "machine": describe(),
               **sides,

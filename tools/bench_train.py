@@ -19,21 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from peer_bench import TARGETS, add_common_arguments, alternate, peak_rss_mb, reset_peak_rss, resolve_auto_dtype
 
 from qadapt.machine import describe, one_line
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def fixed_batches(tokenizer, count: int, batch: int, seq: int) -> list[torch.Tensor]:
@@ -49,18 +45,6 @@ def fixed_batches(tokenizer, count: int, batch: int, seq: int) -> list[torch.Ten
             break
     tokens = torch.tensor(stream[: count * batch * seq])
     return list(tokens.view(count, batch, seq))
-
-
-def reset_peak_rss() -> None:
-    """Linux: restart this process's peak resident set size (VmHWM) from its current size."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def peak_rss_mb() -> float:
-    """Linux: the peak resident set size since the last reset, in MiB (the CPU has no allocator peak)."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def qadapt_trainer(args):
@@ -221,47 +205,23 @@ def model_flops_per_token(model_name: str) -> float:
     return 4 * weights
 
 
-class SideFailed(RuntimeError):
-    """A side's process failed; the message is the end of what it wrote to stderr."""
-
-
-def run_side(side: str, args) -> dict:
-    skip = ("worker", "json", "rounds") + (("probe_seq",) if side == "peft" else ())
-    command = [sys.executable, __file__, "--worker", side] + [
-        f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-        if key not in skip and value is not None]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if result.returncode != 0:
-        raise SideFailed(f"{side} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    add_common_arguments(parser, ("qadapt", "peft"), rounds=2)
     parser.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8"])
-    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                        help="auto: what qadapt's `auto` picks here (fp32 on a CPU without fast bf16)")
     parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"])
-    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="processes per side, alternated")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit",
                                                                  "paged_adamw_32bit"], help="both sides")
     parser.add_argument("--gpu-memory", type=float, default=None,
                         help="GiB a side may use on the GPU (e.g. 24: a consumer card's; out of memory beyond it)")
     parser.add_argument("--probe-seq", type=int, default=0,
                         help="qadapt's side: after the timed steps, one step at batch 1 × this many tokens")
-    parser.add_argument("--worker", choices=["qadapt", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.compute_dtype == "auto":
-        from qadapt.models import resolve_compute_dtype
-
-        args.compute_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_compute_dtype("auto"), "fp32")
+    resolve_auto_dtype(args)
     return args
 
 
@@ -284,12 +244,8 @@ def main() -> None:
 
 def compare(args) -> dict:
     """Both sides, alternated for `args.rounds` rounds; their figures and the ratios qadapt / PEFT."""
-    runs = {"qadapt": [], "peft": []}
-    for round_index in range(args.rounds):
-        for side in (("qadapt", "peft") if round_index % 2 == 0 else ("peft", "qadapt")):
-            runs[side].append(run_side(side, args))
-            print(f"round {round_index + 1}: {side} {statistics.median(runs[side][-1]['step_times_s']):.2f} s/step",
-                  file=sys.stderr)
+    runs = alternate(__file__, ("qadapt", "peft"), args, skip=lambda side: ("probe_seq",) if side == "peft" else (),
+                     progress=lambda side, result: f"{statistics.median(result['step_times_s']):.2f} s/step")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.compute_dtype]
     peak_gflops = matmul_peak_gflops(dtype)
     tokens_per_step = args.batch * args.seq

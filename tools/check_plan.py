@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import TARGETS, fixed_batches, qadapt_recipe_trainer  # noqa: E402
+from bench_train import fixed_batches, qadapt_recipe_trainer  # noqa: E402
+from peer_bench import TARGETS  # noqa: E402
 
 SETTINGS = [  # micro batch, cut-off length, gradient checkpointing
     (4, 256, True), (8, 256, True), (4, 512, True), (4, 256, False), (1, 1024, True),

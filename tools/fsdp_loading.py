@@ -25,7 +25,7 @@ import torch
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
-from bench_train import peak_rss_mb, reset_peak_rss  # noqa: E402
+from peer_bench import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 WAYS = ("every-rank", "rank-0")
 
