@@ -232,6 +232,10 @@ class PreferenceConfig:
     """task preference: with dpo and simpo, the share of pairs taken as possibly flipped (conservative DPO)."""
     simpo_gamma: float = 0.5
     """task preference: with simpo, the target reward margin γ."""
+    sft_weight: float = 0.0
+    """task preference: with dpo, ipo or simpo, the weight α of the chosen answer's own loss (its mean NLL per
+    token) added to each pair's: RPO, which keeps DPO from lowering the chosen answers with the rejected ones
+    (Pang et al. 2024; 1.0 in its paper). orpo has this term already."""
 
 
 @dataclass
@@ -537,6 +541,9 @@ def _preference_problems(r: Recipe) -> list[tuple[str, bool, str]]:
         ("preference.label_smoothing", 0 <= p.label_smoothing < 0.5, "must be in [0, 0.5)"),
         ("preference.label_smoothing", p.label_smoothing == 0 or p.loss in ("dpo", "simpo"),
          f"applies with loss dpo or simpo, not {p.loss}"),
+        ("preference.sft_weight", p.sft_weight >= 0, "must be 0 or more"),
+        ("preference.sft_weight", p.sft_weight == 0 or p.loss != "orpo",
+         "applies with loss dpo, ipo or simpo: orpo holds the chosen answer's own loss already"),
         ("data.packing", not r.data.packing, "does not apply to task: preference (each pair's sides are scored whole)"),
         ("data.train_on_inputs", not r.data.train_on_inputs,
          "does not apply to task: preference (the pair's answers are compared, not its prompt)"),

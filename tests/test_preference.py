@@ -61,7 +61,7 @@ def test_dpo_learns_the_pairs_and_resumes_without_recomputing_the_reference(tiny
     assert metric_rows(again)[-1]["eval_loss"] == pytest.approx(held_out[1][1], abs=1e-6)
     report([run], plot_path=tmp_path / "report.png")  # the margin curve beside the loss
     assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
-    keys = ("loss", "reward_chosen", "reward_rejected", "margin", "reward_accuracy", "grad_norm")
+    keys = ("loss", "reward_chosen", "reward_rejected", "margin", "reward_accuracy", "logp_chosen", "grad_norm")
     resumed = [r for r in metric_rows(again) if "loss" in r]
     assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in rows]
 
@@ -72,6 +72,7 @@ def test_orpo_needs_no_reference_and_trains_the_chosen_answer(tiny_llama_dir, tm
     rows = metric_rows(run)
     assert "reference:" not in capsys.readouterr().out
     assert rows[0]["reward_chosen"] != 0 and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["logp_chosen"] > rows[0]["logp_chosen"]  # its SFT term raises the chosen answers
     assert not (run / "checkpoints" / "step-000002" / "task_state.pt").exists()
 
 
@@ -96,6 +97,8 @@ def test_bad_pairs_are_named_with_file_and_line_or_skipped(tiny_llama_dir, tmp_p
         train(sft)
     with pytest.raises(QadaptError, match="preference.label_smoothing applies with loss dpo or simpo, not ipo"):
         preference_recipe(tiny_llama_dir, tmp_path / "run", data, loss="ipo", label_smoothing=0.1)
+    with pytest.raises(QadaptError, match="preference.sft_weight applies with loss dpo, ipo or simpo: orpo holds"):
+        preference_recipe(tiny_llama_dir, tmp_path / "run", data, loss="orpo", sft_weight=1.0)
 
 
 def test_qadapt_data_shows_both_sides_of_a_pair_with_their_trained_answers(tiny_llama_dir, tmp_path):

@@ -56,6 +56,10 @@ def test_each_loss_is_its_hand_computed_value_on_one_pair():
     assert float(preference_loss(even, kind="orpo", beta=0.1).summed) == pytest.approx(2 + 0.1 * math.log(2))
     loss = preference_loss(even, kind="dpo", beta=0.5)
     assert loss.chosen_rewards.tolist() == [0.5] and loss.rejected_rewards.tolist() == [-0.5] and loss.accuracy == 1.0
+    assert loss.chosen_logps.tolist() == [-2.0] and loss.rejected_logps.tolist() == [-2.0]
+    # RPO: DPO's loss plus α times the chosen answer's NLL per token, 4/2
+    assert float(preference_loss(even, kind="dpo", beta=0.5, sft_weight=0.5).summed) == pytest.approx(
+        math.log1p(math.exp(-1.0)) + 0.5 * 2)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
@@ -110,3 +114,5 @@ def test_a_loss_without_what_it_needs_is_refused():
         preference_loss(scores, kind="dpo", beta=BETA)
     with pytest.raises(ValueError, match="unknown preference loss 'kto'; choose one of dpo, ipo, orpo, simpo"):
         preference_loss(scores, kind="kto", beta=BETA)
+    with pytest.raises(ValueError, match="orpo already holds the chosen answer's own loss"):
+        preference_loss(pairs(), kind="orpo", beta=BETA, sft_weight=1.0)

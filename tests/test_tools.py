@@ -142,16 +142,19 @@ def test_bench_dpo_trains_both_sides_on_the_same_pairs_and_their_losses_agree(ti
 
     pytest.importorskip("trl", reason="TRL is a test dependency: pip install -e '.[test]'")
     result = subprocess.run([sys.executable, str(REPO / "tools" / "bench_dpo.py"), "--model", str(tiny_llama_dir),
-                             "--compute-dtype", "fp32", "--steps", "2", "--pairs-per-step", "2", "--grad-accum", "1", "--lr", "1e-2",
+                             "--compute-dtype", "fp32", "--steps", "2", "--pairs-per-step", "2", "--grad-accum", "2", "--lr", "1e-2",
+                             "--sft-weight", "0.5",
                              "--gradient-checkpointing", "off", "--json", str(tmp_path / "dpo.json")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "dpo.json").read_text())
     for side in ("qadapt", "trl"):
         losses = figures[side]["losses"]
-        assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-4), side
+        assert len(losses) == 2 and losses[0] > math.log(2) + 0.1, side  # log 2 plus the chosen answers' NLL
         assert figures[side]["step_s"] > 0 and figures[side]["peak_memory_mb"] > 100, side
     # From the same adapter on the same pairs, step 1's update moves both alike: step 2's losses agree too.
     assert figures["qadapt"]["losses"][1] < figures["qadapt"]["losses"][0] - 1e-3
-    assert figures["largest_loss_difference"] < 1e-3
+    # TRL's chosen tokens also hold the newline after <|im_end|>, which qadapt's chat masks leave untrained: the
+    # NLL term differs by that one token's share (1.8e-3 here); the DPO term alone agrees to 1e-4.
+    assert figures["largest_loss_difference"] < 4e-3
     assert {"step_time_ratio", "peak_memory_ratio"} <= set(figures) and figures["machine"]["cpu"]

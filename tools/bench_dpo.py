@@ -4,10 +4,11 @@
 
 Both sides train LoRA (the same rank, alpha and linear layers, started from the very adapter weights qadapt
 starts from) on the same 4-bit NF4 model (default: the embedded SmolLM2-135M-Instruct, in the compute dtype
-qadapt's `auto` picks here) with the sigmoid DPO loss, the same beta, learning rate (constant, no warm-up),
-AdamW, gradient clipping, micro-batches and gradient checkpointing, on the same pairs through the model's chat
-template. Each step trains on every pair of the data (the data is one step's pairs), so the two sides see the
-same pairs at every step whatever order they draw them in, and their losses can be compared step by step.
+qadapt's `auto` picks here) with the sigmoid DPO loss (with --sft-weight, plus the chosen answers' NLL: RPO),
+the same beta, learning rate (constant, no warm-up), AdamW, gradient clipping, micro-batches and gradient
+checkpointing, on the same pairs through the model's chat template. Each step trains on every pair of the data
+(the data is one step's pairs), so the two sides see the same pairs at every step whatever order they draw
+them in, and their losses can be compared step by step.
 The reference is the model as it starts on both sides: TRL's PEFT model with its adapter off (its LoRA B is
 zero, as qadapt's), qadapt's scored once before step 1.
 
@@ -25,20 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from peer_bench import TARGETS, add_common_arguments, alternate, peak_memory_mb, resolve_auto_dtype
 
 from qadapt.machine import describe, one_line
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def builtin_pairs(count: int) -> list[dict]:
@@ -82,7 +79,7 @@ def qadapt_recipe(args, pairs_file: Path, output_dir: Path):
                   "grad_accum": args.grad_accum, "lr": args.lr, "lr_schedule": "constant", "warmup_steps": 0,
                   "optimizer": "adamw", "weight_decay": 0.0, "max_grad_norm": 1.0,
                   "gradient_checkpointing": args.gradient_checkpointing == "on", "save_every": 0, "eval_every": 0},
-        "preference": {"loss": "dpo", "beta": args.beta},
+        "preference": {"loss": "dpo", "beta": args.beta, "sft_weight": args.sft_weight},
         "output_dir": str(output_dir),
     })
 
@@ -109,8 +106,6 @@ def trl_worker(args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from qadapt.models import resolve_compute_dtype, resolve_model_path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from peer_fidelity import load_peft_state, peft_model
 
     recipe = qadapt_recipe(args, args.work / "pairs.jsonl", args.work / "unused")
@@ -120,7 +115,11 @@ def trl_worker(args) -> dict:
     dtype = resolve_compute_dtype(args.compute_dtype)
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-dpo-trl-"), per_device_train_batch_size=args.pairs_per_step
-        // args.grad_accum, gradient_accumulation_steps=args.grad_accum, loss_type=["sigmoid"], beta=args.beta,
+        // args.grad_accum, gradient_accumulation_steps=args.grad_accum, beta=args.beta,
+        # RPO: TRL adds the chosen answers' NLL as a second loss type; its NLL is a mean over the micro-batch's
+        # tokens, qadapt's over each pair's, so the two agree with one pair per micro-batch.
+        loss_type=["sigmoid", "sft"] if args.sft_weight else ["sigmoid"],
+        loss_weights=[1.0, args.sft_weight] if args.sft_weight else None,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
         max_grad_norm=1.0, max_steps=args.steps, max_length=args.max_length, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=dtype == torch.bfloat16,
@@ -142,12 +141,6 @@ def trl_worker(args) -> dict:
             "margins": [row.get("rewards/margins") for row in logged]}
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
 def prepare(args) -> None:
     """The pairs (as one JSONL file both sides read) and qadapt's initial adapter under PEFT's names, in --work."""
     from accelerate.utils import set_seed
@@ -166,16 +159,6 @@ def prepare(args) -> None:
     save_file(peft_state(adapter_state_dict(model)), args.work / "initial_adapter.safetensors")
 
 
-def run_side(side: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", side] + [
-        f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-        if key not in ("worker", "json", "rounds", "pairs") and value is not None]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if result.returncode != 0:
-        raise RuntimeError(f"{side} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def summarise(results: list[dict]) -> dict:
     """The median over every process's steps after its first; the peak memory of the largest process; the first
     process's losses."""
@@ -186,31 +169,24 @@ def summarise(results: list[dict]) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
-    parser.add_argument("--rank", type=int, default=16)
+    add_common_arguments(parser, ("qadapt", "trl"))
     parser.add_argument("--pairs", type=Path, help="a {prompt, chosen, rejected} JSONL file (default: built-in pairs)")
     parser.add_argument("--pairs-per-step", type=int, default=8, help="pairs per optimizer step: all of the data")
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (both sides)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per side at most")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--sft-weight", type=float, default=0.0, help="RPO: the chosen answers' NLL, this much")
     parser.add_argument("--gradient-checkpointing", default="on", choices=["on", "off"])
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per process (the first is not timed)")
-    parser.add_argument("--rounds", type=int, default=1, help="processes per side, alternated")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=["qadapt", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pairs_per_step % args.grad_accum:
         parser.error(f"--pairs-per-step {args.pairs_per_step} must split into --grad-accum {args.grad_accum} "
                      "micro-batches")
     if args.pairs and not args.pairs.is_file():
         parser.error(f"--pairs {args.pairs}: no such file")
-    if args.compute_dtype == "auto":
-        from qadapt.models import resolve_compute_dtype
-
-        args.compute_dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_compute_dtype("auto"), "fp32")
+    resolve_auto_dtype(args)
     return args
 
 
@@ -223,11 +199,7 @@ def main() -> None:
         return
     args.work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     prepare(args)
-    runs: dict[str, list[dict]] = {"qadapt": [], "trl": []}
-    for round_index in range(args.rounds):
-        for side in (("qadapt", "trl") if round_index % 2 == 0 else ("trl", "qadapt")):
-            runs[side].append(run_side(side, args))
-            print(f"round {round_index + 1}: {side} done", file=sys.stderr)
+    runs = alternate(__file__, ("qadapt", "trl"), args, skip=lambda side: ("pairs",))  # the sides read --work
     sides = {side: summarise(results) for side, results in runs.items()}
     loss_gap = max(abs(a - b) for a, b in zip(sides["qadapt"]["losses"], sides["trl"]["losses"]))
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()

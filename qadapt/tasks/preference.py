@@ -73,7 +73,8 @@ class Preference(CausalLM):
     def summed_loss(self, model, batch: dict) -> torch.Tensor:
         settings = batch["settings"]
         result = preference_loss(_pair_scores(model, batch), kind=settings.loss, beta=settings.beta,
-                                 label_smoothing=settings.label_smoothing, simpo_gamma=settings.simpo_gamma)
+                                 label_smoothing=settings.label_smoothing, simpo_gamma=settings.simpo_gamma,
+                                 sft_weight=settings.sft_weight)
         if torch.is_grad_enabled():
             batch["result"] = result  # not a tensor: the step's metrics read it
         return result.summed
@@ -87,8 +88,12 @@ class Preference(CausalLM):
             return {}
         chosen = torch.cat([r.chosen_rewards for r in results])
         rejected = torch.cat([r.rejected_rewards for r in results])
+        # The answers' own log-probabilities per token tell whether the margin grew by the chosen rising or only
+        # by the rejected falling (DPO's known failure on reasoning, which sft_weight counters).
         return {"reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean()),
-                "margin": float((chosen - rejected).mean()), "reward_accuracy": float((chosen > rejected).float().mean())}
+                "margin": float((chosen - rejected).mean()), "reward_accuracy": float((chosen > rejected).float().mean()),
+                "logp_chosen": float(torch.cat([r.chosen_logps for r in results]).mean()),
+                "logp_rejected": float(torch.cat([r.rejected_logps for r in results]).mean())}
 
     def checkpoint_state(self, s: StepSource) -> dict:
         """The reference's log-probabilities of every pair (DPO, IPO), training and held out, so a resumed run

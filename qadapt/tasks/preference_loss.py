@@ -13,6 +13,11 @@ the reference's, each pair's loss is
     simpo  −(1 − ε)·log σ(β·(c̄ − r̄) − γ) − ε·log σ(−(β·(c̄ − r̄) − γ))
            (Meng et al. 2024: no reference, length-normalised, a target margin γ)
 
+With sft_weight α > 0, α·NLL(chosen), the chosen answer's own loss (mean per token), is added to a dpo, ipo or
+simpo pair's loss: RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"), which found DPO alone
+lowering the chosen answers' likelihood on math. TRL's DPOTrainer has it as loss_type [sigmoid, sft] with
+loss_weights [1, α], though its NLL is a mean over the batch's tokens rather than each pair's.
+
 The implicit rewards logged beside the loss are β·(c − ref_c) and β·(r − ref_r) (β·c̄ and β·r̄ without a
 reference). TRL implements the same objectives (DPOTrainer, ORPOTrainer, CPOTrainer with loss_type simpo);
 tests/test_preference_loss.py compares them on the same log-probabilities.
@@ -53,6 +58,8 @@ class PreferenceLoss:
     count: int  # pairs
     chosen_rewards: torch.Tensor  # each pair's implicit reward of the chosen answer (detached)
     rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor  # each pair's chosen answer's mean log-probability per token (detached)
+    rejected_logps: torch.Tensor
 
     @property
     def margins(self) -> torch.Tensor:
@@ -65,7 +72,7 @@ class PreferenceLoss:
 
 
 def preference_loss(scores: PairScores, *, kind: PreferenceLossKind, beta: float, label_smoothing: float = 0.0,
-                    simpo_gamma: float = 0.5) -> PreferenceLoss:
+                    simpo_gamma: float = 0.5, sft_weight: float = 0.0) -> PreferenceLoss:
     """Each pair's loss (module docstring), summed."""
     chosen, rejected = scores.chosen.float(), scores.rejected.float()
     chosen_mean = chosen / scores.chosen_tokens.clamp(min=1)
@@ -90,8 +97,13 @@ def preference_loss(scores: PairScores, *, kind: PreferenceLossKind, beta: float
         chosen_rewards, rejected_rewards = beta * chosen_mean, beta * rejected_mean
     else:
         raise ValueError(f"unknown preference loss {kind!r}; choose one of dpo, ipo, orpo, simpo")
+    if sft_weight:
+        if kind == "orpo":
+            raise ValueError("orpo already holds the chosen answer's own loss; sft_weight applies to dpo, ipo, simpo")
+        losses = losses - sft_weight * chosen_mean
     return PreferenceLoss(summed=losses.sum(), count=int(chosen.numel()),
-                          chosen_rewards=chosen_rewards.detach(), rejected_rewards=rejected_rewards.detach())
+                          chosen_rewards=chosen_rewards.detach(), rejected_rewards=rejected_rewards.detach(),
+                          chosen_logps=chosen_mean.detach(), rejected_logps=rejected_mean.detach())
 
 
 def _smoothed_sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
