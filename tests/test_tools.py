@@ -158,3 +158,14 @@ def test_bench_dpo_trains_both_sides_on_the_same_pairs_and_their_losses_agree(ti
     # NLL term differs by that one token's share (1.8e-3 here); the DPO term alone agrees to 1e-4.
     assert figures["largest_loss_difference"] < 4e-3
     assert {"step_time_ratio", "peak_memory_ratio"} <= set(figures) and figures["machine"]["cpu"]
+
+
+def test_peer_bench_peak_memory_is_torchs_allocator_peak_on_a_gpu_and_the_resident_peak_elsewhere(monkeypatch):
+    import peer_bench
+    import torch
+
+    on_cpu = peer_bench.peak_memory_mb()
+    assert on_cpu > 10 and on_cpu == pytest.approx(peer_bench.peak_rss_mb(), rel=0.01)  # this process's VmHWM
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**20)
+    assert peer_bench.peak_memory_mb() == 3.0
