@@ -15,7 +15,8 @@ def atomic_folder(dest: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `dest`; on success sync it and rename it to `dest`.
 
     On any error the temporary folder is removed and `dest` is left as it was. An existing `dest` is
-    replaced only after the new folder is complete.
+    replaced only after the new folder is complete; with `replace=False` (a cache two processes may fill at
+    once) an existing `dest` is kept and the new folder dropped.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +34,12 @@ def atomic_folder(dest: Path, replace: bool = True) -> Iterator[Path]:
             tmp.rename(dest)
             shutil.rmtree(old)
         else:
-            tmp.rename(dest)
+            try:
+                tmp.rename(dest)
+            except OSError:
+                if replace or not dest.exists():
+                    raise
+                shutil.rmtree(tmp)  # another process filled `dest` meanwhile: keep that one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,6 +30,22 @@ def test_embedded_model_is_converted_once_to_a_safetensors_folder(smol_tokenizer
     assert smol_tokenizer.eos_token == "<|im_end|>" and smol_tokenizer.pad_token_id is not None
 
 
+def test_a_cache_folder_two_processes_fill_at_once_keeps_the_first_one_written(tmp_path):
+    """Two ranks of `accelerate launch` (or two test workers) converting the embedded model at once: the
+    second to finish keeps the first one's folder and leaves no temporary folder behind."""
+    from qadapt.files import atomic_folder
+
+    cache = tmp_path / "model"
+    with atomic_folder(cache, replace=False) as second:
+        (second / "config.json").write_text("second")
+        with atomic_folder(cache, replace=False) as first:
+            (first / "config.json").write_text("first")
+    assert (cache / "config.json").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with atomic_folder(cache) as replacing:
+        (replacing / "config.json").write_text("new")
+    assert (cache / "config.json").read_text() == "new"
+
+
 def test_compute_dtype():
     assert resolve_compute_dtype("fp32") is torch.float32
     assert resolve_compute_dtype("bf16") is torch.bfloat16

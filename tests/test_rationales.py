@@ -4,7 +4,6 @@ loads and from an OpenAI-compatible endpoint (a server on 127.0.0.1 answering wi
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -77,9 +76,8 @@ def test_rationales_from_a_model_are_right_resume_after_a_kill_and_train(tmp_pat
     # Killed once its first chunk (8 problems) is written, then run again: the rest is asked, nothing twice,
     # and every problem has the samples the uninterrupted run drew.
     stopped = tmp_path / "stopped.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     process = subprocess.Popen([sys.executable, "-m", "qadapt", "rationales", *args, "--out", str(stopped)],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples_file = stopped.with_suffix(".samples.jsonl")
     while process.poll() is None and not (samples_file.is_file() and len(samples_file.read_text().splitlines()) > 1):
         time.sleep(0.2)
