@@ -92,6 +92,32 @@ def test_sixteen_bit_merges_are_verified_and_report_their_cost(tmp_path, lora_ru
         assert info["vs_adapter_on_same_base"]["top1_agreement"] >= 0.95
 
 
+def test_a_sixteen_bit_check_computes_in_fp32_where_the_cpu_is_slow_at_it_and_restores_every_bit(
+        monkeypatch, tiny_llama_dir):
+    """On a CPU without fast 16-bit kernels the check upcasts the stored 16-bit weights (exact) and puts
+    them back bit for bit; fp32 adapters are untouched; without host room for the copy it stays in 16 bits."""
+    from transformers import AutoModelForCausalLM
+
+    import qadapt.devices
+    from qadapt.export.merge import check_dtype, computed_in
+    from qadapt.quant import auto_compute_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float16)
+    model.model.norm.extra = torch.nn.Parameter(torch.ones(3))  # an fp32 tensor, as an adapter's is
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with computed_in(model, torch.float32):
+        assert model.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+        assert torch.equal(model.lm_head.weight.to(torch.float16), before["lm_head.weight"])
+    after = model.state_dict()
+    assert all(after[name].dtype == t.dtype and torch.equal(after[name], t) for name, t in before.items())
+
+    for fast in (torch.float32, auto_compute_dtype()):
+        assert check_dtype(fast, 10) == fast
+    assert check_dtype(torch.float16, 10) == torch.float32  # a CPU's `auto` is fp32 or bf16, never fp16
+    monkeypatch.setattr(qadapt.devices, "free_memory", lambda device: 30.0)
+    assert check_dtype(torch.float16, 10) == torch.float16  # 40 bytes of fp32 do not fit in 30
+
+
 def test_a_merged_head_is_untied_from_the_embeddings(tmp_path, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 

@@ -15,14 +15,18 @@ loading the base, and refuses when the host does not have it.
 Before the folder is moved into place it is loaded back with transformers and compared, on a few
 templated prompts, with the adapter on the same base in the same dtype (this must agree: the fold
 is exact up to rounding into the dtype), and with the trained model as it ran (quantized, fp32
-compute), which shows what the chosen base and dtype cost.
+compute), which shows what the chosen base and dtype cost. Where the CPU runs the output dtype slowly
+(16 bits without AVX512-BF16: ~6× slower than fp32) and the host has room, both sides of that check
+compute in fp32 from the same stored weights.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -124,6 +128,32 @@ def probe_texts(template: str, tokenizer, count: int = 6, answered: bool = True)
             for r in arithmetic.problems("test", count)]
 
 
+def check_dtype(dtype: torch.dtype, parameters: int) -> torch.dtype:
+    """The dtype the host computes the merge's check in: `dtype` where this CPU runs it fast (fp32, or
+    the one `auto` picks here), else fp32 when the host holds an fp32 copy of the base."""
+    from qadapt.devices import free_memory
+    from qadapt.quant import auto_compute_dtype
+
+    if dtype in (torch.float32, auto_compute_dtype()):
+        return dtype
+    return torch.float32 if parameters * 4 < free_memory(torch.device("cpu")) else dtype
+
+
+@contextmanager
+def computed_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """`model`'s tensors in its own dtype held in `dtype` for the block, then restored bit for bit (a
+    16-bit float round-trips through fp32 exactly); tensors in other dtypes (fp32 adapters) are left alone."""
+    own = model.dtype
+    tensors = [] if dtype == own else [t for t in (*model.parameters(), *model.buffers()) if t.dtype == own]
+    for tensor in tensors:
+        tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor in tensors:
+            tensor.data = tensor.data.to(own)
+
+
 @torch.no_grad()
 def logits_on(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
     """Next-token logits at every position of every text (one at a time: no padding), in fp32."""
@@ -209,14 +239,16 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "auto", base: s
     attach_adapters(full, recipe.adapter)
     run.adapter.load_into(full)
     full.eval()
-    adapter_logits = logits_on(full, tokenizer, texts)
-    folded = fold_adapters(full)
     torch_dtype = full.dtype
+    checked_in = check_dtype(torch_dtype, sum(p.numel() for p in full.parameters()))
+    with computed_in(full, checked_in):
+        adapter_logits = logits_on(full, tokenizer, texts)
+    folded = fold_adapters(full)
     with atomic_folder(out) as tmp:
         save_hf_folder(full, tokenizer, recipe.data.template, tmp)
         del full
         gc.collect()
-        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype)
+        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=checked_in)
         merged_logits = logits_on(merged, tokenizer, texts)
         del merged
         info = {
