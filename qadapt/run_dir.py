@@ -17,6 +17,8 @@ renamed into place, so none is ever half-written.
         optimizer.pt, rng_state.pt, trainer_state.json
       metrics.jsonl                    one JSON row per logged step / eval loss (the training log)
       summary.json                     the run's figures, written when it finishes
+      status.json                      training / finished / interrupted / failed, the process and times
+                                       (qadapt.run_state)
       eval/                            scores of the recipe's eval sets, or of `qadapt eval RUN`
         metrics.json, predictions.jsonl
       eval-calculator/                 the same, decoded with `qadapt eval --calculator`
@@ -223,11 +225,12 @@ class RunDir:
     CHECKPOINT_PREFIX = "step-"
     TRAINING_LOG = "metrics.jsonl"
     SUMMARY = "summary.json"
+    STATUS = "status.json"
     EVAL = "eval"
     TENSORBOARD = "tensorboard"
     # What a run writes: `train --overwrite` removes these, and nothing else in the folder.
-    OUTPUTS = (RECIPE, CHAT_TEMPLATE, ADAPTER, CHECKPOINTS, TRAINING_LOG, SUMMARY, EVAL, EVAL + CALCULATOR_SUFFIX,
-               TENSORBOARD)
+    OUTPUTS = (RECIPE, CHAT_TEMPLATE, ADAPTER, CHECKPOINTS, TRAINING_LOG, SUMMARY, STATUS, EVAL,
+               EVAL + CALCULATOR_SUFFIX, TENSORBOARD)
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
@@ -255,6 +258,10 @@ class RunDir:
     @property
     def summary_file(self) -> Path:
         return self.path / self.SUMMARY
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / self.STATUS
 
     @property
     def tensorboard_dir(self) -> Path:

@@ -34,6 +34,10 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_a_legacy_run_decodes_the_answers_it_wrote(legacy_run):
+    from qadapt.run_dir import RunDir
+    from qadapt.run_state import state_of
+
+    assert state_of(RunDir(legacy_run)) == {"state": "finished"}  # from before status.json: its summary says
     written = _lines(legacy_run / "eval" / "predictions.jsonl")
     again = run_eval(str(legacy_run), ["builtin:arithmetic"], limit=4, max_new_tokens=8, batch_size=4,
                      out=Path("again"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from conftest import write_tiny_recipe
 from qadapt.errors import QadaptError
 from qadapt.recipe import load_recipe
 from qadapt.run_dir import CheckpointFolder, RunDir
+from qadapt.run_state import state_of
 from qadapt.training.train import train
 
 STEPS = 10
@@ -52,6 +54,8 @@ def reference(tiny_llama_dir, tmp_path_factory):
     train(load_recipe(recipe))
     written = set(folder.rglob("*")) - before
     assert written and all(path.is_relative_to(folder / "run") for path in written)
+    status = state_of(RunDir(folder / "run"))
+    assert status["state"] == "finished" and status["pid"] == os.getpid() and status["ended"] >= status["started"]
     return folder / "run", step_losses(folder / "run")
 
 
@@ -76,9 +80,12 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_loss_curve(referenc
     run = tmp_path / "run"
     process = qadapt("train", str(recipe), cwd=tmp_path)
     wait_for_step(run, 5, process)
+    assert state_of(RunDir(run))["state"] == "training" and state_of(RunDir(run))["pid"] == process.pid
     process.kill()  # SIGKILL: no handler runs, whatever was being written stays as it was
     process.wait()
     assert not (run / "summary.json").exists()
+    assert state_of(RunDir(run))["state"] == "interrupted"
+    assert "ended without saying why" in state_of(RunDir(run))["message"]
     assert [p.name for p in (run / "checkpoints").glob("step-*")]  # at least step 4 made it
 
     resumed = qadapt("train", str(recipe), "--resume", cwd=tmp_path)
@@ -86,6 +93,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_loss_curve(referenc
     assert resumed.returncode == 0, output
     assert "resume: continuing from" in output
     assert_same_curve(run, reference[1])
+    assert state_of(RunDir(run))["state"] == "finished"
 
 
 @pytest.mark.slow
@@ -101,6 +109,9 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(reference, tiny_llama
     saved = RunDir(run).latest_checkpoint()
     assert saved is not None and f"checkpoint: {saved}" in output
     assert f"resume with: qadapt train {recipe} train.lr=1e-2 --resume" in output
+    status = state_of(RunDir(run))
+    assert status["state"] == "interrupted" and status["message"].startswith("stopped by SIGTERM after step")
+    assert status["pid"] == process.pid
 
     train(load_recipe(recipe, ["train.lr=1e-2"]), resume="latest")
     assert_same_curve(run, reference[1])
@@ -150,6 +161,8 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(refer
     with pytest.raises(QadaptError, match=r"diverged at step \d+: the loss is (nan|inf).*step-000008.*train.lr"):
         train(recipe, resume="latest", allow_recipe_changes=True)
     assert RunDir(run).latest_checkpoint().path == run / "checkpoints" / "step-000008"
+    status = state_of(RunDir(run))
+    assert status["state"] == "failed" and status["message"].startswith("training diverged at step 10")
     assert not (run / "adapter").exists()
 
 

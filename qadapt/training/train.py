@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qadapt import data as data_lib
+from qadapt import run_state
 from qadapt.training import distributed, trackers
 from qadapt.adapters import count_parameters
 from qadapt.chat_templates import save_run_template
@@ -102,6 +103,8 @@ def setup(recipe: Recipe, resume_step: int | None = None, overwrite: bool = Fals
     examples_per_step = t.micro_batch_size * t.grad_accum * accelerator.num_processes
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * len(data.train_rows) / examples_per_step))
     scaler = grad_scaler(resolve_compute_dtype(recipe.model.compute_dtype), accelerator.device, sharded)
+    if accelerator.is_main_process:
+        run_state.update(run, max_steps=max_steps)
     return Setup(model, optimizer, accelerator, tokenizer, data.train_rows, data.val_rows, task,
                  wrapped, base, run, metrics, max_steps, scaler)
 
@@ -139,6 +142,7 @@ def _open_run_dir(recipe: Recipe, accelerator, resume_step: int | None, overwrit
     """(run directory, metrics log): only the main process writes; the others check it is there."""
     if accelerator.is_main_process:
         run = RunDir.create(recipe, resuming=resume_step is not None, overwrite=overwrite)
+        run_state.start(run)
         if resume_step is not None:
             run.truncate_training_log(resume_step)
         metrics = MetricsLog(run.path, also=lambda row: accelerator.log(trackers.numbers(row), step=row["step"]))
@@ -173,6 +177,13 @@ def train(recipe: Recipe, resume: str | None = None, allow_recipe_changes: bool 
         check_recipe(checkpoint, recipe, allow_recipe_changes)
     # Resuming with no checkpoint yet starts again (-1: none of the earlier attempt's metrics are kept).
     resume_step = read_progress(checkpoint).step if checkpoint else (-1 if resume else None)
+    with run_state.outcome_recorded(RunDir(recipe.output_dir)):
+        return _train(recipe, checkpoint, resume_step, overwrite, allow_recipe_changes, resume_command, score)
+
+
+def _train(recipe: Recipe, checkpoint, resume_step: int | None, overwrite: bool, allow_recipe_changes: bool,
+           resume_command: str, score: bool) -> TrainResult:
+    """One training attempt, from its setup to its summary (`train` records its outcome)."""
     s = setup(recipe, resume_step, overwrite)
     if checkpoint:
         progress = restore(checkpoint, s.model, s.optimizer, s.base, s.train_rows, s.accelerator, allow_recipe_changes)
