@@ -178,6 +178,16 @@ def report(runs: list[Path] = o.RunsArg, out: Optional[Path] = o.ReportOutOption
 
 
 @app.command()
+def studio(runs: Path = o.StudioRunsOption, recipes: Path = o.StudioRecipesOption, host: str = o.StudioHostOption,
+           port: int = o.StudioPortOption) -> None:
+    """A local web page: runs with live curves, new runs from a form, stop and resume."""
+    from qadapt.studio.server import serve
+
+    with _user_errors():
+        serve(runs, host, port, recipes)
+
+
+@app.command()
 def merge(run_dir: Path = o.RunArg, out: Path = o.MergeOutOption, dtype: str = o.MergeDTypeOption,
           base: str = o.MergeBaseOption) -> None:
     """Fold a LoRA / DoRA adapter into its base; write a verified standard Hugging Face folder."""

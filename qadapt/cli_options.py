@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 RecipeArg = typer.Argument(..., help="Recipe YAML file, e.g. recipes/quickstart.yaml.", show_default=False)
@@ -114,6 +116,13 @@ PairsOption = typer.Option(False, "--pairs", help="Write preference pairs instea
 # --- report ---
 RunsArg = typer.Argument(..., help="Run directories to compare.", show_default=False)
 ReportOutOption = typer.Option(None, help="Also write the markdown table to this file.")
+StudioRunsOption = typer.Option(Path("runs"), "--runs", help="The folder whose run directories the studio shows and "
+                                "where it starts new ones (made when missing).")
+StudioRecipesOption = typer.Option(Path("recipes"), "--recipes", help="The folder of recipes a new run can start "
+                                   "from (beside the recipes of the runs themselves).")
+StudioHostOption = typer.Option("127.0.0.1", help="The address to listen on: 127.0.0.1 (this machine only); any "
+                                "other needs the token the studio prints.")
+StudioPortOption = typer.Option(7870, help="The port to listen on (0: any free one).")
 PlotOption = typer.Option(None, help="Draw loss curves and accuracies to this PNG (needs matplotlib).")
 JsonOutOption = typer.Option(None, "--json", help="Also write the figures as JSON to this file.")
 AgainstOption = typer.Option(None, "--against", help="Pair every run with this one, problem by problem (McNemar); "

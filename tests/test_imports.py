@@ -98,9 +98,10 @@ def test_a_task_name_is_written_only_in_the_registry_and_the_recipe_schema():
     assert written == []
 
 
-# The packages a package must not import: imports run from the command line to the actions (the commands
-# beside training; training, inference, export) to the tasks to the building blocks, never back.
-ACTIONS = ("qadapt.actions", "qadapt.cli")
+# The packages a package must not import: imports run from the command line to the studio (a page over the
+# actions) to the actions (the commands beside training; training, inference, export) to the tasks to the
+# building blocks, never back.
+ACTIONS = ("qadapt.actions", "qadapt.studio", "qadapt.cli")
 NOT_BELOW = {
     "qadapt.builtin_data": ("qadapt.tasks", "qadapt.training", "qadapt.inference", "qadapt.export", *ACTIONS),
     "qadapt.decoding": ("qadapt.tasks", "qadapt.training", "qadapt.inference", "qadapt.export", *ACTIONS),
@@ -108,7 +109,8 @@ NOT_BELOW = {
     "qadapt.training": ("qadapt.inference", "qadapt.export", *ACTIONS),
     "qadapt.inference": ("qadapt.training", "qadapt.export", *ACTIONS),
     "qadapt.export": ("qadapt.training", *ACTIONS),
-    "qadapt.actions": ("qadapt.cli",),
+    "qadapt.actions": ("qadapt.studio", "qadapt.cli"),
+    "qadapt.studio": ("qadapt.cli",),
 }
 
 

