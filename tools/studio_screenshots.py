@@ -1,11 +1,12 @@
 """The studio's screenshots in docs/how-to/studio.md, taken of a real session in Chromium (Playwright):
 
-    python tools/studio_screenshots.py --runs runs --recipe quickstart.yaml --steps 6 --beside quickstart
+    python tools/studio_screenshots.py --runs runs --recipe quickstart.yaml --steps 6 --beside quickstart \
+        --chat quickstart dpo/rpo-lr-2e-5
 
 serves a studio over --runs, starts --recipe (a file under recipes/) as the run `studio-live` for
 --steps steps from the New run page, photographs the runs page once the run shows step --steps - 1, with the finished
 run --beside ticked on the same axes, and then the chat page answering one question with the base and
-with --beside. Writes docs/images/studio-runs.png and docs/images/studio-chat.png; the live run is
+with each --chat run. Writes docs/images/studio-runs.png and docs/images/studio-chat.png; the live run is
 removed after.
 """
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     parser.add_argument("--recipe", default="quickstart.yaml", help="a recipe under recipes/ to start")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--beside", default="quickstart", help="a finished run to tick beside it and chat with")
+    parser.add_argument("--beside", default="quickstart", help="a finished run to tick beside it")
+    parser.add_argument("--chat", nargs="+", default=["quickstart"], help="finished runs to chat with")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -45,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             page.set_default_timeout(900_000)
             page.goto(f"http://127.0.0.1:{server.server_port}/#new")
             page.select_option("#recipe", f"shipped:{args.recipe}")
+            stem = Path(args.recipe).stem
+            page.wait_for_function(f"() => document.querySelector('#name').value.startsWith('{stem}-')")
             page.fill('[name="train.max_steps"]', str(args.steps))
+            page.wait_for_selector('.key.changed[data-key="train.max_steps"]')
             page.fill("#name", live.name)
             page.wait_for_selector("#plan .fits")
             page.click("#start")
@@ -58,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             page.goto(f"http://127.0.0.1:{server.server_port}/#chat")
             page.fill("#max-new-tokens", "96")
             page.fill("#prompt", QUESTION)
-            page.uncheck("input[data-run]") if page.is_checked("input[data-run]") else None
-            page.check(f'input[data-run="{args.beside}"]')
+            for box in page.query_selector_all("input[data-run]"):
+                box.set_checked(box.get_attribute("data-run") in args.chat)
             page.click("#send")
-            page.wait_for_selector(f'.answer[data-name="{args.beside}"]')
+            page.wait_for_selector(f'.answer[data-name="{args.chat[-1]}"]')
             page.screenshot(path=IMAGES / "studio-chat.png", full_page=True)
             browser.close()
     finally:

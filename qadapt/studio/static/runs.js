@@ -25,7 +25,9 @@
       try {
         runs = await api("/api/runs");
         if (!selected.size && runs.length) selected.add((runs.find(r => r.state === "training") || runs[0]).name);
-        for (const name of selected) await follow(name);
+        // A run just started is listed once its process has written its recipe.
+        for (const name of selected) if (runs.some(r => r.name === name)) await follow(name);
+        notice.textContent = "";
         draw();
         await showReport();
         await showConsole();
@@ -53,13 +55,14 @@
         if (!NOT_CHARTED.has(key) && typeof row[key] === "number") keys.add(key);
       })));
       const ordered = [...FIRST.filter(key => keys.has(key)), ...[...keys].filter(key => !FIRST.includes(key)).sort()];
-      const series = key => shown.map(name => ({
-        name: shown.length > 1 ? `${name} ${key}` : key,
+      // One colour per run on every chart; the held-out loss dashed in its run's colour.
+      const series = key => shown.map((name, colour) => ({
+        name: shown.length > 1 ? `${name} ${key}` : key, colour,
         points: logs.get(name).rows.filter(row => typeof row[key] === "number").map(row => [row.step, row[key]])}));
-      const loss = shown.flatMap(name => [
-        {name: shown.length > 1 ? `${name} loss` : "loss",
+      const loss = shown.flatMap((name, colour) => [
+        {name: shown.length > 1 ? `${name} loss` : "loss", colour,
          points: logs.get(name).rows.filter(row => "loss" in row).map(row => [row.step, row.loss])},
-        {name: shown.length > 1 ? `${name} held-out` : "held-out loss", dashed: true,
+        {name: shown.length > 1 ? `${name} held-out` : "held-out loss", dashed: true, colour,
          points: logs.get(name).rows.filter(row => "eval_loss" in row).map(row => [row.step, row.eval_loss])}]);
       charts.replaceChildren(chart("loss", loss), ...ordered.map(key => chart(key, series(key))));
     }

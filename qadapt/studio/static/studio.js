@@ -73,7 +73,7 @@ const Studio = (() => {
 
   const COLOURS = ["#2f6fdf", "#e04f16", "#079455", "#7a5af8", "#dd2590", "#0e9384", "#ca8504", "#475467"];
 
-  // A line chart: series [{name, points: [[x, y], ...], dashed}], as an SVG of width x height.
+  // A line chart: series [{name, points: [[x, y], ...], dashed, colour (an index)}], as an SVG of width x height.
   // data-last-x holds the largest x drawn (the browser tests read it).
   function chart(title, series, width = 440, height = 220) {
     const svgNS = "http://www.w3.org/2000/svg";
@@ -109,7 +109,7 @@ const Studio = (() => {
     series.forEach((s, i) => {
       const drawn = s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));
       if (!drawn.length) return;
-      const colour = COLOURS[i % COLOURS.length];
+      const colour = COLOURS[(s.colour ?? i) % COLOURS.length];
       svg.append(make("polyline", {fill: "none", stroke: colour, "stroke-width": 1.6,
                                    "stroke-dasharray": s.dashed ? "4 3" : "none",
                                    points: drawn.map(([x, y]) => `${px(x).toFixed(1)},${py(y).toFixed(1)}`).join(" ")}));
