@@ -78,7 +78,7 @@ def test_a_whole_run_writes_a_run_dir_that_reloads_to_the_same_logits(tiny_llama
     run = tmp_path / "run"
     kept_template = ["chat_template.jinja"] if template == "chat" else []  # the template it trained with
     assert sorted(p.name for p in run.iterdir()) == ["adapter", *kept_template, "checkpoints", "metrics.jsonl",
-                                                     "recipe.yaml", "summary.json"]
+                                                     "recipe.yaml", "status.json", "summary.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]

@@ -83,10 +83,13 @@
       return changed;
     }
 
+    let checks = 0;
     async function check() {
       notice.textContent = "";
+      const ticket = ++checks;
       const answer = await api("/api/check", {recipe: choose.value, overrides: overrides(), gpu_memory: Number(gpu.value)})
         .catch(error => ({problems: [{key: null, message: error.message}], plan: null}));
+      if (ticket !== checks) return;  // a later check was sent: an earlier, slower answer must not overwrite it
       form.querySelectorAll(".problem").forEach(node => { node.textContent = ""; });
       const loose = [];
       for (const problem of answer.problems) {
