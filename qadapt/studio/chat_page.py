@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from qadapt.run_dir import RunDir
 from qadapt.studio.web import HttpError, Request, Route
@@ -22,6 +23,15 @@ class ChatModels:
         self.lock = threading.Lock()
         self.bank = None
         self.base_key: tuple | None = None
+        self.tokenizers: dict[Path, object] = {}  # each run's, read once
+
+    def tokenizer(self, run: RunDir):
+        from qadapt.tasks import task_named
+
+        if run.path not in self.tokenizers:
+            recipe = run.trained_recipe
+            self.tokenizers[run.path] = task_named(recipe.task).run_tokenizer(recipe, run.path)
+        return self.tokenizers[run.path]
 
     def bank_for(self, runs: dict[str, RunDir]):
         from qadapt.inference.adapter_bank import AdapterBank
@@ -67,7 +77,6 @@ def answer(studio, request: Request) -> dict:
     each run, every one prompted with its run's template (the base with the first run's)."""
     from qadapt.adapters import adapters_off
     from qadapt.inference.answering import answer_prompts, sample_answers, sampling_of
-    from qadapt.tasks import task_named
 
     prompt = request.field("prompt")
     if not prompt.strip():
@@ -81,15 +90,15 @@ def answer(studio, request: Request) -> dict:
     sampling = sampling_of(temperature, float(request.field("top_p", (int, float), 1.0)),
                            seed=request.field("seed", int, 0))
 
+    models: ChatModels = studio.state.setdefault("chat", ChatModels())
+
     def reply(model, run: RunDir) -> str:
-        recipe = run.trained_recipe
-        tokenizer = task_named(recipe.task).run_tokenizer(recipe, run.path)
+        recipe, tokenizer = run.trained_recipe, models.tokenizer(run)
         if sampling is None:
             return answer_prompts(model, tokenizer, recipe.data.template, [prompt], max_new_tokens)[0]
         return sample_answers(model, tokenizer, recipe.data.template, [{"instruction": prompt, "input": ""}],
                               sampling, max_new_tokens, keys=[0])[0][0]
 
-    models: ChatModels = studio.state.setdefault("chat", ChatModels())
     answers = []
     with models.lock:
         bank = models.bank_for(runs)

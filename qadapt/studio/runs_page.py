@@ -62,15 +62,15 @@ def describe(root: Path, folder: Path) -> dict:
                    generates=task_named(recipe.task).generates)
     except Exception as exc:  # a recipe this qadapt cannot read: shown, not fatal to the list
         row.update(problem=str(exc).splitlines()[0])
-    rows, _ = metrics_rows(run)
-    stepped = [r for r in rows if "loss" in r]
-    last = stepped[-1] if stepped else {}
-    row.update(step=last.get("step", 0), elapsed_s=last.get("elapsed_s"))
-    if run.finished():
+    if run.finished():  # its summary says it all: the training log is not read (the list is asked for every 2 s)
         summary = run.summary
-        row.update(step=summary.get("steps", row["step"]), max_steps=summary.get("steps"),
-                   wall_s=summary.get("wall_s"), scores=_scores(run))
-    row["eta_s"] = eta_s(stepped, row.get("max_steps")) if row["state"] == "training" else None
+        row.update(step=summary.get("steps", 0), max_steps=summary.get("steps"), wall_s=summary.get("wall_s"),
+                   elapsed_s=None, scores=_scores(run), eta_s=None)
+        return row
+    stepped = [r for r in metrics_rows(run)[0] if "loss" in r]
+    last = stepped[-1] if stepped else {}
+    row.update(step=last.get("step", 0), elapsed_s=last.get("elapsed_s"),
+               eta_s=eta_s(stepped, row.get("max_steps")) if row["state"] == "training" else None)
     return row
 
 
