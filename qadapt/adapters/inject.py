@@ -1,4 +1,4 @@
-"""Attach adapters to a model in place: match module names, wrap them on their parent, report the names.
+r"""Attach adapters to a model in place: match module names, wrap them on their parent, report the names.
 
 A target is a module-name suffix of whole name parts (`q_proj`, `attn.c_proj`), or, starting with `^`,
 a regular expression the whole name must match: BERT's FFN output `layer.0.output.dense` and its
