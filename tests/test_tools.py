@@ -14,7 +14,7 @@ import gpu_check  # noqa: E402
 @pytest.mark.slow
 def test_gpu_check_runs_the_real_cli_end_to_end_at_tiny_shape(tmp_path, smol_tokenizer):
     """Every phase of tools/gpu_check.py on a CPU at tiny shape: the model folder, qadapt plan, train stopped by
-    SIGTERM and resumed, merge, eval, the PEFT comparison and the long-sequence probe, with their figures."""
+    SIGTERM and resumed, eval, export, merge, the PEFT comparison and the long-sequence probe, with their figures."""
     import json
     import subprocess
 
@@ -29,6 +29,7 @@ def test_gpu_check_runs_the_real_cli_end_to_end_at_tiny_shape(tmp_path, smol_tok
     assert 1 <= train["stopped_after_step"] < 12 and train["steps"] == list(range(1, 13))  # stopped, resumed, done
     assert train["peak_allocated_mb"] > 0 and train["tokens_per_s"] > 0
     assert phases["merge"]["folded_layers"] == 14 and phases["merge"]["vs_adapter_on_same_base"]["top1_agreement"] > 0.95
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(phases["export"]["files"])
     assert phases["eval"]["problems"] == 8 and phases["eval"]["generated_tokens_per_s"] > 0
     assert all(phases["peft"][side]["tokens_per_s"] > 0 for side in ("qadapt", "peft"))
     assert phases["peft"]["probe"] == {**phases["peft"]["probe"], "seq": 1024, "fits": True}

@@ -10,11 +10,13 @@
             stopped by SIGTERM after its first step, then `--resume`d to the end: peak allocated and
             reserved memory (counted after loading), tokens/s;
 4. eval     `qadapt eval --limit 64`: decoding throughput;
-5. peft     qadapt's training step against PEFT + bitsandbytes on the same folder, batch and sequence
+5. export   `qadapt export RUN --format peft`: the adapter as a PEFT folder;
+6. merge    `qadapt merge` with its logit checks (it works on the host);
+7. peft     qadapt's training step against PEFT + bitsandbytes on the same folder, batch and sequence
             (tools/bench_train.py: each side in its own process, checkpointing asserted on both); then, in
             qadapt's process, one step at 32k tokens (batch 1): its peak memory, or out of memory. On a GPU
-            both sides may use 24 GiB, a consumer card's memory;
-6. merge    `qadapt merge` with its logit checks (last: it works on the host).
+            both sides may use 24 GiB, a consumer card's memory.
+The command line a user runs comes first (1-6), the comparison with PEFT last.
 After each phase the figures so far are written to OUT/gpu-check-SHAPE.json and .md, so a run cut
 short keeps what it measured; the model folder, the run, the merged model and the eval go under WORK
 (a 7B's two model folders are ~28 GB). `--shape tiny` runs every phase in about a minute on a CPU (the test suite
@@ -55,8 +57,8 @@ PROFILES = {
                                             "model.compute_dtype=auto"],
                  batch=2, seq=64, steps=2, warmup=1, probe_seq=1024, eval_limit=8, max_new_tokens=16),
 }
-# The merge last: it folds and verifies on the host, whose speed a GPU machine does not promise.
-PHASES = ("build", "plan", "train", "eval", "peft", "merge")
+# A user's command line first; the comparison with PEFT, which loads the base twice more, last.
+PHASES = ("build", "plan", "train", "eval", "export", "merge", "peft")
 
 
 def build_model_folder(shape: str, folder: Path, tokenizer_source: str | None) -> Path:
@@ -154,15 +156,35 @@ def phase_train(folder: Path, out: Path, profile: dict) -> dict:
 
 
 def phase_merge(out: Path) -> dict:
+    """`qadapt merge` as a user runs it; if its check refuses the 16-bit merge, what it said, then `--dtype fp32`
+    as the refusal advises. A few steps of a random-weight model is where a 16-bit merge is refused: the
+    adapter's update is about one rounding step of the base's weights, and the logits' top-1 rests on near-ties
+    (the H200's first run: docs/how-to/gpu.md)."""
     from qadapt.export.merge import MERGE_INFO_FILE
 
-    merged = out / "merged"
-    shutil.rmtree(merged, ignore_errors=True)
-    _, seconds = timed(lambda: finished(qadapt("merge", str(out / "run"), "--out", str(merged)), "qadapt merge"))
-    info = json.loads((merged / MERGE_INFO_FILE).read_text())
-    return {"dtype": info["dtype"], "folded_layers": info["folded_layers"],
-            "vs_adapter_on_same_base": info["vs_adapter_on_same_base"], "vs_trained_model": info["vs_trained_model"],
-            "seconds": seconds}
+    merged, figures = out / "merged", {}
+    for dtype in ("auto", "fp32"):
+        shutil.rmtree(merged, ignore_errors=True)
+        started = time.perf_counter()
+        process = qadapt("merge", str(out / "run"), "--out", str(merged), "--dtype", dtype)
+        output, _ = process.communicate()
+        if process.returncode == 2 and dtype == "auto" and "nothing was written" in output:
+            figures["refused_in_16_bits"] = next(line for line in output.splitlines() if line.startswith("error:"))
+            continue
+        if process.returncode != 0:
+            raise RuntimeError(f"qadapt merge --dtype {dtype} exited with {process.returncode}:\n{output[-4000:]}")
+        info = json.loads((merged / MERGE_INFO_FILE).read_text())
+        return {**figures, "dtype": info["dtype"], "folded_layers": info["folded_layers"],
+                "vs_adapter_on_same_base": info["vs_adapter_on_same_base"],
+                "vs_trained_model": info["vs_trained_model"], "seconds": round(time.perf_counter() - started, 1)}
+
+
+def phase_export(out: Path) -> dict:
+    exported = out / "peft-export"
+    shutil.rmtree(exported, ignore_errors=True)
+    command = ["export", str(out / "run"), "--format", "peft", "--out", str(exported)]
+    _, seconds = timed(lambda: finished(qadapt(*command), "qadapt export --format peft"))
+    return {"files": sorted(path.name for path in exported.iterdir()), "seconds": seconds}
 
 
 def phase_eval(folder: Path, out: Path, profile: dict) -> dict:
@@ -237,6 +259,7 @@ def main() -> None:
         "build": lambda: {"seconds": timed(lambda: build_model_folder(args.shape, folder, args.tokenizer))[1]},
         "plan": lambda: phase_plan(folder, args.work, profile),
         "train": lambda: phase_train(folder, args.work, profile),
+        "export": lambda: phase_export(args.work),
         "merge": lambda: phase_merge(args.work),
         "eval": lambda: phase_eval(folder, args.work, profile),
         "peft": lambda: phase_peft(folder, profile),
