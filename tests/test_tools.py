@@ -32,6 +32,7 @@ def test_gpu_check_runs_the_real_cli_end_to_end_at_tiny_shape(tmp_path, smol_tok
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(phases["export"]["files"])
     assert phases["eval"]["problems"] == 8 and phases["eval"]["generated_tokens_per_s"] > 0
     assert all(phases["peft"][side]["tokens_per_s"] > 0 for side in ("qadapt", "peft"))
+    assert all(phases["peft"][side]["ops_per_step"] > 500 for side in ("qadapt", "peft"))  # a 2-layer model: some thousands
     assert phases["peft"]["probe"] == {**phases["peft"]["probe"], "seq": 1024, "fits": True}
     assert "| train | stopped_after_step:" in (out / "gpu-check-tiny.md").read_text()
 

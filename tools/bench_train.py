@@ -55,16 +55,18 @@ def qadapt_trainer(args):
         "model": {"name": args.model, "quant": args.quant, "compute_dtype": args.compute_dtype},
         "adapter": {"kind": "lora", "rank": args.rank, "alpha": 2 * args.rank, "dropout": 0.05, "targets": TARGETS},
         "train": {"gradient_checkpointing": args.gradient_checkpointing == "on", "optimizer": args.optimizer},
-    }))
+    }), lean_on_cpu=args.lean_cpu == "on")
 
 
-def qadapt_recipe_trainer(recipe):
-    """qadapt's own path for a recipe: the model as `qadapt train` prepares it, and the loop's step.
+def qadapt_recipe_trainer(recipe, lean_on_cpu: bool = True):
+    """qadapt's own path for a recipe: the model as `qadapt train` prepares it, and the loop's step;
+    without `lean_on_cpu`, without the CPU's own measures (qadapt.lean_cpu), as on a GPU.
 
     Returns (tokenizer, model, optimizer, step), step(tokens) training one batch of token ids.
     """
     from accelerate import Accelerator
 
+    from qadapt import lean_cpu
     from qadapt.models import load_tokenizer
     from qadapt.quant import optimizer_class
     from qadapt.training.loss import accumulate_gradients
@@ -72,6 +74,8 @@ def qadapt_recipe_trainer(recipe):
 
     tokenizer = load_tokenizer(recipe.model)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if not lean_on_cpu:  # the model a GPU would train, here: the loop and the adapters as their equations
+        lean_cpu.applies = lambda device: False
     model, _, _ = prepare_model(recipe, accelerator.device)
     assert model.is_gradient_checkpointing == recipe.train.gradient_checkpointing, "qadapt: checkpointing not as asked"
     optimizer = optimizer_class(recipe.train.optimizer)([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -146,9 +150,33 @@ def worker(args) -> dict:
     peak, reserved = peak_memory()
     result = {"side": args.worker, "step_times_s": times, "peak_memory_mb": peak, "peak_reserved_mb": reserved,
               "losses": losses, "resident_before_mb": resident_mb, "peak_while_loading_mb": before_mb}
+    result["ops_per_step"] = count_ops(step, batches[-1])
     if args.probe_seq:
         result["probe"] = probe(step, model, args.probe_seq)
     return result
+
+
+def count_ops(step, tokens: torch.Tensor) -> dict:
+    """The operators one more step dispatches (torch's and bitsandbytes', forward, recomputed forward, backward
+    and optimizer), by name. On a GPU each launches one kernel or more, and each costs the host time to
+    dispatch it: at short micro-batches that time, not the GPU's, bounds the step. It is the same on every
+    machine, so a CPU measures it too."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting() as counting:
+        step(tokens)
+    return {"total": sum(counting.counts.values()), "by_op": dict(counting.counts.most_common())}
 
 
 def peak_memory() -> tuple[float, float | None]:
@@ -218,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                  "paged_adamw_32bit"], help="both sides")
     parser.add_argument("--gpu-memory", type=float, default=None,
                         help="GiB a side may use on the GPU (e.g. 24: a consumer card's; out of memory beyond it)")
+    parser.add_argument("--lean-cpu", default="on", choices=["on", "off"],
+                        help="qadapt's side on a CPU: off trains without qadapt.lean_cpu's measures, as on a GPU")
     parser.add_argument("--probe-seq", type=int, default=0,
                         help="qadapt's side: after the timed steps, one step at batch 1 × this many tokens")
     args = parser.parse_args(argv)
@@ -232,10 +262,11 @@ def main() -> None:
         return
     report = compare(args)
     print(f"machine: {one_line(report['machine'])}")
-    print(f"{'':8} {'s/step':>8} {'tokens/s':>9} {'peak MB':>8} {'MFU':>6}")
+    print(f"{'':8} {'s/step':>8} {'tokens/s':>9} {'peak MB':>8} {'MFU':>6} {'ops/step':>9}")
     for side in ("qadapt", "peft"):
         s = report[side]
-        print(f"{side:8} {s['step_time_s']:8.2f} {s['tokens_per_s']:9.0f} {s['peak_memory_mb']:8.0f} {s['mfu']:6.1%}")
+        print(f"{side:8} {s['step_time_s']:8.2f} {s['tokens_per_s']:9.0f} {s['peak_memory_mb']:8.0f} {s['mfu']:6.1%} "
+              f"{s['ops_per_step']:9,}")
     print(f"qadapt / PEFT: step time {report['step_time_ratio']:.2f}x, peak memory {report['peak_memory_ratio']:.2f}x "
           f"(matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s in {args.compute_dtype})")
     if args.json:
@@ -262,6 +293,8 @@ def compare(args) -> dict:
             "resident_before_steps_mb": round(max(r["resident_before_mb"] for r in results)),
             "mfu": round(flops_per_step / step_s / 1e9 / peak_gflops, 3),
             "first_losses": [round(x, 4) for x in results[0]["losses"][:3]],
+            "ops_per_step": results[0]["ops_per_step"]["total"],
+            "most_dispatched": dict(list(results[0]["ops_per_step"]["by_op"].items())[:20]),
             **({"probe": results[-1]["probe"]} if "probe" in results[-1] else {}),
         }
     report = {

@@ -211,7 +211,7 @@ def phase_peft(folder: Path, profile: dict) -> dict:
         "--rank", "16", "--batch", str(profile["batch"]), "--seq", str(profile["seq"]), "--steps", str(profile["steps"]),
         "--warmup", str(profile["warmup"]), "--rounds", "1", "--optimizer", "paged_adamw_8bit",
         "--probe-seq", str(profile["probe_seq"]), *(["--gpu-memory", "24"] if torch.cuda.is_available() else [])]))
-    keep = ("step_time_s", "tokens_per_s", "peak_memory_mb", "peak_reserved_mb", "mfu")
+    keep = ("step_time_s", "tokens_per_s", "peak_memory_mb", "peak_reserved_mb", "mfu", "ops_per_step")
     return {"batch": profile["batch"], "seq": profile["seq"],
             **{side: {k: report[side][k] for k in keep if k in report[side]} for side in ("qadapt", "peft")},
             "step_time_ratio": report["step_time_ratio"], "peak_memory_ratio": report["peak_memory_ratio"],
