@@ -29,5 +29,5 @@ load_tokenizer(ModelConfig()).save_pretrained(".gpu/tokenizer")
 PY
 du -sh .whl .gpu
 cat <<'COMMAND'
-pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1 && nvidia-smi -L && python3 tools/gpu_check.py --tokenizer .gpu/tokenizer --out $OUT 2>&1 | tee $OUT/log
+set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1 && nvidia-smi -L && timeout 545 python3 tools/gpu_check.py --tokenizer .gpu/tokenizer --out $OUT 2>&1 | tee $OUT/log
 COMMAND
