@@ -171,3 +171,26 @@ def test_peer_bench_peak_memory_is_torchs_allocator_peak_on_a_gpu_and_the_reside
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**20)
     assert peer_bench.peak_memory_mb() == 3.0
+
+
+def test_bench_train_trains_qadapt_as_a_gpu_would_with_lean_cpu_off_and_counts_its_operators(tiny_llama_dir,
+                                                                                               monkeypatch):
+    """`--lean-cpu off`: qadapt's side without qadapt.lean_cpu's measures (no fused LoRA forward), the model a GPU
+    trains; `count_ops` counts what one step dispatches, matrix products included."""
+    import bench_train
+    import torch
+
+    from qadapt import lean_cpu
+    from qadapt.adapters.lora import LoRALinear
+
+    monkeypatch.setattr(lean_cpu, "applies", lean_cpu.applies)  # the option replaces it: put back after the test
+    fused, ops = {}, {}
+    for lean in ("on", "off"):
+        args = bench_train.parse_args(["--model", str(tiny_llama_dir), "--quant", "nf4", "--compute-dtype", "fp32",
+                                       "--rank", "4", "--lean-cpu", lean])
+        _, model, _, step = bench_train.qadapt_trainer(args)
+        fused[lean] = any("forward" in vars(module) for module in model.modules() if isinstance(module, LoRALinear))
+        ops[lean] = bench_train.count_ops(step, torch.randint(1, 200, (2, 16)))
+    assert fused == {"on": True, "off": False}
+    assert all(count["by_op"]["aten.mm"] > 0 and count["total"] == sum(count["by_op"].values())
+               for count in ops.values())
