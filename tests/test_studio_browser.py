@@ -52,6 +52,7 @@ def test_start_from_the_form_watch_the_curve_stop_resume_chat_and_export(page_on
     page, errors = page_on_studio
     page.click('nav a[href="#new"]')
     page.select_option("#recipe", "shipped:tiny.yaml")
+    page.wait_for_selector('form[data-recipe="shipped:tiny.yaml"]')  # typed before, it would go to the form it replaces
     page.fill('[name="train.lr"]', "oops")
     page.wait_for_selector('.key[data-key="train.lr"] .problem:has-text("expected a finite number")')
     assert page.is_disabled("#start")
@@ -92,3 +93,24 @@ def test_start_from_the_form_watch_the_curve_stop_resume_chat_and_export(page_on
     for shot in ("training", "finished", "chat"):
         assert (tmp_path / f"{shot}.png").stat().st_size > 10_000
     assert not errors, errors
+
+
+def test_a_recipe_chosen_while_another_still_loads_keeps_its_own_form(page_on_studio, tmp_path, tiny_llama_dir):
+    """The first recipe's values answer late, after another recipe was chosen and drawn: the form stays the
+    chosen one's (an answer that arrived late used to draw the first recipe's form over it)."""
+    page, errors = page_on_studio
+    write_tiny_recipe(tmp_path / "recipes" / "a-first.yaml", tiny_llama_dir, train={"max_steps": 7})
+    held = []
+    page.route("**/api/recipe?*", lambda route: route.continue_() if "tiny.yaml" in route.request.url
+               else held.append(route))
+    page.click('nav a[href="#new"]')
+    page.wait_for_function("() => document.querySelector('#recipe')?.value === 'shipped:a-first.yaml'")
+    page.select_option("#recipe", "shipped:tiny.yaml")
+    page.wait_for_selector('form[data-recipe="shipped:tiny.yaml"]')
+    assert len(held) == 1  # the first recipe's values, not yet answered
+    with page.expect_response(lambda response: "a-first.yaml" in response.url):
+        held[0].continue_()
+    page.wait_for_timeout(500)
+    assert page.get_attribute("form", "data-recipe") == "shipped:tiny.yaml"
+    assert page.input_value('[name="train.max_steps"]') == "40"
+    assert errors == []

@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             page.set_default_timeout(900_000)
             page.goto(f"http://127.0.0.1:{server.server_port}/#new")
             page.select_option("#recipe", f"shipped:{args.recipe}")
-            stem = Path(args.recipe).stem
-            page.wait_for_function(f"() => document.querySelector('#name').value.startsWith('{stem}-')")
+            page.wait_for_selector(f'form[data-recipe="shipped:{args.recipe}"]')
             page.fill('[name="train.max_steps"]', str(args.steps))
             page.wait_for_selector('.key.changed[data-key="train.max_steps"]')
             page.fill("#name", live.name)

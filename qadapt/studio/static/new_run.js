@@ -24,12 +24,16 @@
                 el("p", {}, el("label", {}, "Run name ", name), " ", startButton), notice, problems, plan, form);
     let initial = {}, inputs = new Map(), checking = null;
 
+    let loads = 0;
     async function load() {
-      const recipe = recipes.find(r => r.id === choose.value);
+      const recipe = recipes.find(r => r.id === choose.value), ticket = ++loads;
       about.textContent = recipe.about;
       name.value = `${recipe.label.replace(/^run /, "").replace(/\.ya?ml$/, "").replace(/[^\w.-]+/g, "-")}-${stamp()}`;
-      initial = (await api(`/api/recipe?id=${encodeURIComponent(choose.value)}`)).values;
+      const values = (await api(`/api/recipe?id=${encodeURIComponent(recipe.id)}`)).values;
+      if (ticket !== loads) return;  // another recipe was chosen meanwhile: its form, not this one, is drawn
+      initial = values;
       drawForm();
+      form.dataset.recipe = recipe.id;  // the form is this recipe's from here on
       check();
     }
 
